@@ -1,0 +1,25 @@
+"""rlora: PPO / RLHF fine-tuning of language models with LoRA adapters on one frozen base.
+
+The policy is the base plus a trainable adapter, the reference model for the KL penalty is the
+same module with the adapter disabled, and the value head sits on the shared trunk.
+"""
+
+from rlora.config import Config, load_config
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # import the heavy pieces (transformers, peft, accelerate) only when asked for
+    if name == "train":
+        from rlora.api import train
+
+        return train
+    if name == "PPOTrainer":
+        from rlora.trainer import PPOTrainer
+
+        return PPOTrainer
+    raise AttributeError(f"module 'rlora' has no attribute {name!r}")
+
+
+__all__ = ["Config", "PPOTrainer", "load_config", "train", "__version__"]

@@ -1,0 +1,518 @@
+"""Configuration: plain typed dataclasses, YAML load/save, dotted overrides, validation.
+
+Sections and defaults follow trlx 0.7 (`train`, `model`, `tokenizer`, `optimizer`, `scheduler`,
+`method`), so a trlx PPO YAML loads unchanged. Unlike trlx, an unknown key is an error at every
+depth (section, field, `gen_kwargs`, `peft_config`) and names the closest valid key, and
+cross-field checks run in `validate` before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import enum
+import functools
+import os
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config", "TrainConfig", "ModelConfig", "TokenizerConfig", "OptimizerConfig", "SchedulerConfig",
+    "PPOConfig", "load_config", "validate", "config_to_dict", "save_config",
+]
+
+
+@dataclass
+class TrainConfig:
+    seq_length: int = 1024
+    """Maximum tokens of prompt + response; prompts are cut to `seq_length - max_new_tokens`."""
+    epochs: int = 100
+    """Passes over the prompt set (training stops at `total_steps` first if it comes sooner)."""
+    total_steps: int = 10000
+    """Optimizer steps before training stops."""
+    batch_size: int = 128
+    """Experiences per optimizer step."""
+    minibatch_size: int | None = None
+    """Experiences per forward/backward microbatch (gradient accumulation); None = `batch_size`."""
+    checkpoint_interval: int = 10000
+    """Optimizer steps between checkpoints."""
+    eval_interval: int = 100
+    """Optimizer steps between evaluations."""
+    checkpoint_dir: str = "ckpts"
+    """Directory for checkpoints."""
+    logging_dir: str | None = None
+    """Directory for tracker logs (tensorboard); None = the tracker's default."""
+    run_dir: str | None = None
+    """Where metrics.jsonl and plots go; None = `runs/<timestamp>`."""
+    tracker: str | None = None
+    """Metrics tracker: None, "tensorboard" or "wandb"."""
+    project_name: str = "rlora"
+    """Tracker project name."""
+    entity_name: str | None = None
+    """Tracker entity (wandb team)."""
+    group_name: str | None = None
+    """Tracker run group."""
+    tags: list[str] = field(default_factory=list)
+    """Tracker run tags."""
+    seed: int = 1000
+    """Seed for torch, numpy and random."""
+    save_best: bool = True
+    """Also keep the checkpoint with the best mean eval reward under `checkpoint_dir/best_checkpoint`."""
+    save_optimizer: bool = True
+    """Store optimizer and scheduler state in checkpoints (needed to resume exactly)."""
+    resume_from_checkpoint: str | None = None
+    """Checkpoint directory to resume from."""
+    rollout_logging_dir: str | None = None
+    """Directory to dump every rollout batch to; None = no dumps."""
+    num_threads: int | None = None
+    """torch CPU threads; None = min(physical cores, 4)."""
+    pipeline: str = "PromptPipeline"
+    """trlx compatibility: only "PromptPipeline"."""
+    trainer: str = "AcceleratePPOTrainer"
+    """trlx compatibility: "AcceleratePPOTrainer" or "PPOTrainer" (only PPO is implemented)."""
+
+
+@dataclass
+class ModelConfig:
+    model_path: str | Any = None
+    """Local directory or hub name, or a `transformers.PretrainedConfig` (random init)."""
+    model_arch_type: str = "causal"
+    """Only "causal" is supported."""
+    num_layers_unfrozen: int = -1
+    """Without PEFT: -1 = all trainable, 0 = none, N > 0 = top N blocks (hydra reference)."""
+    peft_config: dict | Any | None = None
+    """A peft `PeftConfig` or a plain dict such as {"peft_type": "LORA", "r": 8}; None = no PEFT."""
+    model_extra_configs: dict = field(default_factory=dict)
+    """Extra keyword arguments for `from_pretrained`."""
+    trust_remote_code: bool = False
+    """Passed to `from_pretrained` for the model and tokenizer."""
+
+
+@dataclass
+class TokenizerConfig:
+    tokenizer_path: str | None = None
+    """Local directory or hub name; None = `model.model_path`."""
+    padding_side: str = "left"
+    """"left" or "right"."""
+    truncation_side: str = "right"
+    """"left" or "right"."""
+    tokenizer_extra_configs: dict = field(default_factory=dict)
+    """Extra keyword arguments for `AutoTokenizer.from_pretrained`."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    """One of "adamw", "adam", "sgd"."""
+    kwargs: dict = field(default_factory=lambda: {"lr": 3e-5, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": 1e-6})
+    """Keyword arguments of the torch optimizer (replaced as a whole when given)."""
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine_annealing"
+    """One of "cosine_annealing", "linear", "constant"."""
+    kwargs: dict = field(default_factory=lambda: {"T_max": 1e12, "eta_min": 3e-5})
+    """Keyword arguments of the torch scheduler (trlx's default is effectively constant)."""
+
+
+@dataclass
+class PPOConfig:
+    name: str = "PPOConfig"
+    """trlx compatibility: the method name, only "PPOConfig"."""
+    ppo_epochs: int = 4
+    """Passes over each rollout store."""
+    num_rollouts: int = 128
+    """Experiences collected per PPO phase."""
+    chunk_size: int = 128
+    """Prompts generated for at once."""
+    init_kl_coef: float = 0.001
+    """Initial KL penalty coefficient beta."""
+    target: float | None = None
+    """Target KL for the adaptive controller; None = fixed coefficient."""
+    horizon: int = 10000
+    """Adaptive KL controller horizon."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Policy ratio clip."""
+    cliprange_value: float = 0.2
+    """Value prediction clip."""
+    vf_coef: float = 1.0
+    """Value loss weight."""
+    scale_reward: str | None = "ignored"
+    """Score scaling: "ignored" (or None), "running" or "ref"."""
+    ref_mean: float | None = None
+    """Reference score mean for `scale_reward="ref"`; None = measured on the first rollouts."""
+    ref_std: float | None = None
+    """Reference score std for `scale_reward="ref"`; None = measured on the first rollouts."""
+    cliprange_reward: float = 10.0
+    """Scores are clipped to [-cliprange_reward, cliprange_reward]."""
+    gen_kwargs: dict = field(default_factory=lambda: {"max_new_tokens": 40, "top_k": 0, "top_p": 1.0,
+                                                      "do_sample": True})
+    """`generate` arguments for evaluation (and rollouts unless `gen_experience_kwargs` is set)."""
+    gen_experience_kwargs: dict | None = None
+    """`generate` arguments for rollouts; None = `gen_kwargs`."""
+    num_value_layers_unfrozen: int = 0
+    """trlx compatibility: blocks of a separate value branch; rlora's value head is on the trunk."""
+
+
+@dataclass
+class Config:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop, logging and checkpointing."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Base model and adapter."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate scheduler."""
+    method: PPOConfig = field(default_factory=PPOConfig)
+    """PPO hyperparameters."""
+
+    def to_dict(self) -> dict:
+        """Plain YAML-ready data; see `config_to_dict`."""
+        return config_to_dict(self)
+
+
+_SECTIONS = (Config, TrainConfig, ModelConfig, TokenizerConfig, OptimizerConfig, SchedulerConfig, PPOConfig)
+_PRETRAINED_KEY = "pretrained_config"  # model_path saved as {pretrained_config: {...}} means a config object
+_SCI_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # YAML 1.1 reads `1e-5` as a string
+# `generate` arguments that are not GenerationConfig attributes.
+_GENERATE_ONLY_KWARGS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
+                         "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
+                         "tokenizer", "use_model_defaults"}
+
+
+# ---------------------------------------------------------------- loading
+
+def load_config(source: Config | dict | str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """A validated `Config` from a `Config` (deep-copied), a dict, or a YAML file path.
+
+    `overrides` are `"a.b.c=value"` strings applied in order; values are parsed with
+    `yaml.safe_load` (`method.gamma=0.99`, `train.tags=[a,b]`, `method.target=null`) and may reach
+    into dict fields (`method.gen_kwargs.max_new_tokens=9`, `model.peft_config.r=16`).
+    """
+    if source is None:
+        config = Config()
+    elif isinstance(source, Config):
+        config = copy.deepcopy(source)
+    elif isinstance(source, dict):
+        config = _from_dict(Config, copy.deepcopy(source), "")
+    elif isinstance(source, (str, os.PathLike)):
+        with open(source, encoding="utf-8") as f:
+            data = _fix_yaml_floats(yaml.safe_load(f))
+        config = _from_dict(Config, data if data is not None else {}, "")
+    else:
+        raise TypeError(f"config source must be a rlora.Config, a dict or a YAML path, got {type(source).__name__}")
+    for text in overrides or []:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {text!r} must look like 'section.key=value', e.g. 'method.gamma=0.99'")
+        _apply_override(config, key.strip().split("."), _fix_yaml_floats(yaml.safe_load(raw)), text)
+    validate(config)
+    return config
+
+
+def _from_dict(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{path or 'config'}={data!r} must be a mapping of {cls.__name__} keys")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            raise _unknown_key(full, hints)
+        if cls is ModelConfig and key == "model_path" and isinstance(value, dict) and set(value) == {_PRETRAINED_KEY}:
+            from transformers import AutoConfig
+            value = AutoConfig.for_model(**value[_PRETRAINED_KEY])
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """`value` checked against annotation `tp`; int widens to float, tuple becomes list."""
+    if tp is Any:
+        return value
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args or Any in args:
+            return value
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(arg, value, path)
+                except TypeError:
+                    pass
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return _from_dict(tp, value, path)
+    elif typing.get_origin(tp) is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(tp)
+            return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    expected = str(tp).replace("typing.", "") if typing.get_origin(tp) else getattr(tp, "__name__", str(tp))
+    raise TypeError(f"{path}={value!r} has type {type(value).__name__}, expected {expected}; "
+                    f"give {path} a value of type {expected}")
+
+
+def _apply_override(config: Config, parts: list[str], value: Any, text: str) -> None:
+    """Set the dotted key `parts` on `config` in place: dataclass fields, dict keys, or object attributes."""
+    obj, path = config, ""
+    for i, part in enumerate(parts):
+        full, last = f"{path}.{part}" if path else part, i == len(parts) - 1
+        if isinstance(obj, _SECTIONS):
+            hints = typing.get_type_hints(type(obj))
+            if part not in hints:
+                raise _unknown_key(full, hints)
+            if last:
+                setattr(obj, part, _coerce(hints[part], value, full))
+            else:
+                obj = getattr(obj, part)
+        elif isinstance(obj, dict):
+            if last:
+                obj[part] = value
+            else:
+                obj = obj.setdefault(part, {})
+        elif obj is None or isinstance(obj, (str, int, float, bool, list)):
+            raise ValueError(f"override {text!r}: {path}={obj!r} has no key {part!r}; "
+                             f"set {path} to a mapping first" + (" (it is null)" if obj is None else ""))
+        else:  # a PeftConfig / PretrainedConfig object: set its attribute
+            if not hasattr(obj, part):
+                raise _unknown_key(full, [k for k in vars(obj) if not k.startswith("_")])
+            if last:
+                setattr(obj, part, value)
+            else:
+                obj = getattr(obj, part)
+        path = full
+
+
+def _unknown_key(full: str, valid: typing.Iterable[str]) -> ValueError:
+    parent, _, key = full.rpartition(".")
+    valid = sorted(str(v) for v in valid)
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = (f"did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close
+            else f"valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}")
+    return ValueError(f"unknown config key '{full}'; {hint}")
+
+
+def _fix_yaml_floats(data: Any) -> Any:
+    """Turn strings like "1e-5" (floats in YAML 1.2, strings to PyYAML) into floats, recursively."""
+    if isinstance(data, str) and _SCI_FLOAT.match(data):
+        return float(data)
+    if isinstance(data, dict):
+        return {k: _fix_yaml_floats(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_fix_yaml_floats(v) for v in data]
+    return data
+
+
+# ---------------------------------------------------------------- saving
+
+def config_to_dict(config: Config) -> dict:
+    """Plain data (dicts, lists, str, numbers, bool, None) that `save_config` writes and `load_config` reads.
+
+    A peft `PeftConfig` becomes its `to_dict()` with enums as strings and sets as sorted lists;
+    a `PretrainedConfig` model_path becomes `{"pretrained_config": config.to_dict()}`.
+    """
+    return _plain(config)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _SECTIONS):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_plain(v) for v in value), key=str)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if _is_instance(value, "peft", "PeftConfig"):
+        return _plain(value.to_dict())
+    if _is_instance(value, "transformers", "PretrainedConfig"):
+        data = value.to_dict()
+        data.pop("transformers_version", None)
+        return {_PRETRAINED_KEY: _plain(data)}
+    if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+        return str(value).removeprefix("torch.")
+    return value
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write `config` as YAML; `load_config(path)` gives an equal config back."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+
+
+def _is_instance(value: Any, module: str, name: str) -> bool:
+    """isinstance against `module.name` without importing the (slow) module when nothing uses it."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(value, getattr(loaded, name))
+
+
+# ---------------------------------------------------------------- validation
+
+def validate(config: Config) -> None:
+    """Type and cross-field checks, run before any model is loaded; raise ValueError/TypeError naming the fix."""
+    for name, section_cls in typing.get_type_hints(Config).items():
+        section = getattr(config, name)
+        if not isinstance(section, section_cls):
+            raise TypeError(f"config.{name} is a {type(section).__name__}, expected {section_cls.__name__}; "
+                            "build configs from dicts or YAML with rlora.config.load_config")
+        for key, tp in typing.get_type_hints(section_cls).items():
+            _coerce(tp, getattr(section, key), f"{name}.{key}")
+    _validate_train(config.train)
+    _validate_model(config.model)
+    _validate_method(config.method, config.train.seq_length)
+    _check(config.tokenizer.padding_side in ("left", "right"), "tokenizer.padding_side",
+           config.tokenizer.padding_side, "set it to 'left' or 'right'")
+    _check(config.tokenizer.truncation_side in ("left", "right"), "tokenizer.truncation_side",
+           config.tokenizer.truncation_side, "set it to 'left' or 'right'")
+    opt = config.optimizer
+    _check(opt.name != "adamw_8bit_bnb", "optimizer.name", opt.name,
+           "bitsandbytes optimizers are not supported; use 'adamw' (LoRA adapters keep optimizer state small)")
+    _check(opt.name in ("adamw", "adam", "sgd"), "optimizer.name", opt.name, "use one of 'adamw', 'adam', 'sgd'")
+    lr = opt.kwargs.get("lr")
+    _check(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0, "optimizer.kwargs.lr", lr,
+           "set a positive learning rate, e.g. optimizer.kwargs.lr=3.0e-5")
+    _check(config.scheduler.name in ("cosine_annealing", "linear", "constant"), "scheduler.name",
+           config.scheduler.name, "use one of 'cosine_annealing', 'linear', 'constant'")
+
+
+def _check(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} is invalid: {fix}")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _check(t.trainer in ("AcceleratePPOTrainer", "PPOTrainer"), "train.trainer", t.trainer,
+           "only PPO is implemented in rlora; set train.trainer to 'AcceleratePPOTrainer'")
+    _check(t.pipeline == "PromptPipeline", "train.pipeline", t.pipeline, "only 'PromptPipeline' is supported")
+    for key in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval"):
+        _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "it must be at least 1")
+    mb = t.minibatch_size
+    _check(mb is None or 1 <= mb <= t.batch_size and t.batch_size % mb == 0, "train.minibatch_size", mb,
+           f"it must divide train.batch_size={t.batch_size}; set it to a divisor of {t.batch_size} or null")
+    _check(t.tracker in (None, "tensorboard", "wandb"), "train.tracker", t.tracker,
+           "use null, 'tensorboard' or 'wandb'")
+    _check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads,
+           "set at least 1, or null for min(physical cores, 4)")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    path_ok = isinstance(m.model_path, str) and m.model_path != ""
+    _check(path_ok or _is_instance(m.model_path, "transformers", "PretrainedConfig"), "model.model_path",
+           m.model_path, "set model.model_path to a model directory or hub name, or to a transformers "
+           "PretrainedConfig for a randomly initialised model")
+    _check(m.model_arch_type == "causal", "model.model_arch_type", m.model_arch_type,
+           "only 'causal' language models are supported (seq2seq is not); set it to 'causal'")
+    _check(m.num_layers_unfrozen >= -1, "model.num_layers_unfrozen", m.num_layers_unfrozen,
+           "use -1 (all trainable), 0 (none) or N > 0 (top N blocks)")
+    _check(m.peft_config is not None or m.num_layers_unfrozen != 0, "model.num_layers_unfrozen", 0,
+           "without model.peft_config nothing but the value head would train; set a peft_config, -1 or N > 0")
+    if m.peft_config is not None:
+        _check_peft_config(m.peft_config)
+
+
+def _check_peft_config(value: Any) -> None:
+    import peft
+
+    if isinstance(value, dict):
+        _check("peft_type" in value, "model.peft_config", value, "add a 'peft_type', e.g. peft_type: LORA")
+        mapping = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
+        ptype = getattr(value["peft_type"], "value", value["peft_type"])
+        names = sorted(getattr(t, "value", t) for t in mapping)
+        if ptype not in names:
+            close = difflib.get_close_matches(str(ptype).upper(), names, n=1)
+            raise ValueError(f"model.peft_config.peft_type={ptype!r} is not a peft type; "
+                             + (f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(names)}"))
+        config_cls = mapping[ptype]
+        fields = [f.name for f in dataclasses.fields(config_cls)]
+        for key in value:
+            if key not in fields:
+                raise _unknown_key(f"model.peft_config.{key}", fields)
+        try:
+            value = peft.get_peft_config(dict(value))
+        except (TypeError, ValueError) as err:  # unknown keys were caught above; this is peft's own check
+            raise ValueError(f"model.peft_config does not build a {config_cls.__name__}: {err}") from err
+    if not isinstance(value, peft.PeftConfig):
+        raise TypeError(f"model.peft_config is a {type(value).__name__}; use a peft PeftConfig or a dict "
+                        "such as {'peft_type': 'LORA', 'r': 8}")
+    task_type = getattr(value, "task_type", None)
+    task_type = getattr(task_type, "value", task_type)
+    _check(task_type in (None, "CAUSAL_LM"), "model.peft_config.task_type", task_type,
+           "rlora trains causal LMs; set task_type to 'CAUSAL_LM' (or leave it out)")
+
+
+def _validate_method(p: PPOConfig, seq_length: int) -> None:
+    _check(p.name.lower() == "ppoconfig", "method.name", p.name, "only PPO is implemented; set it to 'PPOConfig'")
+    for key in ("ppo_epochs", "num_rollouts", "chunk_size"):
+        _check(getattr(p, key) >= 1, f"method.{key}", getattr(p, key), "it must be at least 1")
+    for key in ("gamma", "lam"):
+        _check(0.0 <= getattr(p, key) <= 1.0, f"method.{key}", getattr(p, key), "it must be in [0, 1]")
+    for key in ("cliprange", "cliprange_value", "cliprange_reward", "horizon"):
+        _check(getattr(p, key) > 0, f"method.{key}", getattr(p, key), "it must be > 0")
+    _check(p.target is None or p.target > 0, "method.target", p.target,
+           "set a positive target KL for the adaptive controller, or null for a fixed coefficient")
+    _check(p.init_kl_coef >= 0, "method.init_kl_coef", p.init_kl_coef, "it must be >= 0 (0 turns the KL off)")
+    _check(p.vf_coef >= 0, "method.vf_coef", p.vf_coef, "it must be >= 0")
+    _check(p.scale_reward in ("ignored", "running", "ref", None), "method.scale_reward", p.scale_reward,
+           "use 'ignored', 'running', 'ref' or null")
+    _check(p.ref_std is None or p.ref_std > 0, "method.ref_std", p.ref_std, "it must be > 0, or null")
+    _check(p.num_value_layers_unfrozen == 0, "method.num_value_layers_unfrozen", p.num_value_layers_unfrozen,
+           "a value branch with its own unfrozen layers is not supported: the value head sits on the shared "
+           "trunk; set it to 0")
+    _check_gen_kwargs(p.gen_kwargs, "method.gen_kwargs", seq_length)
+    if p.gen_experience_kwargs is not None:
+        _check_gen_kwargs(p.gen_experience_kwargs, "method.gen_experience_kwargs", seq_length)
+
+
+@functools.lru_cache(maxsize=1)
+def _generation_keys() -> frozenset[str]:
+    from transformers import GenerationConfig
+
+    keys = {k for k in GenerationConfig().to_dict() if not k.startswith("_") and k != "transformers_version"}
+    return frozenset(keys | _GENERATE_ONLY_KWARGS)
+
+
+def _check_gen_kwargs(kwargs: dict, key: str, seq_length: int) -> None:
+    valid = _generation_keys()
+    for name in kwargs:
+        if name not in valid:
+            raise _unknown_key(f"{key}.{name}", valid)
+    n = kwargs.get("max_new_tokens")
+    _check(n is not None, f"{key}.max_new_tokens", n, f"set {key}.max_new_tokens (rlora sizes prompts from it)")
+    _check(isinstance(n, int) and not isinstance(n, bool) and 1 <= n < seq_length, f"{key}.max_new_tokens", n,
+           f"it must be an integer in [1, train.seq_length={seq_length}); lower it or raise train.seq_length")

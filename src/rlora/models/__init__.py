@@ -1,0 +1,11 @@
+"""Roles on one base: policy, reference, value (SPEC §1)."""
+
+from rlora.models.hydra import HydraBranch, find_decoder_blocks
+from rlora.models.loading import build_policy, load_base_model, load_tokenizer, resolve_peft_config
+from rlora.models.policy import MODES, Policy, PolicyOutput, position_ids_from_mask
+from rlora.models.value_head import ValueHead
+
+__all__ = [
+    "MODES", "HydraBranch", "Policy", "PolicyOutput", "ValueHead", "build_policy", "find_decoder_blocks",
+    "load_base_model", "load_tokenizer", "position_ids_from_mask", "resolve_peft_config",
+]

@@ -1,0 +1,151 @@
+"""The policy: one frozen base model serving every PPO role.
+
+| mode     | policy                                  | reference (KL)                          |
+|----------|-----------------------------------------|-----------------------------------------|
+| adapter  | base + trainable peft adapter (LoRA...) | same module, adapters disabled          |
+| prompt   | base + virtual tokens (prompt/prefix)   | base without virtual tokens             |
+| hydra    | top N blocks (+ norm, lm_head) trained  | frozen copy of the top, fed from h[-(N+1)] |
+| full     | whole model trained                     | a separate frozen copy                  |
+
+The value head sits on the trunk's last hidden state in every mode.
+
+Notation: `b` batch, `t` time, `h` hidden size, `v` vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from rlora.models.hydra import HydraBranch, find_decoder_blocks
+from rlora.models.value_head import ValueHead
+
+MODES = ("adapter", "prompt", "hydra", "full")
+
+
+@dataclass
+class PolicyOutput:
+    """What one policy forward gives: logits, values and the trunk's hidden states."""
+
+    logits: torch.Tensor  # (b, t, v), virtual-token positions removed
+    values: torch.Tensor  # (b, t), fp32
+    hidden_states: tuple[torch.Tensor, ...]  # each (b, t, h); hidden_states[-1] feeds the value head
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them.
+
+    Shape: attention_mask (b, t) -> (b, t); padding positions get 0.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Policy(nn.Module):
+    """A causal LM plus value head with a reference view, all on one base.
+
+    Build it with `rlora.models.build_policy` from a config; this class only wires roles.
+    """
+
+    def __init__(self, lm: nn.Module, mode: str, num_layers_unfrozen: int = -1):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown policy mode {mode!r}; expected one of {MODES}")
+        self.lm = lm
+        self.mode = mode
+        hidden_size = self.base_model.config.get_text_config().hidden_size
+        self.value_head = ValueHead(hidden_size).to(self.base_model.device)
+        self.hydra: HydraBranch | None = None
+        self.ref_model: nn.Module | None = None
+        if mode == "hydra":
+            self._unfreeze_top(num_layers_unfrozen)
+            self.hydra = HydraBranch(self.lm, num_layers_unfrozen)
+        elif mode == "full":
+            self.lm.requires_grad_(True)
+            self.ref_model = copy.deepcopy(self.lm).requires_grad_(False).eval()
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The plain Hugging Face model underneath (shared by every role)."""
+        return self.lm.get_base_model() if self.is_peft else self.lm
+
+    @property
+    def is_peft(self) -> bool:
+        return self.mode in ("adapter", "prompt")
+
+    def _unfreeze_top(self, n: int) -> None:
+        """Hydra: train the top `n` blocks, the final norm beside them and an untied lm_head."""
+        self.lm.requires_grad_(False)
+        decoder, _, blocks = find_decoder_blocks(self.lm)
+        blocks[-n:].requires_grad_(True)
+        for child in decoder.children():
+            if "norm" in type(child).__name__.lower():  # LayerNorm, LlamaRMSNorm, ...
+                child.requires_grad_(True)
+        head = self.lm.get_output_embeddings()
+        if head is not None and head.weight is not self.lm.get_input_embeddings().weight:
+            head.requires_grad_(True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> PolicyOutput:
+        """Policy logits and values in one pass.
+
+        Shape: input_ids, attention_mask (b, t) -> logits (b, t, v), values (b, t).
+        """
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                      use_cache=False)
+        if self.mode != "prompt":  # peft's prompt learning builds its own positions
+            kwargs["position_ids"] = position_ids
+        out = self.lm(**kwargs)
+        n_virtual = out.logits.shape[1] - input_ids.shape[1]  # prompt tuning prepends virtual tokens
+        logits = out.logits[:, n_virtual:]
+        hidden_states = tuple(h[:, n_virtual:] for h in out.hidden_states)
+        return PolicyOutput(logits=logits, values=self.value_head(hidden_states[-1]), hidden_states=hidden_states)
+
+    @contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """Within this block, the yielded module is the frozen reference model.
+
+        Adapter and prompt modes disable the adapters of the one shared module and enable them
+        again on exit, also when the block raises. Hydra yields nothing callable on its own (use
+        `reference_logits`); full mode yields the frozen copy.
+        """
+        if self.is_peft:
+            with self.lm.disable_adapter():
+                yield self.lm
+        else:
+            yield self.ref_model if self.mode == "full" else self.lm
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         position_ids: torch.Tensor | None = None,
+                         policy_output: PolicyOutput | None = None) -> torch.Tensor:
+        """Logits of the frozen reference model.
+
+        Hydra reuses `policy_output.hidden_states` when given (else runs the shared trunk).
+        Shape: input_ids, attention_mask (b, t) -> (b, t, v).
+        """
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        if self.mode == "hydra":
+            if policy_output is None:
+                policy_output = self.forward(input_ids, attention_mask, position_ids)
+            hidden = policy_output.hidden_states[-(self.hydra.num_layers + 1)]
+            return self.hydra(hidden, attention_mask, position_ids)
+        with self.reference() as ref:
+            return ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters PPO updates: adapter (+ modules_to_save) or unfrozen blocks, and the value head."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **gen_kwargs) -> torch.Tensor:
+        """Sample continuations with the policy. Shape: (b, t) -> (b, t + new)."""
+        return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)

@@ -1,0 +1,89 @@
+"""Tiny models and a character tokenizer built in code: no downloads, seconds to create.
+
+Used by the tests, the demo and the benchmarks. A real Hugging Face model replaces them by
+passing `model.model_path` / `tokenizer.tokenizer_path` in the config.
+"""
+
+from __future__ import annotations
+
+import string
+
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    OPTConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
+
+PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
+DEFAULT_ALPHABET = string.ascii_lowercase + " .,!?"
+ARCHITECTURES = ("gpt2", "llama", "gpt_neox", "opt")
+
+
+def char_tokenizer(alphabet: str = DEFAULT_ALPHABET, model_max_length: int = 1024) -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per character of `alphabet`.
+
+    Ids: 0 pad, 1 bos, 2 eos, then the characters in order, then unk for anything else.
+    Encoding adds no special tokens; decoding joins characters with nothing between them.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    if len(set(alphabet)) != len(alphabet):
+        raise ValueError(f"alphabet {alphabet!r} repeats characters; give each character once")
+    vocab = {PAD: 0, BOS: 1, EOS: 2}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    vocab[UNK] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([PAD, BOS, EOS, UNK])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4,
+                max_positions: int = 128, pad_token_id: int = 0, bos_token_id: int = 1,
+                eos_token_id: int = 2, initializer_range: float = 0.3) -> PretrainedConfig:
+    """A small random-init config of one of the `ARCHITECTURES`, dropout off unless set later.
+
+    `initializer_range` is larger than Hugging Face's 0.02: at hidden size 32 that default gives
+    logits within about ±0.5, a nearly uniform model that no adapter can move far (with tied
+    embeddings, LoRA on the attention cannot lift one token above p ~ 0.06). Trained models have
+    logits spread over several units; 0.3 gives a random model a comparable spread.
+    """
+    ids = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+               initializer_range=initializer_range)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_positions=max_positions, n_embd=hidden, n_layer=layers,
+                          n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                           max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=heads,
+                             max_position_embeddings=max_positions, **ids)
+    if arch == "opt":
+        return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, max_position_embeddings=max_positions, word_embed_proj_dim=hidden,
+                         dropout=0.0, attention_dropout=0.0, **ids)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def tiny_model(arch: str = "gpt2", tokenizer: PreTrainedTokenizerFast | None = None, **config_kwargs):
+    """A random-init causal LM of `arch` sized for `tokenizer` (a `char_tokenizer()` by default)."""
+    tokenizer = tokenizer or char_tokenizer()
+    config = tiny_config(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **config_kwargs)
+    return AutoModelForCausalLM.from_config(config)
