@@ -1,0 +1,51 @@
+"""The maths of PPO/RLHF as pure functions of explicit tensors: masked statistics, GAE,
+reward shaping, KL estimators and controllers, losses, log-probabilities.
+
+Notation: `b` batch, `t` time (response tokens), `v` vocabulary; `response_mask` (b, t) is
+True on real response tokens (a prefix of each row), False on padding.
+"""
+
+from rlora.algo.advantages import gae
+from rlora.algo.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    approx_kl_from_ratio,
+    kl_k1,
+    kl_k3,
+    make_kl_controller,
+)
+from rlora.algo.logprobs import entropy_from_logits, logprobs_of_labels
+from rlora.algo.losses import policy_loss, value_loss
+from rlora.algo.masked import (
+    RunningMoments,
+    check_right_padded,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    zero_padding,
+)
+from rlora.algo.rewards import scale_and_clip_scores, token_rewards
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "RunningMoments",
+    "approx_kl_from_ratio",
+    "check_right_padded",
+    "entropy_from_logits",
+    "gae",
+    "kl_k1",
+    "kl_k3",
+    "logprobs_of_labels",
+    "make_kl_controller",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "scale_and_clip_scores",
+    "token_rewards",
+    "value_loss",
+    "zero_padding",
+]
