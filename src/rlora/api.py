@@ -1,0 +1,55 @@
+"""`rlora.train`: the one-call entry point, as trlx's `trlx.train` (SPEC §2)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+from rlora.config import Config, load_config
+from rlora.models import build_policy, load_tokenizer
+from rlora.rollout.prompts import normalize_prompts
+from rlora.trainer import PPOTrainer
+
+
+def set_threads(num_threads: int | None) -> int:
+    """Torch intra-op threads: the configured number, else the cores shared by local processes."""
+    if num_threads is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        num_threads = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(num_threads)
+    return num_threads
+
+
+def train(reward_fn: Callable | None = None, prompts: list[str | dict] | None = None,
+          eval_prompts: list[str | dict] | None = None, metric_fn: Callable | None = None,
+          config: Config | dict | str | None = None, stop_sequences: list[str] | None = None,
+          overrides: list[str] | None = None, verbose: bool = True) -> PPOTrainer:
+    """Fine-tune `config.model` with PPO so that `reward_fn` rises; returns the trainer.
+
+    - `reward_fn(samples, prompts, outputs, tokenizer, **metadata)` returns one float per sample
+      (a terminal reward) or a list of floats per sample (per-token rewards from the first
+      response token).
+    - `prompts`: strings, or dicts with a "prompt" key whose other keys are metadata passed per
+      sample to `reward_fn` and `metric_fn`. Default: the tokenizer's BOS, `batch_size` times.
+    - `eval_prompts`: default `prompts[:batch_size]`.
+    - `metric_fn(samples, prompts, outputs, **metadata)` returns `{name: [float per sample]}`.
+    - `config`: an `rlora.Config`, a dict or a YAML path; `overrides` are `"a.b=value"` strings.
+    - `stop_sequences`: each output is cut at the first of these strings and given an EOS.
+    """
+    config = load_config(config, overrides)
+    set_threads(config.train.num_threads)
+    tokenizer = load_tokenizer(config.tokenizer, config.model.model_path, config.model.trust_remote_code)
+    if prompts is None:
+        prompts = [tokenizer.bos_token or tokenizer.eos_token] * config.train.batch_size
+    prompt_items = normalize_prompts(prompts, "prompts")
+    eval_items = normalize_prompts(eval_prompts, "eval_prompts") if eval_prompts is not None \
+        else prompt_items[:config.train.batch_size]
+    policy = build_policy(config.model, tokenizer)
+    trainer = PPOTrainer(config, policy, tokenizer, reward_fn, prompt_items, eval_items, metric_fn,
+                         stop_sequences, verbose=verbose)
+    return trainer.learn()
+
+
+__all__ = ["train", "set_threads"]

@@ -1,0 +1,1 @@
+"""Rollouts: prompts, generation, scoring and the experience store of a PPO phase."""

@@ -1,0 +1,123 @@
+"""Scores from the user's `reward_fn`, validated; and the policy's per-token view of a batch.
+
+Notation: `b` batch, `p` prompt length, `r` response length, `v` vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import torch
+
+from rlora.algo import logprobs_of_labels
+from rlora.rollout.generation import Rollouts
+
+
+def _bad_number(x: Any) -> bool:
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = x.item()
+    return isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(float(x))
+
+
+def validate_scores(scores: Any, response_lengths: list[int], what: str = "reward_fn") -> torch.Tensor:
+    """Scores as a tensor: (b,) for one score per sample, or (b, r) for per-token scores.
+
+    Raises naming the sample index and value: a wrong count, a non-number, NaN/inf, or a
+    per-token list longer than its response.
+    """
+    n = len(response_lengths)
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().tolist()
+    elif hasattr(scores, "tolist") and not isinstance(scores, (list, tuple)):
+        scores = scores.tolist()  # numpy arrays
+    if not isinstance(scores, (list, tuple)):
+        raise TypeError(f"{what} returned {type(scores).__name__}; return a list with one score per sample")
+    if len(scores) != n:
+        raise ValueError(f"{what} returned {len(scores)} scores for {n} samples; return one score per sample")
+    dense = any(isinstance(s, (list, tuple)) or (isinstance(s, torch.Tensor) and s.dim() == 1) for s in scores)
+    if not dense:
+        for i, s in enumerate(scores):
+            if _bad_number(s):
+                raise ValueError(f"{what} returned {s!r} for sample {i}; every score must be a finite number")
+        return torch.tensor([float(s) for s in scores], dtype=torch.float32)
+    out = torch.zeros(n, max(response_lengths), dtype=torch.float32)
+    for i, row in enumerate(scores):
+        if isinstance(row, torch.Tensor):
+            row = row.tolist()
+        if not isinstance(row, (list, tuple)):
+            raise ValueError(f"{what} returned a list of per-token scores for some samples but {row!r} for "
+                             f"sample {i}; return either one number per sample or one list per sample")
+        if len(row) > response_lengths[i]:
+            raise ValueError(f"{what} returned {len(row)} per-token scores for sample {i}, whose response has "
+                             f"{response_lengths[i]} tokens; give at most one score per response token")
+        for j, s in enumerate(row):
+            if _bad_number(s):
+                raise ValueError(f"{what} returned {s!r} at token {j} of sample {i}; scores must be finite numbers")
+        out[i, :len(row)] = torch.tensor([float(s) for s in row], dtype=torch.float32)
+    return out
+
+
+def collate_metadata(metadata: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Per-sample dicts -> one list per key, aligned with the samples."""
+    return {key: [m[key] for m in metadata] for key in (metadata[0] if metadata else {})}
+
+
+def call_reward_fn(reward_fn: Callable, rollouts: Rollouts, tokenizer, metadata: list[dict[str, Any]]) -> torch.Tensor:
+    """Call `reward_fn(samples, prompts, outputs, tokenizer, **metadata)` and validate its scores."""
+    samples = rollouts.samples
+    try:
+        scores = reward_fn(samples=samples, prompts=rollouts.prompts, outputs=rollouts.outputs,
+                           tokenizer=tokenizer, **collate_metadata(metadata))
+    except Exception as err:
+        shown = ", ".join(repr(s[:40]) for s in samples[:3])
+        raise RuntimeError(f"reward_fn raised {type(err).__name__}: {err} while scoring a batch of {len(samples)} "
+                           f"samples (first: {shown}); fix reward_fn for these inputs") from err
+    return validate_scores(scores, rollouts.response_mask.sum(1).tolist())
+
+
+def pack_sequences(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                   response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt and response of each row side by side, all padding moved to the right.
+
+    Generation needs left-padded prompts; scoring does not, and with every pad at the end a
+    token's position and its causal context do not depend on how much padding its batch
+    holds. That keeps the rollout pass and the update in agreement even for prompt learning,
+    where peft drops `position_ids`.
+    Shape: query (b, p), response (b, r) -> ids (b, p + r), mask (b, p + r), starts (b,) where
+    `starts[i]` is the index of row i's first response token.
+    """
+    ids = torch.cat([query_ids, response_ids], dim=1)  # (b, p + r), [pad | prompt | response | pad]
+    mask = torch.cat([query_mask, response_mask], dim=1)
+    width = ids.shape[1]
+    n_pad = query_ids.shape[1] - query_mask.sum(1)  # (b,) left padding of each prompt
+    roll = (torch.arange(width, device=ids.device)[None, :] + n_pad[:, None]) % width  # (b, p + r)
+    return ids.gather(1, roll), mask.gather(1, roll), query_mask.sum(1)
+
+
+def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                      response_mask: torch.Tensor, with_reference: bool = False):
+    """Policy logprobs and values of each response token, and optionally the reference's logprobs.
+
+    The value at a response token is the one predicted at the position before it (the state
+    the token was sampled from), as trlx. Shape: query (b, p), response (b, r) ->
+    logprobs (b, r), values (b, r), ref_logprobs (b, r) or None.
+    """
+    input_ids, attention_mask, starts = pack_sequences(query_ids, query_mask, response_ids, response_mask)
+    attention_mask = attention_mask.long()
+    r = response_ids.shape[1]
+    before = starts[:, None] - 1 + torch.arange(r, device=starts.device)[None, :]  # (b, r) positions predicting
+    out = policy(input_ids, attention_mask)
+
+    def at_response(x: torch.Tensor) -> torch.Tensor:  # (b, t, ...) -> (b, r, ...)
+        index = before.reshape(*before.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        return x.gather(1, index)
+
+    logprobs = logprobs_of_labels(at_response(out.logits), response_ids)
+    values = at_response(out.values)
+    ref_logprobs = None
+    if with_reference:
+        ref_logits = policy.reference_logits(input_ids, attention_mask, policy_output=out)
+        ref_logprobs = logprobs_of_labels(at_response(ref_logits), response_ids)
+    return logprobs, values, ref_logprobs

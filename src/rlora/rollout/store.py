@@ -1,0 +1,63 @@
+"""The experience of one rollout phase, as padded tensors indexed by sample.
+
+Notation: `n` samples in the phase, `p` prompt length (left-padded), `r` response length
+(right-padded). Every per-token tensor is aligned with `response_ids`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from rlora.rollout.generation import Rollouts
+
+
+def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    """One `Rollouts` from several chunks: prompts left-padded and responses right-padded to
+    the longest of any chunk."""
+    p = max(x.query_ids.shape[1] for x in parts)
+    r = max(x.response_ids.shape[1] for x in parts)
+
+    def pad(t: torch.Tensor, length: int, left: bool, value) -> torch.Tensor:
+        extra = length - t.shape[1]
+        return F.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+    return Rollouts(
+        query_ids=torch.cat([pad(x.query_ids, p, True, pad_id) for x in parts]),
+        query_mask=torch.cat([pad(x.query_mask, p, True, False) for x in parts]),
+        response_ids=torch.cat([pad(x.response_ids, r, False, pad_id) for x in parts]),
+        response_mask=torch.cat([pad(x.response_mask, r, False, False) for x in parts]),
+        prompts=[s for x in parts for s in x.prompts],
+        outputs=[s for x in parts for s in x.outputs],
+    )
+
+
+@dataclass
+class Experience:
+    """What the PPO update reads: tokens, masks, and the rollout pass's per-token numbers."""
+
+    query_ids: torch.Tensor  # (n, p)
+    query_mask: torch.Tensor  # (n, p) bool
+    response_ids: torch.Tensor  # (n, r)
+    response_mask: torch.Tensor  # (n, r) bool
+    logprobs: torch.Tensor  # (n, r) log pi_old of each response token
+    values: torch.Tensor  # (n, r) V_old before each response token
+    advantages: torch.Tensor  # (n, r) whitened GAE advantages, 0 on padding
+    returns: torch.Tensor  # (n, r) A + V (unwhitened A), 0 on padding
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> "Experience":
+        """The samples at `index`, with columns that are padding in every selected row dropped."""
+        picked = {f.name: getattr(self, f.name)[index] for f in fields(self)}
+        p_keep = int(picked["query_mask"].any(0).long().argmax()) if picked["query_mask"].any() else 0
+        r_keep = int(picked["response_mask"].any(0).sum())
+        for name, value in picked.items():
+            picked[name] = value[:, p_keep:] if name.startswith("query") else value[:, :r_keep]
+        return Experience(**picked)
+
+    def to(self, device: torch.device | str) -> "Experience":
+        return Experience(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})

@@ -1,0 +1,117 @@
+"""Metrics: `metrics.jsonl` always, TensorBoard or W&B when asked, PNG plots, eval tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+PLOTS = {  # file name -> the history keys drawn in it
+    "reward.png": ("rollout_scores/mean", "reward/mean"),
+    "kl.png": ("policy/sqrt_kl", "kl_ctl_value"),
+    "losses.png": ("losses/policy_loss", "losses/value_loss"),
+}
+
+
+class Tracker:
+    """Writes each record to `run_dir/metrics.jsonl` and to the optional tracker."""
+
+    def __init__(self, run_dir: str, tracker: str | None = None, config: dict | None = None,
+                 project_name: str = "rlora", entity_name: str | None = None, group_name: str | None = None,
+                 tags: list[str] | None = None, enabled: bool = True):
+        self.run_dir, self.enabled = run_dir, enabled
+        self._file = self._tb = self._wandb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tracker == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError("train.tracker='tensorboard' needs the tensorboard package: "
+                                  "pip install 'rlora[tensorboard]'") from err
+            self._tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+        elif tracker == "wandb":
+            try:
+                import wandb
+            except ImportError as err:
+                raise ImportError("train.tracker='wandb' needs wandb: pip install 'rlora[wandb]'") from err
+            if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+                os.environ["WANDB_MODE"] = "offline"  # no key, no network: log locally, sync later
+            self._wandb = wandb.init(project=project_name, entity=entity_name, group=group_name, tags=tags,
+                                     config=config, dir=run_dir)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One record: a dict with a `step` key and float statistics."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = record.get("step", 0)
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for key, value in numbers.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def plot_history(history: list[dict[str, Any]], run_dir: str, extra_keys: tuple[str, ...] = ()) -> list[str]:
+    """PNG plots of reward, KL, losses and the eval metrics against optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric_keys = sorted({k for r in history for k in r if k.startswith("metrics/")} | set(extra_keys))
+    plots = dict(PLOTS, **({"metrics.png": tuple(metric_keys)} if metric_keys else {}))
+    written = []
+    for name, keys in plots.items():
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        drawn = False
+        for key in keys:
+            points = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))
+                      and math.isfinite(r[key])]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=key)
+                drawn = True
+        if drawn:
+            ax.set_xlabel("optimizer step")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            path = os.path.join(run_dir, name)
+            fig.savefig(path, dpi=100)
+            written.append(path)
+        plt.close(fig)
+    return written
+
+
+def eval_table(prompts: list[str], outputs: list[str], rewards: list[float] | None, step: int,
+               rows: int = 6) -> Table:
+    """A rich table of the first few eval samples."""
+    table = Table(title=f"eval samples at step {step}", show_lines=False)
+    table.add_column("prompt", overflow="fold", max_width=40)
+    table.add_column("output", overflow="fold", max_width=60)
+    if rewards is not None:
+        table.add_column("reward", justify="right")
+    for i in range(min(rows, len(prompts))):
+        cells = [prompts[i], outputs[i]] + ([f"{rewards[i]:.3f}"] if rewards is not None else [])
+        table.add_row(*cells)
+    return table
+
+
+console = Console(stderr=True)

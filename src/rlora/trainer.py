@@ -1,0 +1,350 @@
+"""The PPO trainer: one visible loop over rollout phases (SPEC §4).
+
+`PPOTrainer.learn` reads top to bottom: rollouts, scores, reward processing, the rollout
+pass (policy, values, reference), advantages, PPO epochs, KL update, eval, checkpoint. The
+maths lives in `rlora.algo` as pure functions; generation and scoring in `rlora.rollout`.
+
+Notation: `n` samples in a phase, `b` batch, `p` prompt length, `r` response length.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rlora import checkpoint
+from rlora.algo import (
+    RunningMoments,
+    gae,
+    make_kl_controller,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    scale_and_clip_scores,
+    token_rewards,
+    value_loss,
+)
+from rlora.config import Config, config_to_dict
+from rlora.models import Policy
+from rlora.rollout.generation import generate_rollouts
+from rlora.rollout.prompts import Prompt, PromptLoader, tokenize_prompts
+from rlora.rollout.scoring import call_reward_fn, collate_metadata, forward_responses, validate_scores
+from rlora.rollout.store import Experience, concat_rollouts
+from rlora.tracking import Tracker, console, eval_table, plot_history
+
+
+def build_optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer named by `optimizer.name` over the trainable parameters only."""
+    kwargs = dict(config.optimizer.kwargs)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    name = config.optimizer.name
+    classes = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    if name not in classes:
+        raise ValueError(f"optimizer.name={name!r} is not one of {sorted(classes)}")
+    return classes[name](params, **kwargs)
+
+
+def build_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule named by `scheduler.name`, stepped once per optimizer step."""
+    name, kwargs = config.scheduler.name, dict(config.scheduler.kwargs)
+    if name == "cosine_annealing":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, **kwargs)
+    if name == "linear":
+        kwargs.setdefault("total_iters", config.train.total_steps)
+        return torch.optim.lr_scheduler.LinearLR(optimizer, **kwargs)
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    raise ValueError(f"scheduler.name={name!r} is not one of ['constant', 'cosine_annealing', 'linear']")
+
+
+def default_run_dir(config: Config) -> str:
+    if config.train.run_dir:
+        return config.train.run_dir
+    return os.path.join(config.train.logging_dir or "runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+class PPOTrainer:
+    """PPO on a `Policy` whose roles share one base. Compose it; do not subclass it."""
+
+    def __init__(self, config: Config, policy: Policy, tokenizer, reward_fn: Callable | None,
+                 prompts: list[Prompt], eval_prompts: list[Prompt], metric_fn: Callable | None = None,
+                 stop_sequences: list[str] | None = None, accelerator: Accelerator | None = None,
+                 verbose: bool = True):
+        if reward_fn is None:
+            raise ValueError("PPO needs rewards: pass reward_fn(samples, prompts, outputs, tokenizer, **metadata)")
+        self.config, self.tokenizer = config, tokenizer
+        self.reward_fn, self.metric_fn = reward_fn, metric_fn
+        self.stop_sequences = list(stop_sequences or [])
+        self.verbose = verbose
+        train, method = config.train, config.method
+        self.minibatch_size = train.minibatch_size or train.batch_size
+        self.accelerator = accelerator or Accelerator()
+        set_seed(train.seed)
+        self.policy = policy
+        self.optimizer = build_optimizer(config, policy.trainable_parameters())
+        self.scheduler = build_scheduler(config, self.optimizer)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, self.optimizer, self.scheduler)
+        self.kl_ctl = make_kl_controller(method.init_kl_coef, method.target, method.horizon)
+        self.running = RunningMoments()
+        self.ref_mean, self.ref_std = method.ref_mean, method.ref_std
+
+        max_new = (method.gen_experience_kwargs or method.gen_kwargs)["max_new_tokens"]
+        max_new_eval = method.gen_kwargs["max_new_tokens"]
+        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.prompt_ids = tokenize_prompts(prompts, tokenizer, train.seq_length - max_new, "prompts")
+        self.eval_prompt_ids = tokenize_prompts(eval_prompts, tokenizer, train.seq_length - max_new_eval,
+                                                "eval_prompts")
+        self.loader = PromptLoader(len(prompts), train.seed)
+        self.shuffle = torch.Generator().manual_seed(train.seed)
+
+        self.step = 0  # optimizer steps taken
+        self.phase = 0  # rollout phases completed
+        self.history: list[dict[str, Any]] = []
+        self.run_dir = default_run_dir(config)
+        self.tracker = Tracker(self.run_dir, train.tracker, config_to_dict(config), train.project_name,
+                               train.entity_name, train.group_name, train.tags,
+                               enabled=self.accelerator.is_main_process)
+        steps_per_phase = method.ppo_epochs * math.ceil(method.num_rollouts / train.batch_size)
+        self.total_steps = min(train.total_steps, train.epochs * steps_per_phase)
+
+    # ------------------------------------------------------------------ the loop
+    def learn(self) -> "PPOTrainer":
+        """Run PPO until `train.total_steps` optimizer steps or `train.epochs` rollout phases."""
+        train, method = self.config.train, self.config.method
+        self.model.eval()  # dropout off in every PPO pass, so the ratio starts at 1 (SPEC §1)
+        self.evaluate()  # the baseline, before any update
+        progress = self._progress()
+        task = progress.add_task("PPO", total=self.total_steps, reward=float("nan"))
+        with progress:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                # 1. Rollouts: chunk_size prompts at a time until num_rollouts samples exist
+                # 2. Score each chunk with reward_fn (validated: count, numbers, finite)
+                chunks, chunk_scores = [], []
+                while (n := sum(len(c.prompts) for c in chunks)) < method.num_rollouts:
+                    index = self.loader.next_chunk(min(method.chunk_size, method.num_rollouts - n))
+                    rollouts = generate_rollouts(self.policy, self.tokenizer, [self.prompt_ids[i] for i in index],
+                                                 method.gen_experience_kwargs or method.gen_kwargs,
+                                                 self.stop_sequences)
+                    chunks.append(rollouts)
+                    chunk_scores.append(call_reward_fn(self.reward_fn, rollouts, self.tokenizer,
+                                                       [self.prompts[i].metadata for i in index]))
+                rollouts = concat_rollouts(chunks, self.tokenizer.pad_token_id)
+                scores = concat_scores(chunk_scores, rollouts.response_ids.shape[1])
+                t_rollout = time.perf_counter()
+
+                # 3. Reward processing: running moments over per-sample sums, scale, clip (trlx order)
+                score_sums = scores.sum(1) if scores.dim() == 2 else scores  # (n,)
+                if self.ref_mean is None:
+                    self.ref_mean, self.ref_std = score_sums.mean().item(), score_sums.std().item()
+                self.running.update(score_sums)
+                scores = scale_and_clip_scores(scores, method.scale_reward, self.running, self.ref_std,
+                                               method.cliprange_reward)
+
+                # 4. One no-grad rollout pass: policy logprobs and values, reference logprobs. It runs
+                #    over the minibatches of the first PPO epoch, so that epoch's first minibatch sees
+                #    exactly the rollout pass's layout (ratio exactly 1 there).
+                orders = [torch.randperm(len(rollouts.prompts), generator=self.shuffle)
+                          for _ in range(method.ppo_epochs)]
+                exp, ref_logprobs = self._score_experience(rollouts, orders[0])
+                mask = exp.response_mask
+
+                # 5. Per-token rewards: -beta * KL per token, the score at the last real token
+                rewards, kl_stats = token_rewards(exp.logprobs, ref_logprobs, mask, self.kl_ctl.value, scores)
+
+                # 6. GAE, then advantages whitened over real tokens only
+                advantages, returns = gae(exp.values, rewards, mask, method.gamma, method.lam)
+                exp.advantages, exp.returns = masked_whiten(advantages, mask), returns
+                t_pass = time.perf_counter()
+
+                phase_stats = {
+                    "rollout_scores/mean": score_sums.mean(), "rollout_scores/std": score_sums.std(),
+                    "rollout_scores/running_mean": self.running.mean,
+                    "rollout_scores/running_std": self.running.std,
+                    "policy/sqrt_kl": kl_stats["kl"].clamp(min=0).sqrt(), "policy/kl": kl_stats["kl"],
+                    "policy/kl_per_token": kl_stats["kl_per_token"],
+                    "rewards/non_score": kl_stats["non_score_reward"],
+                    "kl_ctl_value": self.kl_ctl.value,
+                    "response_length/mean": mask.sum(1).float().mean(),
+                }
+                # 7. ppo_epochs passes over the shuffled experience, batch_size samples per optimizer step
+                for order in orders:
+                    for batch in order.split(train.batch_size):
+                        stats = self.train_step(exp, batch)
+                        self.step += 1
+                        self._record(stats)
+                        progress.update(task, advance=1, reward=float(score_sums.mean()))
+                        if self.step % train.eval_interval == 0 and self.step < self.total_steps:
+                            self.evaluate()
+                        if self.step % train.checkpoint_interval == 0 and self.step < self.total_steps:
+                            self.save()
+                        if self.step >= self.total_steps:
+                            break
+                    if self.step >= self.total_steps:
+                        break
+
+                # 8. KL controller: once per phase, on the phase's mean KL, n = num_rollouts
+                self.kl_ctl.update(float(kl_stats["kl"]), n_steps=method.num_rollouts)
+                self.phase += 1
+                t_end = time.perf_counter()
+                phase_stats.update({"time/rollout": t_rollout - t0, "time/rollout_pass": t_pass - t_rollout,
+                                    "time/update": t_end - t_pass})
+                self._record(phase_stats, phase=self.phase)
+
+        # 9. Evaluate and checkpoint at the end
+        self.evaluate()
+        self.save()
+        if self.accelerator.is_main_process:
+            plot_history(self.history, self.run_dir)
+        self.tracker.close()
+        return self
+
+    # ------------------------------------------------------------------ pieces of the loop
+    @torch.no_grad()
+    def _score_experience(self, rollouts, order: torch.Tensor) -> tuple[Experience, torch.Tensor]:
+        """The rollout pass over all samples in `order`, `minibatch_size` at a time (memory
+        bounded by it).
+
+        Returns the experience with old logprobs and values filled in (advantages and returns
+        still zero) and the reference logprobs. Shape: ref_logprobs (n, r).
+        """
+        n, r = rollouts.response_ids.shape
+        exp = Experience(rollouts.query_ids, rollouts.query_mask, rollouts.response_ids, rollouts.response_mask,
+                         logprobs=torch.zeros(n, r), values=torch.zeros(n, r), advantages=torch.zeros(n, r),
+                         returns=torch.zeros(n, r))
+        ref = torch.zeros(n, r)
+        device = self.accelerator.device
+        for index in order.split(self.minibatch_size):
+            mb = exp.select(index).to(device)
+            logprobs, values, ref_logprobs = forward_responses(
+                self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, with_reference=True)
+            width = mb.response_ids.shape[1]
+            exp.logprobs[index, :width] = logprobs.float().cpu()
+            exp.values[index, :width] = values.float().cpu()
+            ref[index, :width] = ref_logprobs.float().cpu()
+        return exp, ref
+
+    def train_step(self, exp: Experience, batch: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        """One optimizer step on the samples `batch` of `exp`, split into microbatches.
+
+        Each microbatch's loss is divided by the number of microbatches, so the step's gradient
+        is their mean whatever `minibatch_size` is. Stats are detached tensors (no host sync here).
+        """
+        method = self.config.method
+        micro = batch.split(self.minibatch_size)
+        stats: list[dict[str, torch.Tensor]] = []
+        for index in micro:
+            mb = exp.select(index).to(self.accelerator.device)
+            logprobs, values, _ = forward_responses(self.model, mb.query_ids, mb.query_mask, mb.response_ids,
+                                                    mb.response_mask)
+            pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
+                                            method.cliprange)
+            vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask, method.cliprange_value)
+            loss = pg_loss + method.vf_coef * vf_loss
+            self.accelerator.backward(loss / len(micro))
+            stats.append({
+                "losses/total_loss": loss.detach(), "losses/policy_loss": pg_stats["policy_loss"],
+                "losses/value_loss": vf_stats["value_loss"], "policy/approx_kl": pg_stats["approx_kl"],
+                "policy/clipfrac": pg_stats["clipfrac"], "policy/ratio_mean": pg_stats["ratio_mean"],
+                "policy/ratio_max_abs_dev": pg_stats["ratio_max_abs_dev"],
+                "values/mean": vf_stats["values_mean"], "values/values_error": vf_stats["values_error"],
+                "values/clipfrac": vf_stats["clipfrac"],
+                "returns/mean": masked_mean(mb.returns, mb.response_mask),
+                "returns/var": masked_var(mb.returns, mb.response_mask, unbiased=False),
+            })
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]}
+        out["policy/ratio_max_abs_dev"] = torch.stack([s["policy/ratio_max_abs_dev"] for s in stats]).max()
+        out["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _record(self, stats: dict[str, torch.Tensor | float], **extra: Any) -> dict[str, Any]:
+        """Reduce a step's statistics to floats once and log them."""
+        keys = list(stats)
+        values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64).cpu().reshape(()) for k in keys])
+        record = {"step": self.step, **extra, **dict(zip(keys, values.tolist()))}
+        self.history.append(record)
+        self.tracker.log(record)
+        return record
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("reward {task.fields[reward]:.3f}"),
+                        console=console, disable=not (self.verbose and self.accelerator.is_main_process))
+
+    # ------------------------------------------------------------------ public helpers
+    def generate(self, prompts: list[str], **gen_kwargs) -> list[str]:
+        """Outputs (generated text only) of the policy for `prompts`, with `method.gen_kwargs`."""
+        from rlora.rollout.prompts import normalize_prompts
+
+        items = normalize_prompts(prompts)
+        max_new = {**self.config.method.gen_kwargs, **gen_kwargs}["max_new_tokens"]
+        ids = tokenize_prompts(items, self.tokenizer, self.config.train.seq_length - max_new)
+        outputs: list[str] = []
+        for start in range(0, len(ids), self.config.method.chunk_size):
+            rollouts = generate_rollouts(self.policy, self.tokenizer, ids[start:start + self.config.method.chunk_size],
+                                         {**self.config.method.gen_kwargs, **gen_kwargs}, self.stop_sequences)
+            outputs += rollouts.outputs
+        return outputs
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Generate for `eval_prompts` with `method.gen_kwargs`; log reward and metric means."""
+        was_training = self.policy.training
+        self.policy.eval()
+        method = self.config.method
+        prompts, outputs, scores = [], [], []
+        for start in range(0, len(self.eval_prompt_ids), method.chunk_size):
+            ids = self.eval_prompt_ids[start:start + method.chunk_size]
+            rollouts = generate_rollouts(self.policy, self.tokenizer, ids, method.gen_kwargs, self.stop_sequences)
+            metadata = [p.metadata for p in self.eval_prompts[start:start + method.chunk_size]]
+            s = call_reward_fn(self.reward_fn, rollouts, self.tokenizer, metadata)
+            scores += (s.sum(1) if s.dim() == 2 else s).tolist()
+            prompts += rollouts.prompts
+            outputs += rollouts.outputs
+        stats: dict[str, Any] = {"reward/mean": sum(scores) / len(scores)}
+        if self.metric_fn is not None:
+            samples = [p + o for p, o in zip(prompts, outputs)]
+            metrics = self.metric_fn(samples=samples, prompts=prompts, outputs=outputs,
+                                     **collate_metadata([p.metadata for p in self.eval_prompts]))
+            for name, values in metrics.items():
+                values = validate_scores(values, [1] * len(samples), what=f"metric_fn[{name!r}]")
+                stats[f"metrics/{name}"] = values.mean().item()
+        record = self._record(stats, eval=True)
+        if self.verbose and self.accelerator.is_main_process:
+            console.print(eval_table(prompts, outputs, scores, self.step))
+            console.print("eval " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+        self.policy.train(was_training)
+        return record
+
+    def save(self, path: str | None = None) -> str:
+        """Write a checkpoint directory atomically; returns its path."""
+        path = path or os.path.join(self.run_dir, self.config.train.checkpoint_dir, f"step_{self.step}")
+        if self.accelerator.is_main_process:
+            checkpoint.save(self, path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+
+def concat_scores(chunks: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Scores of all chunks: (n,) when every chunk gave one score per sample, else (n, width).
+
+    Shape: chunks of (b_i,) or (b_i, r_i) -> (n,) or (n, width).
+    """
+    if all(c.dim() == 1 for c in chunks):
+        return torch.cat(chunks)
+    if any(c.dim() == 1 for c in chunks):
+        raise ValueError("reward_fn returned one score per sample for some batches and per-token lists for others; "
+                         "return the same kind every time")
+    return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunks])

@@ -1,0 +1,79 @@
+"""reward_fn output is validated with errors that name the sample and the value."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rlora.rollout.generation import Rollouts
+from rlora.rollout.scoring import call_reward_fn, validate_scores
+
+LENGTHS = [3, 2, 4]
+
+
+@pytest.mark.parametrize("scores", [[1, 2.5, -3], (0.0, 1.0, 2.0), np.array([1.0, 2.0, 3.0]),
+                                    torch.tensor([1.0, 2.0, 3.0])], ids=["list", "tuple", "numpy", "tensor"])
+def test_terminal_scores_accepted(scores):
+    out = validate_scores(scores, LENGTHS)
+    assert out.shape == (3,) and out.dtype == torch.float32
+    assert out.tolist() == [float(x) for x in list(scores)]
+
+
+def test_dense_scores_padded_to_the_longest_response():
+    out = validate_scores([[1, 2, 3], [4], []], LENGTHS)
+    assert out.tolist() == [[1, 2, 3, 0], [4, 0, 0, 0], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    "scores, match",
+    [
+        ([1.0, 2.0], r"returned 2 scores for 3 samples; return one score per sample"),
+        ([1.0, math.nan, 2.0], r"returned nan for sample 1; every score must be a finite number"),
+        ([1.0, 2.0, math.inf], r"returned inf for sample 2"),
+        ([1.0, "good", 2.0], r"returned 'good' for sample 1"),
+        ([1.0, None, 2.0], r"returned None for sample 1"),
+        ([True, 1.0, 2.0], r"returned True for sample 0"),
+        ([[1.0, 2.0, 3.0, 4.0], [1.0], [1.0]], r"4 per-token scores for sample 0, whose response has 3 tokens"),
+        ([[1.0], 2.0, [1.0]], r"but 2.0 for sample 1"),
+        ([[1.0], [float("nan")], [1.0]], r"nan at token 0 of sample 1"),
+    ],
+    ids=["count", "nan", "inf", "string", "none", "bool", "dense-too-long", "mixed", "dense-nan"],
+)
+def test_bad_scores_name_the_sample_and_value(scores, match):
+    with pytest.raises(ValueError, match=match):
+        validate_scores(scores, LENGTHS)
+
+
+def test_non_list_is_a_type_error():
+    with pytest.raises(TypeError, match="returned float; return a list"):
+        validate_scores(1.0, LENGTHS)
+
+
+def make_rollouts(n=2):
+    ids = torch.ones(n, 2, dtype=torch.long)
+    mask = torch.ones(n, 2, dtype=torch.bool)
+    return Rollouts(ids, mask, ids, mask, prompts=[f"p{i}" for i in range(n)], outputs=[f"o{i}" for i in range(n)])
+
+
+def test_reward_fn_gets_samples_prompts_outputs_tokenizer_and_metadata():
+    seen = {}
+
+    def reward_fn(samples, prompts, outputs, tokenizer, **metadata):
+        seen.update(samples=samples, prompts=prompts, outputs=outputs, tokenizer=tokenizer, **metadata)
+        return [len(s) for s in samples]
+
+    out = call_reward_fn(reward_fn, make_rollouts(), "TOK", [{"label": 1}, {"label": 0}])
+    assert out.tolist() == [4.0, 4.0]
+    assert seen == {"samples": ["p0o0", "p1o1"], "prompts": ["p0", "p1"], "outputs": ["o0", "o1"],
+                    "tokenizer": "TOK", "label": [1, 0]}
+
+
+def test_raising_reward_fn_reports_the_batch():
+    def reward_fn(samples, **_):
+        raise KeyError("missing")
+
+    with pytest.raises(RuntimeError, match=r"reward_fn raised KeyError.*batch of 2 samples \(first: 'p0o0'"):
+        call_reward_fn(reward_fn, make_rollouts(), None, [{}, {}])

@@ -1,0 +1,195 @@
+"""The PPO loop on tiny models: ratio starts at 1, dropout off, rewards placed, things logged."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from peft import PrefixTuningConfig, PromptTuningConfig
+
+import rlora
+from rlora.algo import AdaptiveKLController
+from rlora.rollout.store import Experience
+
+PROMPTS = ["hello", "abc", "xyz", "the "]
+
+
+def tiny_run_config(model_dir: str, run_dir: str, **sections) -> dict:
+    """Small settings: 16 rollouts per phase, batch 8 in microbatches of 4, 6 new tokens."""
+    config = {
+        "train": {"seq_length": 32, "batch_size": 8, "minibatch_size": 4, "total_steps": 4, "eval_interval": 1000,
+                  "checkpoint_interval": 1000, "run_dir": run_dir, "seed": 7},
+        "model": {"model_path": model_dir, "peft_config": {"peft_type": "LORA", "r": 4, "lora_alpha": 16,
+                                                           "lora_dropout": 0.5}},
+        "method": {"num_rollouts": 16, "chunk_size": 8, "ppo_epochs": 2, "init_kl_coef": 0.05,
+                   "gen_kwargs": {"max_new_tokens": 6, "top_k": 0, "top_p": 1.0, "do_sample": True}},
+        "optimizer": {"name": "adamw", "kwargs": {"lr": 1e-2}},
+    }
+    for section, values in sections.items():
+        config[section] = {**config[section], **values}
+    return config
+
+
+def count_s(samples, prompts, outputs, tokenizer, **_):
+    """Reward: the fraction of 's' characters in the output."""
+    return [o.count("s") / max(1, len(o)) for o in outputs]
+
+
+def steps_of(trainer, key):
+    return [r[key] for r in trainer.history if key in r and "phase" not in r and not r.get("eval")]
+
+
+MODES = {
+    "lora": {},
+    "prefix": {"peft_config": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)},
+    "prompt": {"peft_config": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)},
+    "hydra": {"peft_config": None, "num_layers_unfrozen": 1},
+    "full": {"peft_config": None, "num_layers_unfrozen": -1},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_ratio_is_one_at_the_first_minibatch_of_each_phase(tiny_model_dir, tmp_path, mode):
+    # lora_dropout=0.5 and GPT-2 dropout 0.3 would move the ratio if any PPO pass ran with dropout on
+    config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path), model=MODES[mode], train={"total_steps": 12})
+    config["model"]["model_extra_configs"] = {"resid_pdrop": 0.3, "attn_pdrop": 0.3, "embd_pdrop": 0.3}
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    dev, approx_kl = steps_of(trainer, "policy/ratio_max_abs_dev"), steps_of(trainer, "policy/approx_kl")
+    steps_per_phase = 2 * 2  # ppo_epochs x (num_rollouts / batch_size)
+    firsts = range(0, len(dev), steps_per_phase)
+    assert len(firsts) == 3
+    for i in firsts:
+        assert dev[i] <= 1e-5, (i, dev[i])
+        assert abs(approx_kl[i]) <= 1e-10, (i, approx_kl[i])
+    assert max(dev) > 1e-3  # later minibatches do see the updated policy
+
+
+def test_ratio_exactly_one_when_rollout_pass_and_update_share_the_layout(tiny_model_dir, tmp_path):
+    # one chunk, one batch, one microbatch: the first update sees the rollout pass's batch (shuffled rows)
+    config = tiny_run_config(tiny_model_dir("llama"), str(tmp_path),
+                             train={"batch_size": 16, "minibatch_size": 16, "total_steps": 4},
+                             method={"chunk_size": 16, "ppo_epochs": 2})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    dev = steps_of(trainer, "policy/ratio_max_abs_dev")
+    assert dev[0] == 0.0 and dev[2] == 0.0
+    assert dev[1] > 0.0
+
+
+def test_dropout_modules_are_in_eval_mode_in_every_ppo_pass(tiny_model_dir, tmp_path):
+    seen = []
+    config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 2})
+
+    def record(module, args):
+        seen.append(module.training)
+
+    from rlora.api import PPOTrainer
+
+    original = PPOTrainer.learn
+
+    def learn(self):
+        for m in self.policy.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.register_forward_pre_hook(record)
+        return original(self)
+
+    PPOTrainer.learn = learn
+    try:
+        rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    finally:
+        PPOTrainer.learn = original
+    assert seen and not any(seen)
+
+
+def test_microbatches_give_the_same_step_as_one_batch(tiny_model_dir, tmp_path):
+    """The loss is divided by the number of microbatches: same update either way (equal lengths)."""
+    from rlora.models import build_policy, load_tokenizer
+    from rlora.config import load_config
+    from rlora.rollout.prompts import normalize_prompts
+    from rlora.trainer import PPOTrainer
+
+    updates = []
+    for minibatch in (8, 4, 2):
+        torch.manual_seed(0)
+        config = load_config(tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path / str(minibatch)),
+                                             train={"minibatch_size": minibatch},
+                                             model={"peft_config": {"peft_type": "LORA", "r": 4,
+                                                                    "init_lora_weights": False}}))
+        tokenizer = load_tokenizer(config.tokenizer, config.model.model_path)
+        policy = build_policy(config.model, tokenizer)
+        trainer = PPOTrainer(config, policy, tokenizer, count_s, normalize_prompts(PROMPTS),
+                             normalize_prompts(PROMPTS), verbose=False)
+        g = torch.Generator().manual_seed(1)
+        n, p, r = 8, 3, 5
+        exp = Experience(torch.randint(3, 30, (n, p), generator=g), torch.ones(n, p, dtype=torch.bool),
+                         torch.randint(3, 30, (n, r), generator=g), torch.ones(n, r, dtype=torch.bool),
+                         logprobs=-torch.rand(n, r, generator=g) * 3, values=torch.randn(n, r, generator=g),
+                         advantages=torch.randn(n, r, generator=g), returns=torch.randn(n, r, generator=g))
+        before = [p.detach().clone() for p in policy.trainable_parameters()]
+        policy.eval()
+        trainer.train_step(exp, torch.arange(n))
+        updates.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(policy.trainable_parameters(), before)]))
+    assert updates[0].abs().max() > 1e-4
+    torch.testing.assert_close(updates[1], updates[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(updates[2], updates[0], rtol=0, atol=1e-6)
+
+
+def test_history_metrics_file_and_kl_controller_once_per_phase(tiny_model_dir, tmp_path):
+    config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path / "run"),
+                             train={"total_steps": 12, "eval_interval": 4},
+                             method={"target": 0.5, "horizon": 100, "init_kl_coef": 0.2})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False, metric_fn=lambda samples, **_: {
+        "length": [float(len(s)) for s in samples]})
+    phases = [r for r in trainer.history if "phase" in r]
+    assert [r["phase"] for r in phases] == [1, 2, 3]
+    controller = AdaptiveKLController(0.2, target=0.5, horizon=100)
+    for record in phases:  # the coefficient used in a phase is the one updated after the previous phase
+        assert record["kl_ctl_value"] == pytest.approx(controller.value, rel=1e-12)
+        controller.update(record["policy/kl"], n_steps=16)
+    assert trainer.kl_ctl.value == pytest.approx(controller.value, rel=1e-12)
+    evals = [r for r in trainer.history if r.get("eval")]
+    assert [r["step"] for r in evals] == [0, 4, 8, 12]
+    assert all("metrics/length" in r and "reward/mean" in r for r in evals)
+    step = [r for r in trainer.history if "losses/total_loss" in r]
+    assert [r["step"] for r in step] == list(range(1, 13))
+    for key in ("losses/policy_loss", "losses/value_loss", "policy/approx_kl", "policy/clipfrac", "values/mean",
+                "returns/mean", "learning_rate"):
+        assert all(math.isfinite(r[key]) for r in step), key
+    lines = [json.loads(x) for x in open(os.path.join(tmp_path, "run", "metrics.jsonl"))]
+    assert lines == trainer.history
+    assert os.path.isfile(os.path.join(tmp_path, "run", "reward.png"))
+    assert os.path.isdir(os.path.join(tmp_path, "run", "ckpts", "step_12", "adapter"))
+
+
+def test_dict_prompts_carry_metadata_and_dense_rewards(tiny_model_dir, tmp_path):
+    calls = []
+
+    def reward_fn(samples, prompts, outputs, tokenizer, target, **_):
+        calls.append(target)
+        # dense: +1 on each response token that is the prompt's target character
+        return [[float(ch == t) for ch in o] for o, t in zip(outputs, target)]
+
+    prompts = [{"prompt": p, "target": t} for p, t in zip(PROMPTS, "sabc")]
+    config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 4},
+                             model={"peft_config": {"peft_type": "LORA", "r": 4}})
+    trainer = rlora.train(reward_fn, prompts, config=config, verbose=False, stop_sequences=["."])
+    assert calls and all(set(c) <= set("sabc") for c in calls)
+    assert [len(c) for c in calls[:3]] == [4, 8, 8]  # the baseline eval, then two chunks of 8
+    assert trainer.history[0]["eval"] and "reward/mean" in trainer.history[0]
+
+
+def test_gen_experience_kwargs_drive_rollouts_and_gen_kwargs_drive_eval(tiny_model_dir, tmp_path):
+    lengths = {"rollout": set(), "eval": set()}
+
+    def reward_fn(samples, prompts, outputs, tokenizer, **_):
+        return [0.0 for _ in outputs]
+
+    config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 2},
+                             method={"gen_experience_kwargs": {"max_new_tokens": 3, "do_sample": True, "top_k": 0},
+                                     "gen_kwargs": {"max_new_tokens": 9, "do_sample": False}})
+    trainer = rlora.train(reward_fn, PROMPTS, config=config, verbose=False)
+    phase = [r for r in trainer.history if "phase" in r][0]
+    assert phase["response_length/mean"] <= 3
+    assert max(len(o) for o in trainer.generate(PROMPTS)) > 3
