@@ -181,8 +181,6 @@ def test_dict_prompts_carry_metadata_and_dense_rewards(tiny_model_dir, tmp_path)
 
 
 def test_gen_experience_kwargs_drive_rollouts_and_gen_kwargs_drive_eval(tiny_model_dir, tmp_path):
-    lengths = {"rollout": set(), "eval": set()}
-
     def reward_fn(samples, prompts, outputs, tokenizer, **_):
         return [0.0 for _ in outputs]
 

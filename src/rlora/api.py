@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from rlora.config import Config, load_config
+from rlora.data import load_prompts, resolve_function
 from rlora.models import build_policy, load_tokenizer
 from rlora.rollout.prompts import normalize_prompts
 from rlora.trainer import PPOTrainer
 
 
 def set_threads(num_threads: int | None) -> int:
-    """Torch intra-op threads: the configured number, else the cores shared by local processes."""
+    """Torch intra-op threads: the configured number, else `$RLORA_NUM_THREADS`, else the cores
+    shared among this machine's processes of the run."""
+    if num_threads is None and os.environ.get("RLORA_NUM_THREADS"):
+        num_threads = int(os.environ["RLORA_NUM_THREADS"])
     if num_threads is None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         num_threads = max(1, (os.cpu_count() or 1) // local)
@@ -37,8 +41,18 @@ def train(reward_fn: Callable | None = None, prompts: list[str | dict] | None = 
     - `metric_fn(samples, prompts, outputs, **metadata)` returns `{name: [float per sample]}`.
     - `config`: an `rlora.Config`, a dict or a YAML path; `overrides` are `"a.b=value"` strings.
     - `stop_sequences`: each output is cut at the first of these strings and given an EOS.
+    Arguments left out are taken from the config's `task` section when it names them.
     """
     config = load_config(config, overrides)
+    task = config.task  # what the config names, for arguments not given here
+    reward_fn = reward_fn or resolve_function(task.reward_fn, "task.reward_fn")
+    metric_fn = metric_fn or resolve_function(task.metric_fn, "task.metric_fn")
+    prompts = prompts if prompts is not None else load_prompts(task.prompts, task.prompt_field, "task.prompts")
+    if eval_prompts is None:
+        eval_prompts = load_prompts(task.eval_prompts, task.prompt_field, "task.eval_prompts")
+    stop_sequences = stop_sequences if stop_sequences is not None else task.stop_sequences
+    if reward_fn is None:
+        raise ValueError("no reward function: pass reward_fn=... or set task.reward_fn to 'module:function'")
     set_threads(config.train.num_threads)
     tokenizer = load_tokenizer(config.tokenizer, config.model.model_path, config.model.trust_remote_code)
     if prompts is None:

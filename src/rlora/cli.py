@@ -1,4 +1,9 @@
-"""The `rlora` command: `rlora train CONFIG.yaml key=value ...`, `rlora demo`."""
+"""The `rlora` command.
+
+  rlora train CONFIG.yaml [key.sub=value ...]   PPO from a config that names its task
+  rlora demo [--steps N]                        randomwalks: SFT, then PPO with LoRA
+  rlora sft --model M --data FILE --out DIR     supervised fine-tuning (full or LoRA)
+"""
 
 from __future__ import annotations
 
@@ -6,62 +11,63 @@ import argparse
 import sys
 
 
-def demo_roles() -> int:
-    """Build every role on one tiny base and show the reference/policy invariants."""
-    import torch
-    from peft import LoraConfig
-    from rich.console import Console
-    from rich.table import Table
+def _quiet_hf() -> None:
+    """Hide Hugging Face's per-load progress bars; rlora prints its own progress."""
+    from transformers.utils import logging as hf_logging
 
-    from rlora.config import ModelConfig
-    from rlora.models import build_policy, position_ids_from_mask
-    from rlora.tiny import char_tokenizer, tiny_config
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
-    console = Console()
-    torch.manual_seed(0)
-    tokenizer = char_tokenizer()
-    enc = tokenizer(["hello there", "one frozen base"], padding=True, return_tensors="pt", add_special_tokens=False)
-    ids, mask = enc.input_ids, enc.attention_mask
-    table = Table(title="one frozen base, every role")
-    for column in ("model", "mode", "trainable / total params", "reference == base (bitwise)",
-                   "policy != reference", "adapter on after reference"):
-        table.add_column(column)
-    for arch in ("gpt2", "llama"):
-        config = tiny_config(arch, vocab_size=len(tokenizer))
-        for mode, kwargs in (("LoRA", {"peft_config": LoraConfig(r=8, lora_alpha=32, init_lora_weights=False)}),
-                             ("hydra", {"num_layers_unfrozen": 1})):
-            torch.manual_seed(0)
-            policy = build_policy(ModelConfig(model_path=config, **kwargs), tokenizer).eval()
-            with torch.no_grad():
-                base = policy.base_model
-                if mode == "LoRA":
-                    with policy.lm.disable_adapter():
-                        expected = base(input_ids=ids, attention_mask=mask,
-                                        position_ids=position_ids_from_mask(mask)).logits
-                else:
-                    expected = policy(ids, mask).logits  # before any update the policy is the base
-                    with torch.no_grad():  # move the trainable top so that policy and reference differ
-                        for p in policy.trainable_parameters():
-                            p.add_(0.05 * torch.randn_like(p))
-                ref = policy.reference_logits(ids, mask)
-                logits = policy(ids, mask).logits
-            n_train = sum(p.numel() for p in policy.trainable_parameters())
-            n_all = sum(p.numel() for p in policy.parameters())
-            adapter_on = "yes" if mode != "LoRA" or not policy.lm._adapters_disabled else "NO"
-            table.add_row(arch, mode, f"{n_train:,} / {n_all:,}", str(torch.equal(ref, expected)),
-                          str(not torch.equal(logits, ref)), adapter_on)
-    console.print(table)
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import rlora
+
+    _quiet_hf()
+    trainer = rlora.train(config=args.config, overrides=args.overrides)
+    print(f"run directory: {trainer.run_dir}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rlora.api import set_threads
+    from rlora.demo import run_demo
+
+    _quiet_hf()
+    set_threads(None)
+    summary = run_demo(total_steps=args.steps, run_dir=args.run_dir, cache_dir=args.cache_dir, seed=args.seed)
+    ok = summary["sampled_optimality"][1] >= 0.95 and summary["greedy_optimality"][1] == 1.0
+    return 0 if ok or not args.check else 1
+
+
+def cmd_sft(argv: list[str]) -> int:
+    from rlora.sft import sft_main
+
+    _quiet_hf()
+    return sft_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlora", description="PPO / RLHF with LoRA adapters on one frozen base")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the built-in demo end to end")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo_roles()
-    return 2
+    train = sub.add_parser("train", help="train with PPO from a YAML config")
+    train.add_argument("config", help="YAML config (trlx's sections plus `task`)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.gamma=0.99")
+    demo = sub.add_parser("demo", help="randomwalks end to end: SFT (cached), then PPO with LoRA")
+    demo.add_argument("--steps", type=int, default=400, help="optimizer steps (8 per rollout phase)")
+    demo.add_argument("--run-dir", default=None, help="where metrics, plots and the checkpoint go")
+    demo.add_argument("--cache-dir", default=None, help="SFT model cache (default $RLORA_CACHE or ~/.cache/rlora)")
+    demo.add_argument("--seed", type=int, default=1000)
+    demo.add_argument("--check", action="store_true", help="exit 1 unless sampled >= 0.95 and greedy == 1.0")
+    sub.add_parser("sft", help="supervised fine-tuning; see `rlora sft --help`", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sft"]:
+        return cmd_sft(argv[1:])
+    args = build_parser().parse_args(argv)
+    return {"train": cmd_train, "demo": cmd_demo}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ class TrainConfig:
     rollout_logging_dir: str | None = None
     """Directory to dump every rollout batch to; None = no dumps."""
     num_threads: int | None = None
-    """torch CPU threads; None = min(physical cores, 4)."""
+    """torch CPU threads; None = $RLORA_NUM_THREADS, else the cores divided among local processes."""
     pipeline: str = "PromptPipeline"
     """trlx compatibility: only "PromptPipeline"."""
     trainer: str = "AcceleratePPOTrainer"
@@ -164,8 +164,30 @@ class PPOConfig:
     """`generate` arguments for evaluation (and rollouts unless `gen_experience_kwargs` is set)."""
     gen_experience_kwargs: dict | None = None
     """`generate` arguments for rollouts; None = `gen_kwargs`."""
+    eval_gen_kwargs: dict = field(default_factory=dict)
+    """rlora: extra named eval settings, each over `gen_kwargs` (`{greedy: {do_sample: false}}`);
+    logged as `reward/<name>/mean` and `metrics/<name>/<metric>`."""
     num_value_layers_unfrozen: int = 0
     """trlx compatibility: blocks of a separate value branch; rlora's value head is on the trunk."""
+
+
+@dataclass
+class TaskConfig:
+    """rlora: what `rlora train` trains on; the Python API's arguments take precedence."""
+
+    reward_fn: str | None = None
+    """The reward function: `package.module:function` or `path/to/file.py:function`."""
+    metric_fn: str | None = None
+    """Optional eval metric function, named as `reward_fn`."""
+    prompts: str | list | None = None
+    """A list; a .txt (one prompt per line) or .jsonl file; `module:attribute` (a list or a function
+    returning one); or `datasets:NAME[:SPLIT]` (a hub name or a save_to_disk directory)."""
+    eval_prompts: str | list | None = None
+    """Eval prompts, given as `prompts`; None = the first `train.batch_size` prompts."""
+    prompt_field: str = "prompt"
+    """The prompt's key in .jsonl rows and dataset records; the other keys become metadata."""
+    stop_sequences: list[str] = field(default_factory=list)
+    """Outputs are cut at the first of these strings and given an EOS."""
 
 
 @dataclass
@@ -182,13 +204,16 @@ class Config:
     """Learning-rate scheduler."""
     method: PPOConfig = field(default_factory=PPOConfig)
     """PPO hyperparameters."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """rlora: reward function and prompts for the `rlora train` command."""
 
     def to_dict(self) -> dict:
         """Plain YAML-ready data; see `config_to_dict`."""
         return config_to_dict(self)
 
 
-_SECTIONS = (Config, TrainConfig, ModelConfig, TokenizerConfig, OptimizerConfig, SchedulerConfig, PPOConfig)
+_SECTIONS = (Config, TrainConfig, ModelConfig, TokenizerConfig, OptimizerConfig, SchedulerConfig, PPOConfig,
+             TaskConfig)
 _PRETRAINED_KEY = "pretrained_config"  # model_path saved as {pretrained_config: {...}} means a config object
 _SCI_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # YAML 1.1 reads `1e-5` as a string
 # `generate` arguments that are not GenerationConfig attributes.
@@ -428,7 +453,7 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.tracker in (None, "tensorboard", "wandb"), "train.tracker", t.tracker,
            "use null, 'tensorboard' or 'wandb'")
     _check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads,
-           "set at least 1, or null for min(physical cores, 4)")
+           "set at least 1, or null for the cores divided among local processes")
 
 
 def _validate_model(m: ModelConfig) -> None:
@@ -497,6 +522,10 @@ def _validate_method(p: PPOConfig, seq_length: int) -> None:
     _check_gen_kwargs(p.gen_kwargs, "method.gen_kwargs", seq_length)
     if p.gen_experience_kwargs is not None:
         _check_gen_kwargs(p.gen_experience_kwargs, "method.gen_experience_kwargs", seq_length)
+    for name, kwargs in p.eval_gen_kwargs.items():
+        _check(isinstance(name, str) and name.isidentifier() and isinstance(kwargs, dict),
+               f"method.eval_gen_kwargs.{name}", kwargs, "map names (like 'greedy') to dicts of generate arguments")
+        _check_gen_kwargs({**p.gen_kwargs, **kwargs}, f"method.eval_gen_kwargs.{name}", seq_length)
 
 
 @functools.lru_cache(maxsize=1)

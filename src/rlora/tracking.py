@@ -102,13 +102,13 @@ def plot_history(history: list[dict[str, Any]], run_dir: str, extra_keys: tuple[
 
 def eval_table(prompts: list[str], outputs: list[str], rewards: list[float] | None, step: int,
                rows: int = 6) -> Table:
-    """A rich table of the first few eval samples."""
+    """A rich table of `rows` eval samples spread evenly over the eval set."""
     table = Table(title=f"eval samples at step {step}", show_lines=False)
     table.add_column("prompt", overflow="fold", max_width=40)
     table.add_column("output", overflow="fold", max_width=60)
     if rewards is not None:
         table.add_column("reward", justify="right")
-    for i in range(min(rows, len(prompts))):
+    for i in range(0, len(prompts), max(1, len(prompts) // rows)):
         cells = [prompts[i], outputs[i]] + ([f"{rewards[i]:.3f}"] if rewards is not None else [])
         table.add_row(*cells)
     return table

@@ -35,7 +35,7 @@ from rlora.algo import (
 from rlora.config import Config, config_to_dict
 from rlora.models import Policy
 from rlora.rollout.generation import generate_rollouts
-from rlora.rollout.prompts import Prompt, PromptLoader, tokenize_prompts
+from rlora.rollout.prompts import Prompt, PromptLoader, normalize_prompts, tokenize_prompts
 from rlora.rollout.scoring import call_reward_fn, collate_metadata, forward_responses, validate_scores
 from rlora.rollout.store import Experience, concat_rollouts
 from rlora.tracking import Tracker, console, eval_table, plot_history
@@ -285,48 +285,57 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ public helpers
     def generate(self, prompts: list[str], **gen_kwargs) -> list[str]:
-        """Outputs (generated text only) of the policy for `prompts`, with `method.gen_kwargs`."""
-        from rlora.rollout.prompts import normalize_prompts
-
-        items = normalize_prompts(prompts)
-        max_new = {**self.config.method.gen_kwargs, **gen_kwargs}["max_new_tokens"]
-        ids = tokenize_prompts(items, self.tokenizer, self.config.train.seq_length - max_new)
-        outputs: list[str] = []
-        for start in range(0, len(ids), self.config.method.chunk_size):
-            rollouts = generate_rollouts(self.policy, self.tokenizer, ids[start:start + self.config.method.chunk_size],
-                                         {**self.config.method.gen_kwargs, **gen_kwargs}, self.stop_sequences)
-            outputs += rollouts.outputs
-        return outputs
+        """Outputs (generated text only) of the policy for `prompts`, with `method.gen_kwargs`
+        updated by `gen_kwargs`."""
+        gen_kwargs = {**self.config.method.gen_kwargs, **gen_kwargs}
+        ids = tokenize_prompts(normalize_prompts(prompts), self.tokenizer,
+                               self.config.train.seq_length - gen_kwargs["max_new_tokens"])
+        chunk = self.config.method.chunk_size
+        return [output for start in range(0, len(ids), chunk)
+                for output in generate_rollouts(self.policy, self.tokenizer, ids[start:start + chunk], gen_kwargs,
+                                                self.stop_sequences).outputs]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Generate for `eval_prompts` with `method.gen_kwargs`; log reward and metric means."""
+        """Generate for `eval_prompts` with `method.gen_kwargs` (and each `eval_gen_kwargs`
+        variant); log the reward and `metric_fn` means."""
         was_training = self.policy.training
         self.policy.eval()
         method = self.config.method
+        variants = {"": method.gen_kwargs, **{f"{name}/": {**method.gen_kwargs, **kwargs}
+                                              for name, kwargs in method.eval_gen_kwargs.items()}}
+        stats: dict[str, Any] = {}
+        for prefix, gen_kwargs in variants.items():
+            prompts, outputs, scores = self._eval_samples(gen_kwargs)
+            stats[f"reward/{prefix}mean"] = sum(scores) / len(scores)
+            if self.metric_fn is not None:
+                samples = [p + o for p, o in zip(prompts, outputs)]
+                metrics = self.metric_fn(samples=samples, prompts=prompts, outputs=outputs,
+                                         **collate_metadata([p.metadata for p in self.eval_prompts]))
+                for name, values in metrics.items():
+                    values = validate_scores(values, [1] * len(samples), what=f"metric_fn[{name!r}]")
+                    stats[f"metrics/{prefix}{name}"] = values.mean().item()
+            if not prefix and self.verbose and self.accelerator.is_main_process:
+                console.print(eval_table(prompts, outputs, scores, self.step))
+        record = self._record(stats, eval=True)
+        if self.verbose and self.accelerator.is_main_process:
+            console.print(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+        self.policy.train(was_training)
+        return record
+
+    def _eval_samples(self, gen_kwargs: dict) -> tuple[list[str], list[str], list[float]]:
+        """Prompts, outputs and per-sample reward sums of one pass over `eval_prompts`."""
+        chunk = self.config.method.chunk_size
         prompts, outputs, scores = [], [], []
-        for start in range(0, len(self.eval_prompt_ids), method.chunk_size):
-            ids = self.eval_prompt_ids[start:start + method.chunk_size]
-            rollouts = generate_rollouts(self.policy, self.tokenizer, ids, method.gen_kwargs, self.stop_sequences)
-            metadata = [p.metadata for p in self.eval_prompts[start:start + method.chunk_size]]
+        for start in range(0, len(self.eval_prompt_ids), chunk):
+            rollouts = generate_rollouts(self.policy, self.tokenizer, self.eval_prompt_ids[start:start + chunk],
+                                         gen_kwargs, self.stop_sequences)
+            metadata = [p.metadata for p in self.eval_prompts[start:start + chunk]]
             s = call_reward_fn(self.reward_fn, rollouts, self.tokenizer, metadata)
             scores += (s.sum(1) if s.dim() == 2 else s).tolist()
             prompts += rollouts.prompts
             outputs += rollouts.outputs
-        stats: dict[str, Any] = {"reward/mean": sum(scores) / len(scores)}
-        if self.metric_fn is not None:
-            samples = [p + o for p, o in zip(prompts, outputs)]
-            metrics = self.metric_fn(samples=samples, prompts=prompts, outputs=outputs,
-                                     **collate_metadata([p.metadata for p in self.eval_prompts]))
-            for name, values in metrics.items():
-                values = validate_scores(values, [1] * len(samples), what=f"metric_fn[{name!r}]")
-                stats[f"metrics/{name}"] = values.mean().item()
-        record = self._record(stats, eval=True)
-        if self.verbose and self.accelerator.is_main_process:
-            console.print(eval_table(prompts, outputs, scores, self.step))
-            console.print("eval " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
-        self.policy.train(was_training)
-        return record
+        return prompts, outputs, scores
 
     def save(self, path: str | None = None) -> str:
         """Write a checkpoint directory atomically; returns its path."""

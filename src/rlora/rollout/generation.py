@@ -11,6 +11,9 @@ from typing import Sequence
 import torch
 
 
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff")
+
+
 @dataclass
 class Rollouts:
     """Prompts and sampled responses of one chunk, as tensors and as text."""
@@ -74,6 +77,8 @@ def generate_rollouts(policy, tokenizer, prompt_ids: list[list[int]], gen_kwargs
     query_ids, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
     kwargs = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, **gen_kwargs}
+    if not kwargs.get("do_sample", False):  # greedy or beam search: sampling settings do not apply
+        kwargs = {k: v for k, v in kwargs.items() if k not in SAMPLING_ONLY}
     sequences = policy.generate(query_ids, query_mask.long(), **kwargs)
     generated = sequences[:, query_ids.shape[1]:].tolist()
     eos = tokenizer.eos_token_id

@@ -1,0 +1,106 @@
+"""Resolve what a config names: functions (`module:function`, `file.py:function`) and prompt
+sources (lists, .txt/.jsonl files, `module:attribute`, `datasets:NAME[:SPLIT]`).
+
+Naming code in a config runs it when training starts, as running a script would; loading a
+config never imports anything it names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from typing import Any, Callable
+
+
+def resolve_object(spec: str, key: str) -> Any:
+    """The object named by `package.module:name` or `path/to/file.py:name`."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"{key}={spec!r}: name an object as 'package.module:name' or 'path/to/file.py:name'")
+    where, _, name = spec.rpartition(":")
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise FileNotFoundError(f"{key}={spec!r}: no such file {where!r}")
+        module_name = f"rlora_user_{os.path.splitext(os.path.basename(where))[0]}"
+        loader_spec = importlib.util.spec_from_file_location(module_name, where)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module
+        loader_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as err:
+            raise ImportError(f"{key}={spec!r}: cannot import {where!r} ({err}); check the module path "
+                              "or give 'path/to/file.py:name'") from err
+    if not hasattr(module, name):
+        raise AttributeError(f"{key}={spec!r}: {where!r} has no attribute {name!r}")
+    return getattr(module, name)
+
+
+def resolve_function(spec: str | Callable | None, key: str) -> Callable | None:
+    if spec is None or callable(spec):
+        return spec
+    fn = resolve_object(spec, key)
+    if not callable(fn):
+        raise TypeError(f"{key}={spec!r} names a {type(fn).__name__}, not a function")
+    return fn
+
+
+def load_prompts(source: Any, field: str = "prompt", key: str = "task.prompts") -> list[str | dict] | None:
+    """Prompts from a list, a .txt/.jsonl file, `module:attribute` or `datasets:NAME[:SPLIT]`.
+
+    Records (jsonl rows, dataset rows) become dicts whose `field` is the prompt and whose
+    other keys are metadata passed to `reward_fn`.
+    """
+    if source is None or isinstance(source, list):
+        return source
+    if not isinstance(source, str):
+        raise TypeError(f"{key}={source!r}: give a list, a file path, 'module:attribute' or 'datasets:NAME[:SPLIT]'")
+    if source.startswith("datasets:"):
+        return _dataset_prompts(source[len("datasets:"):], field, key)
+    if source.endswith((".txt", ".jsonl")):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{key}={source!r}: no such file")
+        with open(source, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+        if source.endswith(".txt"):
+            return [line for line in lines if line]
+        rows = []
+        for i, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    rows.append(_record(json.loads(line), field, f"{source}:{i}"))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{source}:{i}: not valid JSON ({err.msg})") from err
+        return rows
+    value = resolve_object(source, key)
+    value = value() if callable(value) else value
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{key}={source!r} gave a {type(value).__name__}; it must be (or return) a list of prompts")
+    return list(value)
+
+
+def _record(row: Any, field: str, where: str) -> str | dict:
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict) or not isinstance(row.get(field), str):
+        raise ValueError(f"{where}: each record needs a string {field!r} field (task.prompt_field names it)")
+    return {"prompt": row[field], **{k: v for k, v in row.items() if k != field}}
+
+
+def _dataset_prompts(spec: str, field: str, key: str) -> list[str | dict]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(f"{key}=datasets:{spec} needs the datasets package: pip install datasets") from err
+    name, _, split = spec.partition(":")
+    if os.path.isdir(name):
+        data = datasets.load_from_disk(name)
+        data = data[split or "train"] if isinstance(data, datasets.DatasetDict) else data
+    else:
+        data = datasets.load_dataset(name, split=split or "train")
+    if field not in data.column_names:
+        raise ValueError(f"{key}=datasets:{spec} has columns {data.column_names}; set task.prompt_field to one of them")
+    return [_record(row, field, f"datasets:{spec}[{i}]") for i, row in enumerate(data)]
