@@ -35,10 +35,10 @@ def test_sentiment_example_runs_on_local_models(tiny_model_dir, tmp_path):
     prompts.write_text("this movie was\nwhat a\n")
     example = load_example("sentiment")
     trainer = example.main(["--model", tiny_model_dir("gpt2"), "--classifier", str(classifier_dir),
-                            "--prompts", str(prompts), "train.total_steps=2", "train.batch_size=8",
+                            "--prompts", str(prompts), "train.total_steps=4", "train.batch_size=8",
                             "train.minibatch_size=4", "method.num_rollouts=8", "method.chunk_size=8",
                             "method.gen_kwargs.max_new_tokens=6", f"train.run_dir={tmp_path / 'run'}"])
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     scores = [r["rollout_scores/mean"] for r in records if "phase" in r]
-    assert trainer.step == 2 and len(scores) == 1
+    assert trainer.step == 4 and len(scores) == 1
     assert 0.0 < scores[0] < 1.0  # a probability from the classifier

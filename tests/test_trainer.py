@@ -13,24 +13,9 @@ from peft import PrefixTuningConfig, PromptTuningConfig
 import rlora
 from rlora.algo import AdaptiveKLController
 from rlora.rollout.store import Experience
+from rlora.tiny import tiny_ppo_config as tiny_run_config
 
 PROMPTS = ["hello", "abc", "xyz", "the "]
-
-
-def tiny_run_config(model_dir: str, run_dir: str, **sections) -> dict:
-    """Small settings: 16 rollouts per phase, batch 8 in microbatches of 4, 6 new tokens."""
-    config = {
-        "train": {"seq_length": 32, "batch_size": 8, "minibatch_size": 4, "total_steps": 4, "eval_interval": 1000,
-                  "checkpoint_interval": 1000, "run_dir": run_dir, "seed": 7},
-        "model": {"model_path": model_dir, "peft_config": {"peft_type": "LORA", "r": 4, "lora_alpha": 16,
-                                                           "lora_dropout": 0.5}},
-        "method": {"num_rollouts": 16, "chunk_size": 8, "ppo_epochs": 2, "init_kl_coef": 0.05,
-                   "gen_kwargs": {"max_new_tokens": 6, "top_k": 0, "top_p": 1.0, "do_sample": True}},
-        "optimizer": {"name": "adamw", "kwargs": {"lr": 1e-2}},
-    }
-    for section, values in sections.items():
-        config[section] = {**config[section], **values}
-    return config
 
 
 def count_s(samples, prompts, outputs, tokenizer, **_):
@@ -184,7 +169,7 @@ def test_gen_experience_kwargs_drive_rollouts_and_gen_kwargs_drive_eval(tiny_mod
     def reward_fn(samples, prompts, outputs, tokenizer, **_):
         return [0.0 for _ in outputs]
 
-    config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 2},
+    config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 4},
                              method={"gen_experience_kwargs": {"max_new_tokens": 3, "do_sample": True, "top_k": 0},
                                      "gen_kwargs": {"max_new_tokens": 9, "do_sample": False}})
     trainer = rlora.train(reward_fn, PROMPTS, config=config, verbose=False)

@@ -6,6 +6,7 @@ import os
 from typing import Callable
 
 import torch
+from accelerate.utils import set_seed
 
 from rlora.config import Config, load_config
 from rlora.data import load_prompts, resolve_function
@@ -60,6 +61,7 @@ def train(reward_fn: Callable | None = None, prompts: list[str | dict] | None = 
     prompt_items = normalize_prompts(prompts, "prompts")
     eval_items = normalize_prompts(eval_prompts, "eval_prompts") if eval_prompts is not None \
         else prompt_items[:config.train.batch_size]
+    set_seed(config.train.seed)  # the adapter's and value head's initial weights depend on it
     policy = build_policy(config.model, tokenizer)
     trainer = PPOTrainer(config, policy, tokenizer, reward_fn, prompt_items, eval_items, metric_fn,
                          stop_sequences, verbose=verbose)

@@ -3,64 +3,224 @@
 Layout of a checkpoint directory:
   adapter/                 the policy adapter in peft's format (adapter and prompt modes)
   model/                   the trained model, save_pretrained (hydra and full modes)
+  tokenizer/               the tokenizer (with any pad token rlora added)
   value_head.safetensors   the value head
-  trainer_state.json       step counters, KL coefficient, running reward moments, ref stats,
-                           prompt-loader position
+  optimizer.pt, scheduler.pt   their state dicts (tensors and plain data; loaded weights_only)
+  rng.safetensors          torch RNG states: CPU, CUDA devices, the PPO shuffle generator
+  phase.safetensors        the experience of a phase stopped between its optimizer steps
+  trainer_state.json       steps, KL coefficient, reward moments, ref stats, prompt-loader
+                           position, python and numpy RNG states, history, run directory
   config.yaml              the resolved config
+
+Loading never unpickles arbitrary objects: tensors come from safetensors, optimizer and
+scheduler state through `torch.load(weights_only=True)`, the rest from JSON and YAML.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import random
+import re
 import shutil
 import tempfile
 
-from safetensors.torch import save_file
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 
 from rlora.config import save_config
+from rlora.rollout.store import Experience
+
+REQUIRED = ("trainer_state.json", "config.yaml", "value_head.safetensors", "rng.safetensors")
+STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def trainer_state(trainer) -> dict:
-    """The scalar state of a run, as plain JSON data."""
-    return {
+def save(trainer, path: str) -> str:
+    """Write `trainer`'s checkpoint to `path` atomically.
+
+    The new checkpoint is complete on disk before it takes the name `path`; a failed write
+    (unwritable directory, disk full) removes its temporary files, leaves any previous
+    checkpoint at `path` as it was and raises `OSError` saying so.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    tmp = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        _write(trainer, tmp)
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.rename(path, os.path.join(old, "checkpoint"))
+        os.rename(tmp, path)
+        tmp = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        raise OSError(f"could not write the checkpoint {path}: {err}. Any previous checkpoint there is intact. "
+                      "Free disk space or set train.checkpoint_dir / train.run_dir to a writable directory.") from err
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _write(trainer, directory: str) -> None:
+    policy = trainer.policy
+    policy.lm.save_pretrained(os.path.join(directory, "adapter" if policy.is_peft else "model"))
+    trainer.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+    save_file(_contiguous(policy.value_head.state_dict()), os.path.join(directory, "value_head.safetensors"))
+    if trainer.config.train.save_optimizer:
+        torch.save(trainer.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        torch.save(trainer.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+    rng = {"torch": torch.get_rng_state(), "shuffle": trainer.shuffle.get_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, os.path.join(directory, "rng.safetensors"))
+    pending = trainer.pending
+    if pending is not None:
+        tensors = {f"exp.{name}": value for name, value in vars(pending.exp).items()}
+        tensors.update({f"batch.{i}": batch for i, batch in enumerate(pending.batches)})
+        save_file(_contiguous(tensors), os.path.join(directory, "phase.safetensors"))
+    numpy_state = np.random.get_state()
+    state = {
         "step": trainer.step,
         "phase": trainer.phase,
+        "run_dir": os.path.abspath(trainer.run_dir),
         "kl_ctl": trainer.kl_ctl.state_dict(),
         "running_moments": trainer.running.state_dict(),
         "ref_mean": trainer.ref_mean,
         "ref_std": trainer.ref_std,
         "prompt_loader": trainer.loader.state_dict(),
+        "bad_steps": trainer.bad_steps,
+        "best_reward": trainer.best_reward if np.isfinite(trainer.best_reward) else None,
+        "pending_phase": None if pending is None else {"cursor": pending.cursor, "n_batches": len(pending.batches),
+                                                       "stats": pending.stats},
+        "python_rng": random.getstate(),
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "history": trainer.history,
     }
+    with open(os.path.join(directory, "trainer_state.json"), "w", encoding="utf-8") as f:
+        json.dump(state, f)
+    save_config(trainer.config, os.path.join(directory, "config.yaml"))
 
 
-def save(trainer, path: str) -> str:
-    """Write `trainer`'s checkpoint to `path` atomically: a failed write leaves any previous
-    checkpoint at `path` as it was."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def check(path: str) -> None:
+    """Raise a clear error unless `path` is a complete rlora checkpoint."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist; give a checkpoint directory "
+                                "(run_dir/ckpts/step_N) or 'latest'")
+    missing = [name for name in REQUIRED if not os.path.exists(os.path.join(path, name))]
+    if not (os.path.isdir(os.path.join(path, "adapter")) or os.path.isdir(os.path.join(path, "model"))):
+        missing.append("adapter/ or model/")
+    if missing:
+        raise ValueError(f"{path} is not a complete rlora checkpoint: {', '.join(missing)} missing (a partial or "
+                         "corrupt copy?). Resume from another checkpoint, e.g. an earlier step_N beside it.")
+
+
+def _torch_load(path: str, device) -> dict:
+    """A state dict of tensors and plain data; anything else (a pickled object that could run
+    code) is refused, never executed."""
     try:
-        policy = trainer.policy
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"refused to load {path}: it is not plain tensors and data (corrupt, or holding pickled "
+                         "objects that could run code); nothing in it was executed. Resume from another checkpoint."
+                         ) from err
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"{path} is corrupt ({err}); resume from another checkpoint") from err
+
+
+def load(trainer, path: str) -> None:
+    """Restore everything `save` wrote into a freshly built `trainer` (same config)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_model
+
+    from rlora.trainer import PhaseState
+
+    check(path)
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}/trainer_state.json is corrupt ({err}); resume from another checkpoint") from err
+    policy, device = trainer.policy, trainer.accelerator.device
+    try:
         if policy.is_peft:
-            policy.lm.save_pretrained(os.path.join(tmp, "adapter"))
+            adapter = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"), device=str(device))
+            result = set_peft_model_state_dict(policy.lm, adapter)
+            if result.unexpected_keys:
+                raise ValueError(f"the adapter in {path} does not fit model.peft_config "
+                                 f"(unexpected {result.unexpected_keys[:3]}); resume with the run's config")
         else:
-            policy.lm.save_pretrained(os.path.join(tmp, "model"))
-        trainer.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        state = {k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()}
-        save_file(state, os.path.join(tmp, "value_head.safetensors"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
-            json.dump(trainer_state(trainer), f, indent=1)
-        save_config(trainer.config, os.path.join(tmp, "config.yaml"))
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rename(path, os.path.join(old, "ckpt"))
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+            load_model(policy.lm, os.path.join(path, "model", "model.safetensors"), strict=False, device=str(device))
+        policy.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors"), device=str(device)))
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"could not load the weights in {path} ({err}); is it a checkpoint of this config?") from err
+    if os.path.exists(os.path.join(path, "optimizer.pt")):
+        trainer.optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt"), device))
+        trainer.scheduler.load_state_dict(_torch_load(os.path.join(path, "scheduler.pt"), "cpu"))
+    rng = load_file(os.path.join(path, "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    trainer.shuffle.set_state(rng["shuffle"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda_{i}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda_{i}"], i)
+    random.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    trainer.step, trainer.phase = state["step"], state["phase"]
+    trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+    trainer.running.load_state_dict(state["running_moments"])
+    trainer.ref_mean, trainer.ref_std = state["ref_mean"], state["ref_std"]
+    trainer.loader.load_state_dict(state["prompt_loader"])
+    trainer.bad_steps = state["bad_steps"]
+    trainer.best_reward = state["best_reward"] if state["best_reward"] is not None else -float("inf")
+    trainer.history = state["history"]
+    if not trainer.config.train.run_dir:
+        trainer.run_dir = state["run_dir"]
+    pending = state["pending_phase"]
+    if pending is not None:
+        tensors = load_file(os.path.join(path, "phase.safetensors"))
+        exp = Experience(**{k[len("exp."):]: v for k, v in tensors.items() if k.startswith("exp.")})
+        batches = [tensors[f"batch.{i}"] for i in range(pending["n_batches"])]
+        trainer.pending = PhaseState(exp, batches, pending["cursor"], pending["stats"], 0.0)
+
+
+def resolve(spec: str, run_dir: str | None, checkpoint_dir: str) -> str:
+    """A checkpoint path from `train.resume_from_checkpoint`: a directory, or "latest" (the
+    newest complete `step_N` of `run_dir`)."""
+    if spec != "latest":
+        return spec
+    if run_dir is None:
+        raise ValueError("resume_from_checkpoint='latest' needs train.run_dir: the run to continue")
+    directory = os.path.join(run_dir, checkpoint_dir)
+    steps = sorted((int(m.group(1)), name) for name in (os.listdir(directory) if os.path.isdir(directory) else [])
+                   if (m := STEP_DIR.match(name)))
+    for _, name in reversed(steps):
+        try:
+            check(os.path.join(directory, name))
+            return os.path.join(directory, name)
+        except ValueError:
+            continue
+    raise FileNotFoundError(f"no complete checkpoint under {directory}; start without resuming")
+
+
+def prune(directory: str, keep: int) -> None:
+    """Delete all but the newest `keep` `step_N` checkpoints, and temporary directories of failed
+    writes (`.old-` ones are kept: after a crash mid-rename they may hold the only copy)."""
+    names = os.listdir(directory)
+    steps = sorted((int(m.group(1)), name) for name in names if (m := STEP_DIR.match(name)))
+    for _, name in steps[:-keep]:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    for name in names:
+        if name.startswith(".") and ".tmp-" in name:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)

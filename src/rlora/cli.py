@@ -1,8 +1,9 @@
 """The `rlora` command.
 
-  rlora train CONFIG.yaml [key.sub=value ...]   PPO from a config that names its task
+  rlora train CONFIG.yaml [key.sub=value ...] [--resume DIR|latest]
   rlora demo [--steps N]                        randomwalks: SFT, then PPO with LoRA
   rlora sft --model M --data FILE --out DIR     supervised fine-tuning (full or LoRA)
+  rlora export CHECKPOINT OUT [--adapter-only]  a merged Hugging Face model, or the adapter
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ def _quiet_hf() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     import rlora
+    from rlora.trainer import TrainingInterrupted
 
     _quiet_hf()
-    trainer = rlora.train(config=args.config, overrides=args.overrides)
+    overrides = list(args.overrides) + ([f"train.resume_from_checkpoint={args.resume}"] if args.resume else [])
+    try:
+        trainer = rlora.train(config=args.config, overrides=overrides)
+    except TrainingInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return 128 + stop.signum
     print(f"run directory: {trainer.run_dir}")
     return 0
 
@@ -46,12 +53,21 @@ def cmd_sft(argv: list[str]) -> int:
     return sft_main(argv)
 
 
+def cmd_export(argv: list[str]) -> int:
+    from rlora.export import export_main
+
+    _quiet_hf()
+    return export_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlora", description="PPO / RLHF with LoRA adapters on one frozen base")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train with PPO from a YAML config")
     train.add_argument("config", help="YAML config (trlx's sections plus `task`)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.gamma=0.99")
+    train.add_argument("--resume", metavar="DIR|latest", default=None,
+                       help="continue from a checkpoint directory, or the newest one of train.run_dir")
     demo = sub.add_parser("demo", help="randomwalks end to end: SFT (cached), then PPO with LoRA")
     demo.add_argument("--steps", type=int, default=400, help="optimizer steps (8 per rollout phase)")
     demo.add_argument("--run-dir", default=None, help="where metrics, plots and the checkpoint go")
@@ -59,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1000)
     demo.add_argument("--check", action="store_true", help="exit 1 unless sampled >= 0.95 and greedy == 1.0")
     sub.add_parser("sft", help="supervised fine-tuning; see `rlora sft --help`", add_help=False)
+    sub.add_parser("export", help="checkpoint -> merged HF model or adapter; see `rlora export --help`",
+                   add_help=False)
     return parser
 
 
@@ -66,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sft"]:
         return cmd_sft(argv[1:])
+    if argv[:1] == ["export"]:
+        return cmd_export(argv[1:])
     args = build_parser().parse_args(argv)
     return {"train": cmd_train, "demo": cmd_demo}[args.command](args)
 

@@ -65,11 +65,15 @@ class TrainConfig:
     seed: int = 1000
     """Seed for torch, numpy and random."""
     save_best: bool = True
-    """Also keep the checkpoint with the best mean eval reward under `checkpoint_dir/best_checkpoint`."""
+    """Also keep the checkpoint with the best mean eval reward under `checkpoint_dir/best`."""
     save_optimizer: bool = True
     """Store optimizer and scheduler state in checkpoints (needed to resume exactly)."""
     resume_from_checkpoint: str | None = None
-    """Checkpoint directory to resume from."""
+    """Checkpoint directory to resume from, or "latest" (the newest complete one of `run_dir`)."""
+    keep_checkpoints: int = 2
+    """rlora: how many of the latest `step_N` checkpoints to keep (plus `best/` with `save_best`)."""
+    max_bad_steps: int = 3
+    """rlora: a step whose loss or gradient is not finite is skipped; this many in a row abort the run."""
     rollout_logging_dir: str | None = None
     """Directory to dump every rollout batch to; None = no dumps."""
     num_threads: int | None = None
@@ -445,7 +449,8 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.trainer in ("AcceleratePPOTrainer", "PPOTrainer"), "train.trainer", t.trainer,
            "only PPO is implemented in rlora; set train.trainer to 'AcceleratePPOTrainer'")
     _check(t.pipeline == "PromptPipeline", "train.pipeline", t.pipeline, "only 'PromptPipeline' is supported")
-    for key in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval"):
+    for key in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval",
+                "keep_checkpoints", "max_bad_steps"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "it must be at least 1")
     mb = t.minibatch_size
     _check(mb is None or 1 <= mb <= t.batch_size and t.batch_size % mb == 0, "train.minibatch_size", mb,

@@ -87,3 +87,21 @@ def tiny_model(arch: str = "gpt2", tokenizer: PreTrainedTokenizerFast | None = N
     config = tiny_config(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **config_kwargs)
     return AutoModelForCausalLM.from_config(config)
+
+
+def tiny_ppo_config(model_dir: str, run_dir: str, **sections: dict) -> dict:
+    """A config for seconds-long PPO runs on a tiny model: 16 rollouts per phase from chunks
+    of 8, batch 8 in microbatches of 4, 2 PPO epochs (4 optimizer steps a phase), 6 new tokens,
+    LoRA r=4. `sections` update the sections, e.g. `train={"total_steps": 8}`."""
+    config = {
+        "train": {"seq_length": 32, "batch_size": 8, "minibatch_size": 4, "total_steps": 4, "eval_interval": 1000,
+                  "checkpoint_interval": 1000, "run_dir": run_dir, "seed": 7},
+        "model": {"model_path": model_dir, "peft_config": {"peft_type": "LORA", "r": 4, "lora_alpha": 16,
+                                                           "lora_dropout": 0.5}},
+        "method": {"num_rollouts": 16, "chunk_size": 8, "ppo_epochs": 2, "init_kl_coef": 0.05,
+                   "gen_kwargs": {"max_new_tokens": 6, "top_k": 0, "top_p": 1.0, "do_sample": True}},
+        "optimizer": {"name": "adamw", "kwargs": {"lr": 1e-2}},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    return config

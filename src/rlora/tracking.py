@@ -22,13 +22,20 @@ class Tracker:
 
     def __init__(self, run_dir: str, tracker: str | None = None, config: dict | None = None,
                  project_name: str = "rlora", entity_name: str | None = None, group_name: str | None = None,
-                 tags: list[str] | None = None, enabled: bool = True):
+                 tags: list[str] | None = None, enabled: bool = True, history: list[dict] | None = None):
+        """`history`: a resumed run's records; `metrics.jsonl` is rewritten to hold exactly them, so
+        records a killed run wrote after its last checkpoint do not stay."""
         self.run_dir, self.enabled = run_dir, enabled
         self._file = self._tb = self._wandb = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if history is not None:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(record) + "\n" for record in history)
+            os.replace(path + ".tmp", path)
+        self._file = open(path, "a", encoding="utf-8")
         if tracker == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -9,9 +9,15 @@ Notation: `n` samples in a phase, `b` batch, `p` prompt length, `r` response len
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
+import threading
 import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -101,108 +107,133 @@ class PPOTrainer:
         max_new_eval = method.gen_kwargs["max_new_tokens"]
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self.prompt_ids = tokenize_prompts(prompts, tokenizer, train.seq_length - max_new, "prompts")
-        self.eval_prompt_ids = tokenize_prompts(eval_prompts, tokenizer, train.seq_length - max_new_eval,
-                                                "eval_prompts")
+        if max_new_eval == max_new and eval_prompts == prompts[:len(eval_prompts)]:
+            self.eval_prompt_ids = self.prompt_ids[:len(eval_prompts)]  # the default: tokenized (and warned) once
+        else:
+            self.eval_prompt_ids = tokenize_prompts(eval_prompts, tokenizer, train.seq_length - max_new_eval,
+                                                    "eval_prompts")
         self.loader = PromptLoader(len(prompts), train.seed)
         self.shuffle = torch.Generator().manual_seed(train.seed)
 
         self.step = 0  # optimizer steps taken
         self.phase = 0  # rollout phases completed
+        self.pending: PhaseState | None = None  # the phase whose PPO epochs are under way
+        self.bad_steps = 0  # non-finite steps skipped in a row
+        self.best_reward = -math.inf
         self.history: list[dict[str, Any]] = []
         self.run_dir = default_run_dir(config)
+        resumed = None
+        if train.resume_from_checkpoint:
+            resumed = checkpoint.resolve(train.resume_from_checkpoint, self.run_dir if train.run_dir else None,
+                                         train.checkpoint_dir)
+            checkpoint.load(self, resumed)  # restores run_dir too, unless train.run_dir names one
         self.tracker = Tracker(self.run_dir, train.tracker, config_to_dict(config), train.project_name,
                                train.entity_name, train.group_name, train.tags,
-                               enabled=self.accelerator.is_main_process)
+                               enabled=self.accelerator.is_main_process, history=self.history if resumed else None)
         steps_per_phase = method.ppo_epochs * math.ceil(method.num_rollouts / train.batch_size)
         self.total_steps = min(train.total_steps, train.epochs * steps_per_phase)
+        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ the loop
     def learn(self) -> "PPOTrainer":
-        """Run PPO until `train.total_steps` optimizer steps or `train.epochs` rollout phases."""
+        """Run PPO until `train.total_steps` optimizer steps or `train.epochs` rollout phases.
+
+        SIGINT / SIGTERM save a checkpoint at the next step boundary, then raise
+        `TrainingInterrupted`; `train.resume_from_checkpoint` continues from it exactly.
+        """
         train, method = self.config.train, self.config.method
         self.model.eval()  # dropout off in every PPO pass, so the ratio starts at 1 (SPEC §1)
-        self.evaluate()  # the baseline, before any update
+        if self.step == 0 and not self.history:
+            self.evaluate()  # the baseline, before any update
         progress = self._progress()
-        task = progress.add_task("PPO", total=self.total_steps, reward=float("nan"))
-        with progress:
+        task = progress.add_task("PPO", total=self.total_steps, completed=self.step, reward=float("nan"))
+        with progress, self._stop_on_signals():
             while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                # 1. Rollouts: chunk_size prompts at a time until num_rollouts samples exist
-                # 2. Score each chunk with reward_fn (validated: count, numbers, finite)
-                chunks, chunk_scores = [], []
-                while (n := sum(len(c.prompts) for c in chunks)) < method.num_rollouts:
-                    index = self.loader.next_chunk(min(method.chunk_size, method.num_rollouts - n))
-                    rollouts = generate_rollouts(self.policy, self.tokenizer, [self.prompt_ids[i] for i in index],
-                                                 method.gen_experience_kwargs or method.gen_kwargs,
-                                                 self.stop_sequences)
-                    chunks.append(rollouts)
-                    chunk_scores.append(call_reward_fn(self.reward_fn, rollouts, self.tokenizer,
-                                                       [self.prompts[i].metadata for i in index]))
-                rollouts = concat_rollouts(chunks, self.tokenizer.pad_token_id)
-                scores = concat_scores(chunk_scores, rollouts.response_ids.shape[1])
-                t_rollout = time.perf_counter()
+                if self.pending is None:
+                    t0 = time.perf_counter()
+                    # 1. Rollouts: chunk_size prompts at a time until num_rollouts samples exist
+                    # 2. Score each chunk with reward_fn (validated: count, numbers, finite)
+                    chunks, chunk_scores = [], []
+                    while (n := sum(len(c.prompts) for c in chunks)) < method.num_rollouts:
+                        index = self.loader.next_chunk(min(method.chunk_size, method.num_rollouts - n))
+                        rollouts = generate_rollouts(self.policy, self.tokenizer,
+                                                     [self.prompt_ids[i] for i in index],
+                                                     method.gen_experience_kwargs or method.gen_kwargs,
+                                                     self.stop_sequences)
+                        chunks.append(rollouts)
+                        chunk_scores.append(call_reward_fn(self.reward_fn, rollouts, self.tokenizer,
+                                                           [self.prompts[i].metadata for i in index]))
+                    rollouts = concat_rollouts(chunks, self.tokenizer.pad_token_id)
+                    scores = concat_scores(chunk_scores, rollouts.response_ids.shape[1])
+                    self._log_rollouts(rollouts, scores)
+                    t_rollout = time.perf_counter()
 
-                # 3. Reward processing: running moments over per-sample sums, scale, clip (trlx order)
-                score_sums = scores.sum(1) if scores.dim() == 2 else scores  # (n,)
-                if self.ref_mean is None:
-                    self.ref_mean, self.ref_std = score_sums.mean().item(), score_sums.std().item()
-                self.running.update(score_sums)
-                scores = scale_and_clip_scores(scores, method.scale_reward, self.running, self.ref_std,
-                                               method.cliprange_reward)
+                    # 3. Reward processing: running moments over per-sample sums, scale, clip (trlx order)
+                    score_sums = scores.sum(1) if scores.dim() == 2 else scores  # (n,)
+                    if self.ref_mean is None:
+                        self.ref_mean, self.ref_std = score_sums.mean().item(), score_sums.std().item()
+                    self.running.update(score_sums)
+                    scores = scale_and_clip_scores(scores, method.scale_reward, self.running, self.ref_std,
+                                                   method.cliprange_reward)
 
-                # 4. One no-grad rollout pass: policy logprobs and values, reference logprobs. It runs
-                #    over the minibatches of the first PPO epoch, so that epoch's first minibatch sees
-                #    exactly the rollout pass's layout (ratio exactly 1 there).
-                orders = [torch.randperm(len(rollouts.prompts), generator=self.shuffle)
-                          for _ in range(method.ppo_epochs)]
-                exp, ref_logprobs = self._score_experience(rollouts, orders[0])
-                mask = exp.response_mask
+                    # 4. One no-grad rollout pass: policy logprobs and values, reference logprobs. It
+                    #    runs over the minibatches of the first PPO epoch, so that epoch's first
+                    #    minibatch sees exactly the rollout pass's layout (ratio exactly 1 there).
+                    orders = [torch.randperm(len(rollouts.prompts), generator=self.shuffle)
+                              for _ in range(method.ppo_epochs)]
+                    exp, ref_logprobs = self._score_experience(rollouts, orders[0])
+                    mask = exp.response_mask
 
-                # 5. Per-token rewards: -beta * KL per token, the score at the last real token
-                rewards, kl_stats = token_rewards(exp.logprobs, ref_logprobs, mask, self.kl_ctl.value, scores)
+                    # 5. Per-token rewards: -beta * KL per token, the score at the last real token
+                    rewards, kl_stats = token_rewards(exp.logprobs, ref_logprobs, mask, self.kl_ctl.value, scores)
 
-                # 6. GAE, then advantages whitened over real tokens only
-                advantages, returns = gae(exp.values, rewards, mask, method.gamma, method.lam)
-                exp.advantages, exp.returns = masked_whiten(advantages, mask), returns
-                t_pass = time.perf_counter()
+                    # 6. GAE, then advantages whitened over real tokens only
+                    advantages, returns = gae(exp.values, rewards, mask, method.gamma, method.lam)
+                    exp.advantages, exp.returns = masked_whiten(advantages, mask), returns
+                    t_pass = time.perf_counter()
+                    stats = {
+                        "rollout_scores/mean": score_sums.mean(), "rollout_scores/std": score_sums.std(),
+                        "rollout_scores/running_mean": self.running.mean,
+                        "rollout_scores/running_std": self.running.std,
+                        "policy/sqrt_kl": kl_stats["kl"].clamp(min=0).sqrt(), "policy/kl": kl_stats["kl"],
+                        "policy/kl_per_token": kl_stats["kl_per_token"],
+                        "rewards/non_score": kl_stats["non_score_reward"], "kl_ctl_value": self.kl_ctl.value,
+                        "response_length/mean": mask.sum(1).float().mean(),
+                        "time/rollout": t_rollout - t0, "time/rollout_pass": t_pass - t_rollout,
+                    }
+                    batches = [batch for order in orders for batch in order.split(train.batch_size)]
+                    self.pending = PhaseState(exp, batches, 0, {k: float(v) for k, v in stats.items()},
+                                              time.perf_counter())
 
-                phase_stats = {
-                    "rollout_scores/mean": score_sums.mean(), "rollout_scores/std": score_sums.std(),
-                    "rollout_scores/running_mean": self.running.mean,
-                    "rollout_scores/running_std": self.running.std,
-                    "policy/sqrt_kl": kl_stats["kl"].clamp(min=0).sqrt(), "policy/kl": kl_stats["kl"],
-                    "policy/kl_per_token": kl_stats["kl_per_token"],
-                    "rewards/non_score": kl_stats["non_score_reward"],
-                    "kl_ctl_value": self.kl_ctl.value,
-                    "response_length/mean": mask.sum(1).float().mean(),
-                }
-                # 7. ppo_epochs passes over the shuffled experience, batch_size samples per optimizer step
-                for order in orders:
-                    for batch in order.split(train.batch_size):
-                        stats = self.train_step(exp, batch)
-                        self.step += 1
-                        self._record(stats)
-                        progress.update(task, advance=1, reward=float(score_sums.mean()))
-                        if self.step % train.eval_interval == 0 and self.step < self.total_steps:
-                            self.evaluate()
-                        if self.step % train.checkpoint_interval == 0 and self.step < self.total_steps:
-                            self.save()
-                        if self.step >= self.total_steps:
-                            break
-                    if self.step >= self.total_steps:
-                        break
+                # 7. ppo_epochs passes over the shuffled experience, batch_size samples per optimizer
+                #    step, resuming where a checkpoint left the phase
+                phase = self.pending
+                while phase.cursor < len(phase.batches) and self.step < self.total_steps:
+                    stats = self.train_step(phase.exp, phase.batches[phase.cursor])
+                    phase.cursor += 1
+                    self.step += 1
+                    self._record(stats)
+                    progress.update(task, completed=self.step, reward=phase.stats["rollout_scores/mean"])
+                    if self.step % train.eval_interval == 0:
+                        self.evaluate()
+                    if self.step % train.checkpoint_interval == 0 and self.step < self.total_steps:
+                        self.save()
+                    if self._stop_signal is not None:
+                        raise TrainingInterrupted(self._stop_signal, self.save())
 
-                # 8. KL controller: once per phase, on the phase's mean KL, n = num_rollouts
-                self.kl_ctl.update(float(kl_stats["kl"]), n_steps=method.num_rollouts)
-                self.phase += 1
-                t_end = time.perf_counter()
-                phase_stats.update({"time/rollout": t_rollout - t0, "time/rollout_pass": t_pass - t_rollout,
-                                    "time/update": t_end - t_pass})
-                self._record(phase_stats, phase=self.phase)
+                # 8. KL controller: once per completed phase, on its mean KL, n = num_rollouts
+                if phase.cursor == len(phase.batches):
+                    self.kl_ctl.update(phase.stats["policy/kl"], n_steps=method.num_rollouts)
+                    self.phase += 1
+                    self._record({**phase.stats, "time/update": time.perf_counter() - phase.t_update},
+                                 phase=self.phase)
+                    self.pending = None
 
-        # 9. Evaluate and checkpoint at the end
-        self.evaluate()
+        # 9. Checkpoint and evaluate at the end (saved before an eval that an uninterrupted longer
+        #    run would not do, so resuming with a larger train.total_steps continues exactly)
         self.save()
+        if not any(r.get("eval") and r["step"] == self.step for r in self.history[-3:]):
+            self.evaluate()
         if self.accelerator.is_main_process:
             plot_history(self.history, self.run_dir)
         self.tracker.close()
@@ -261,10 +292,26 @@ class PPOTrainer:
                 "returns/mean": masked_mean(mb.returns, mb.response_mask),
                 "returns/var": masked_var(mb.returns, mb.response_mask, unbiased=False),
             })
-        self.optimizer.step()
-        self.scheduler.step()
+        # A non-finite loss or gradient never reaches the weights: one host sync per step decides.
+        grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
+        finite = torch.isfinite(torch.stack([s["losses/total_loss"] for s in stats]).sum()
+                                + sum(g.float().norm() for g in grads)).item()
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            if self.bad_steps >= self.config.train.max_bad_steps:
+                raise FloatingPointError(
+                    f"{self.bad_steps} optimizer steps in a row had a non-finite loss or gradient (last at step "
+                    f"{self.step + 1}); the weights were not updated by them. Lower the learning rate, check "
+                    "reward_fn for extreme scores, or raise train.max_bad_steps.")
+            warnings.warn(f"step {self.step + 1}: non-finite loss or gradient; step skipped "
+                          f"({self.bad_steps} in a row, train.max_bad_steps={self.config.train.max_bad_steps})")
         self.optimizer.zero_grad(set_to_none=True)
         out = {key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]}
+        out["skipped"] = float(not finite)
         out["policy/ratio_max_abs_dev"] = torch.stack([s["policy/ratio_max_abs_dev"] for s in stats]).max()
         out["learning_rate"] = self.scheduler.get_last_lr()[0]
         return out
@@ -318,6 +365,9 @@ class PPOTrainer:
             if not prefix and self.verbose and self.accelerator.is_main_process:
                 console.print(eval_table(prompts, outputs, scores, self.step))
         record = self._record(stats, eval=True)
+        if self.config.train.save_best and self.step > 0 and stats["reward/mean"] > self.best_reward:
+            self.best_reward = stats["reward/mean"]
+            self.save(os.path.join(self.run_dir, self.config.train.checkpoint_dir, "best"))
         if self.verbose and self.accelerator.is_main_process:
             console.print(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
         self.policy.train(was_training)
@@ -338,12 +388,64 @@ class PPOTrainer:
         return prompts, outputs, scores
 
     def save(self, path: str | None = None) -> str:
-        """Write a checkpoint directory atomically; returns its path."""
-        path = path or os.path.join(self.run_dir, self.config.train.checkpoint_dir, f"step_{self.step}")
+        """Write a checkpoint directory atomically (default `checkpoint_dir/step_N`, keeping the
+        last `train.keep_checkpoints`); returns its path."""
+        directory = os.path.join(self.run_dir, self.config.train.checkpoint_dir)
         if self.accelerator.is_main_process:
-            checkpoint.save(self, path)
+            checkpoint.save(self, path or os.path.join(directory, f"step_{self.step}"))
+            if path is None:
+                checkpoint.prune(directory, self.config.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()
-        return path
+        return path or os.path.join(directory, f"step_{self.step}")
+
+    @contextmanager
+    def _stop_on_signals(self):
+        """SIGINT and SIGTERM set a flag that the loop honours at the next step boundary."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def stop(signum, frame):
+            self._stop_signal = signum
+
+        for sig in previous:
+            signal.signal(sig, stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _log_rollouts(self, rollouts, scores: torch.Tensor) -> None:
+        """With `train.rollout_logging_dir`: one JSON line per sample of each phase."""
+        directory = self.config.train.rollout_logging_dir
+        if not directory or not self.accelerator.is_main_process:
+            return
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"phase_{self.phase + 1}.jsonl"), "w", encoding="utf-8") as f:
+            for prompt, output, score in zip(rollouts.prompts, rollouts.outputs, scores.tolist()):
+                f.write(json.dumps({"step": self.step, "prompt": prompt, "output": output, "score": score}) + "\n")
+
+
+@dataclass
+class PhaseState:
+    """A rollout phase between its rollout pass and its last optimizer step (checkpointed)."""
+
+    exp: Experience
+    batches: list[torch.Tensor]  # sample indices of each optimizer step, all PPO epochs in order
+    cursor: int  # optimizer steps of this phase already taken
+    stats: dict[str, float]  # the phase's rollout statistics, logged when it completes
+    t_update: float  # when its PPO epochs started (perf_counter)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a checkpoint was written."""
+
+    def __init__(self, signum: int, checkpoint_path: str):
+        super().__init__(f"stopped by signal {signum}; checkpoint at {checkpoint_path}; continue with "
+                         f"train.resume_from_checkpoint={checkpoint_path} (rlora train ... --resume latest)")
+        self.signum, self.checkpoint_path = signum, checkpoint_path
 
 
 def concat_scores(chunks: list[torch.Tensor], width: int) -> torch.Tensor:

@@ -1,20 +1,26 @@
 """Load the base model and tokenizer and build the policy's roles on them.
 
+`model.model_path` names a base model, or a saved peft adapter directory (a checkpoint's
+`adapter/`, an `rlora export --adapter-only` directory) whose training then continues on the base
+its `adapter_config.json` names.
+
 Everything here runs once at start-up; errors name the config key to change.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Any
 
-from peft import PeftConfig, get_peft_config, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_config, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from rlora.models.policy import Policy
 
 DEFAULT_PAD_TOKEN = "<|pad|>"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _looks_local(path: str) -> bool:
@@ -33,18 +39,55 @@ def _from_pretrained(loader: Any, path: str, what: str, key: str, **kwargs):
                       "save_pretrained, or a hub name with network access (or a warm cache).") from err
 
 
+def adapter_dir(path: Any) -> str | None:
+    """`path` expanded, if it is a local directory holding a saved peft adapter; else None."""
+    if not isinstance(path, str) or not path:
+        return None
+    path = os.path.expanduser(path)
+    return path if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) else None
+
+
+def adapter_base_path(path: str) -> str:
+    """The base model an adapter directory was trained on (`base_model_name_or_path`)."""
+    config_file = os.path.join(path, ADAPTER_CONFIG)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"model.model_path={path!r}: could not read {config_file} ({err}); "
+                         "give an adapter directory written by peft's save_pretrained") from err
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"model.model_path={path!r} is a peft adapter whose {ADAPTER_CONFIG} names no "
+                         "base_model_name_or_path; set it there to the base model's directory or hub name")
+    return base
+
+
+def _default_tokenizer_path(model_path: Any) -> Any:
+    """The model's path; for an adapter directory without tokenizer files, the checkpoint's
+    `tokenizer/` beside it, else the adapter's base."""
+    adapter = adapter_dir(model_path)
+    if adapter is None or os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
+        return model_path
+    sibling = os.path.join(os.path.dirname(os.path.abspath(adapter)), "tokenizer")
+    if os.path.isfile(os.path.join(sibling, "tokenizer_config.json")):
+        return sibling
+    return adapter_base_path(adapter)
+
+
 def load_tokenizer(tokenizer_config, model_path: Any, trust_remote_code: bool = False):
-    """The tokenizer of `tokenizer.tokenizer_path` (default: the model's path).
+    """The tokenizer of `tokenizer.tokenizer_path` (default: the model's path; for an adapter
+    directory, its own tokenizer, else its checkpoint's `tokenizer/`, else its base's).
 
     A tokenizer without a pad token gets a new `<|pad|>` token rather than reusing EOS (trlx's
     choice), so that EOS stays a real, rewarded response token; `build_policy` grows the
     embeddings to match.
     """
-    path = tokenizer_config.tokenizer_path or model_path
+    path = tokenizer_config.tokenizer_path or _default_tokenizer_path(model_path)
     if not isinstance(path, str):
         raise ValueError("tokenizer.tokenizer_path is not set and model.model_path is a config object; "
                          "set tokenizer.tokenizer_path to a tokenizer directory")
-    tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", "tokenizer.tokenizer_path",
+    key = "tokenizer.tokenizer_path" if tokenizer_config.tokenizer_path else "model.model_path"
+    tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", key,
                                  trust_remote_code=trust_remote_code, **tokenizer_config.tokenizer_extra_configs)
     tokenizer.padding_side = tokenizer_config.padding_side
     tokenizer.truncation_side = tokenizer_config.truncation_side
@@ -57,7 +100,10 @@ def load_tokenizer(tokenizer_config, model_path: Any, trust_remote_code: bool = 
 
 
 def load_base_model(model_config) -> PreTrainedModel:
-    """The Hugging Face causal LM named by `model.model_path` (a path, hub name or config object)."""
+    """The Hugging Face causal LM named by `model.model_path` (a path, hub name or config object).
+
+    For a peft adapter directory, the base model it names (without the adapter).
+    """
     if model_config.model_arch_type != "causal":
         raise ValueError(f"model.model_arch_type={model_config.model_arch_type!r} is not supported; "
                          "rlora trains causal LMs (set it to 'causal')")
@@ -68,7 +114,11 @@ def load_base_model(model_config) -> PreTrainedModel:
     if not isinstance(path, str) or not path:
         raise ValueError(f"model.model_path={path!r}: set it to a model directory, a hub name, "
                          "or a transformers config object (random init)")
-    return _from_pretrained(AutoModelForCausalLM, path, "model", "model.model_path",
+    key = "model.model_path"
+    adapter = adapter_dir(path)
+    if adapter is not None:
+        path, key = adapter_base_path(adapter), f"base_model_name_or_path (in {adapter}/{ADAPTER_CONFIG})"
+    return _from_pretrained(AutoModelForCausalLM, path, "model", key,
                             trust_remote_code=model_config.trust_remote_code, **extra)
 
 
@@ -92,26 +142,57 @@ def resolve_peft_config(peft_config: PeftConfig | dict | None) -> PeftConfig | N
     return peft_config
 
 
-def build_policy(model_config, tokenizer) -> Policy:
-    """Load the base once and build the policy, reference and value roles on it (SPEC §1)."""
-    peft_config = resolve_peft_config(model_config.peft_config)
-    n_unfrozen = model_config.num_layers_unfrozen
-    if peft_config is None and n_unfrozen == 0:
-        raise ValueError("model.num_layers_unfrozen=0 without a peft_config leaves nothing to train but the value "
-                         "head; set a peft_config, -1 (train all), or N > 0 (train the top N blocks)")
-    base = load_base_model(model_config)
+def fit_to_tokenizer(base: PreTrainedModel, tokenizer) -> PreTrainedModel:
+    """Grow `base`'s embeddings to the tokenizer's size (an added pad token) and set its pad id."""
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(tokenizer))
     base.config.pad_token_id = tokenizer.pad_token_id
     if base.generation_config is not None:
         base.generation_config.pad_token_id = tokenizer.pad_token_id
-    if peft_config is not None:
+    return base
+
+
+def build_policy(model_config, tokenizer) -> Policy:
+    """Load the base once and build the policy, reference and value roles on it (SPEC §1)."""
+    adapter = adapter_dir(model_config.model_path)
+    if adapter is not None and model_config.peft_config is not None:
+        raise ValueError(f"model.model_path={model_config.model_path!r} is a saved peft adapter, whose training "
+                         "continues with its own config, and model.peft_config is set too; drop model.peft_config "
+                         "(or point model.model_path at the base model to train a new adapter)")
+    peft_config = resolve_peft_config(model_config.peft_config)
+    n_unfrozen = model_config.num_layers_unfrozen
+    if adapter is None and peft_config is None and n_unfrozen == 0:
+        raise ValueError("model.num_layers_unfrozen=0 without a peft_config leaves nothing to train but the value "
+                         "head; set a peft_config, -1 (train all), or N > 0 (train the top N blocks)")
+    base = fit_to_tokenizer(load_base_model(model_config), tokenizer)
+    if adapter is not None or peft_config is not None:
         if n_unfrozen >= 0:
-            warnings.warn(f"model.num_layers_unfrozen={n_unfrozen} is ignored with a peft_config: the base stays "
+            warnings.warn(f"model.num_layers_unfrozen={n_unfrozen} is ignored with a peft adapter: the base stays "
                           "frozen. To train extra modules, list them in LoraConfig.modules_to_save.", stacklevel=2)
         base.requires_grad_(False)
-        lm = get_peft_model(base, peft_config)
-        return Policy(lm, "prompt" if peft_config.is_prompt_learning else "adapter")
+        lm = load_trainable_adapter(base, adapter) if adapter is not None else get_peft_model(base, peft_config)
+        return Policy(lm, "prompt" if lm.active_peft_config.is_prompt_learning else "adapter")
     if n_unfrozen > 0:
         return Policy(base, "hydra", num_layers_unfrozen=n_unfrozen)
     return Policy(base, "full")
+
+
+def load_trainable_adapter(base: PreTrainedModel, path: str) -> PeftModel:
+    """The adapter saved at `path` on `base`, its weights trainable (peft loads adapters frozen
+    unless told otherwise: trlx's loader left them so).
+
+    peft refuses to load prompt-learning adapters as trainable, since a prefix saved through its
+    projection MLP cannot be split back; those load frozen and their saved virtual-token
+    embeddings are then trained directly.
+    """
+    config = PeftConfig.from_pretrained(path)
+    task_type = getattr(config.task_type, "value", config.task_type)
+    if task_type not in (None, "CAUSAL_LM"):
+        raise ValueError(f"model.model_path={path!r} is a peft adapter for task_type={task_type!r}, not a causal "
+                         "language model; give an adapter trained with task_type='CAUSAL_LM'")
+    config.task_type = "CAUSAL_LM"  # peft's causal-LM wrapper, also for an adapter saved without a task type
+    if not config.is_prompt_learning:
+        return PeftModel.from_pretrained(base, path, config=config, is_trainable=True)
+    lm = PeftModel.from_pretrained(base, path, config=config)
+    lm.prompt_encoder[lm.active_adapter].requires_grad_(True)
+    return lm

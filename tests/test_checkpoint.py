@@ -1,0 +1,138 @@
+"""Checkpoints: exact resume (in process, after SIGKILL, after SIGTERM), atomic writes, safe loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import rlora
+from rlora import checkpoint
+from rlora.tiny import tiny_ppo_config
+
+PROMPTS = ["hello", "abc", "xyz", "the "]
+def config_for(model_dir, run_dir, total_steps, **train):
+    # 4 optimizer steps per phase; evals every 3 steps interleave with phases and checkpoints
+    return tiny_ppo_config(model_dir, str(run_dir), train={"total_steps": total_steps, "eval_interval": 3, **train},
+                           task={"reward_fn": "tests_support:count_s", "prompts": PROMPTS})
+
+
+def final_state(run_dir, step):
+    path = os.path.join(run_dir, "ckpts", f"step_{step}")
+    tensors = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"))
+    tensors.update({f"value_head.{k}": v for k, v in load_file(os.path.join(path, "value_head.safetensors")).items()})
+    optimizer = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+    for i, param_state in optimizer["state"].items():
+        tensors.update({f"optimizer.{i}.{k}": v for k, v in param_state.items() if torch.is_tensor(v)})
+    return tensors
+
+
+def step_records(run_dir, after=0):
+    """Records of each optimizer step and eval after `after`, timings left out."""
+    out = []
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        record = json.loads(line)
+        if record["step"] > after:
+            out.append({k: v for k, v in record.items() if not k.startswith("time/")})
+    return out
+
+
+def assert_same_run(run_a, run_b, step, after):
+    a, b = final_state(run_a, step), final_state(run_b, step)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    records = step_records(run_b, after)
+    assert records == step_records(run_a, after)
+    assert any("losses/total_loss" in r for r in records)
+
+
+@pytest.fixture
+def support_module(tmp_path, monkeypatch):
+    """`tests_support:count_s` importable here and in subprocesses."""
+    (tmp_path / "tests_support.py").write_text(
+        "def count_s(samples, prompts, outputs, tokenizer, **_):\n"
+        "    return [o.count('s') / max(1, len(o)) for o in outputs]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    return tmp_path
+
+
+@pytest.fixture
+def reference_run(tiny_model_dir, tmp_path, support_module):
+    """An uninterrupted run of 12 steps (3 phases)."""
+    run_dir = tmp_path / "uninterrupted"
+    rlora.train(config=config_for(tiny_model_dir("gpt2"), run_dir, 12), verbose=False)
+    return str(run_dir)
+
+
+def test_stop_and_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path, reference_run):
+    run_dir = tmp_path / "resumed"
+    model = tiny_model_dir("gpt2")
+    rlora.train(config=config_for(model, run_dir, 6), verbose=False)  # stops mid-phase (step 6 of 4 + 4)
+    assert json.load(open(run_dir / "ckpts" / "step_6" / "trainer_state.json"))["pending_phase"]["cursor"] == 2
+    trainer = rlora.train(config=config_for(model, run_dir, 12, resume_from_checkpoint="latest"), verbose=False)
+    assert trainer.step == 12 and trainer.phase == 3
+    assert_same_run(reference_run, str(run_dir), 12, after=6)
+
+
+def run_cli(config, run_dir, *extra):
+    path = os.path.join(run_dir, "config.yaml")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return subprocess.Popen([sys.executable, "-m", "rlora", "train", path, *extra], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_sigkill_right_after_a_checkpoint_then_resume(tiny_model_dir, tmp_path, reference_run):
+    run_dir = str(tmp_path / "killed")
+    config = config_for(tiny_model_dir("gpt2"), run_dir, 12, checkpoint_interval=5, keep_checkpoints=5)
+    proc = run_cli(config, run_dir)
+    wait_for(os.path.join(run_dir, "ckpts", "step_5"), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(run_dir, "ckpts", "step_12"))
+    resumed = run_cli(config, run_dir, "--resume", "latest")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert_same_run(reference_run, run_dir, 12, after=5)
+
+
+def test_sigterm_mid_phase_saves_then_resume(tiny_model_dir, tmp_path, reference_run):
+    run_dir = str(tmp_path / "terminated")
+    config = config_for(tiny_model_dir("gpt2"), run_dir, 12, checkpoint_interval=2, keep_checkpoints=10)
+    proc = run_cli(config, run_dir)
+    wait_for(os.path.join(run_dir, "ckpts", "step_2"), proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 128 + signal.SIGTERM, proc.stderr.read()
+    stopped_at = json.load(open(os.path.join(checkpoint.resolve("latest", run_dir, "ckpts"), "trainer_state.json")))
+    assert 2 <= stopped_at["step"] < 12
+    resumed = run_cli(config, run_dir, "--resume", "latest")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert_same_run(reference_run, run_dir, 12, after=stopped_at["step"])
+
+
+def test_keep_checkpoints_and_best(tiny_model_dir, tmp_path, support_module):
+    run_dir = tmp_path / "run"
+    rlora.train(config=config_for(tiny_model_dir("gpt2"), run_dir, 8, checkpoint_interval=2, keep_checkpoints=2),
+                verbose=False)
+    names = sorted(os.listdir(run_dir / "ckpts"))
+    assert names == ["best", "step_6", "step_8"]
+    checkpoint.check(str(run_dir / "ckpts" / "best"))
