@@ -6,10 +6,12 @@ Layout of a checkpoint directory:
   tokenizer/               the tokenizer (with any pad token rlora added)
   value_head.safetensors   the value head
   optimizer.pt, scheduler.pt   their state dicts (tensors and plain data; loaded weights_only)
-  rng.safetensors          torch RNG states: CPU, CUDA devices, the PPO shuffle generator
-  phase.safetensors        the experience of a phase stopped between its optimizer steps
+  rng.safetensors          the PPO shuffle generator (the same on every process)
+  rank_R.safetensors       process R's torch RNG states and, for a phase stopped between its
+                           optimizer steps, its share of the experience
+  rank_R.json              process R's python and numpy RNG states
   trainer_state.json       steps, KL coefficient, reward moments, ref stats, prompt-loader
-                           position, python and numpy RNG states, history, run directory
+                           position, history, run directory, number of processes
   config.yaml              the resolved config
 
 Loading never unpickles arbitrary objects: tensors come from safetensors, optimizer and
@@ -33,39 +35,76 @@ from safetensors.torch import load_file, save_file
 from rlora.config import save_config
 from rlora.rollout.store import Experience
 
-REQUIRED = ("trainer_state.json", "config.yaml", "value_head.safetensors", "rng.safetensors")
+REQUIRED = ("trainer_state.json", "config.yaml", "value_head.safetensors", "rng.safetensors", "rank_0.json",
+            "rank_0.safetensors")
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def save(trainer, path: str) -> str:
-    """Write `trainer`'s checkpoint to `path` atomically.
+    """Write `trainer`'s checkpoint to `path` atomically; every process calls it.
 
-    The new checkpoint is complete on disk before it takes the name `path`; a failed write
-    (unwritable directory, disk full) removes its temporary files, leaves any previous
+    The main process makes a temporary directory beside `path`, each process adds its own
+    state, and the main process writes the rest and renames the directory into place. A failed
+    write (unwritable directory, disk full) removes the temporary files, leaves any previous
     checkpoint at `path` as it was and raises `OSError` saying so.
     """
+    dist = trainer.dist
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
-    tmp = None
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-        _write(trainer, tmp)
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rename(path, os.path.join(old, "checkpoint"))
-        os.rename(tmp, path)
-        tmp = None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
-        raise OSError(f"could not write the checkpoint {path}: {err}. Any previous checkpoint there is intact. "
-                      "Free disk space or set train.checkpoint_dir / train.run_dir to a writable directory.") from err
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    tmp, error = None, None
+    if dist.is_main:
+        try:
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        except OSError as err:
+            error = err
+    tmp, error = dist.broadcast((tmp, error))
+    if error is None:
+        try:
+            _write_rank(trainer, tmp)
+        except OSError as err:
+            error = err
+    errors = [e for e in dist.gather([error]) if e is not None]
+    error = errors[0] if errors else None
+    if dist.is_main:
+        try:
+            if error is not None:
+                raise error
+            _write(trainer, tmp)
+            old = None
+            if os.path.exists(path):
+                old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+                os.rename(path, os.path.join(old, "checkpoint"))
+            os.rename(tmp, path)
+            tmp = None
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as err:
+            error = err
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    error = dist.broadcast(error)
+    if error is not None:
+        raise OSError(f"could not write the checkpoint {path}: {error}. Any previous checkpoint there is intact. "
+                      "Free disk space or set train.checkpoint_dir / train.run_dir to a writable directory."
+                      ) from error
     return path
+
+
+def _write_rank(trainer, directory: str) -> None:
+    """This process's own state: RNG states and its share of a stopped phase's experience."""
+    rank = trainer.dist.rank
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    if trainer.pending is not None:
+        tensors.update({f"exp.{name}": value for name, value in vars(trainer.pending.exp).items()})
+    save_file(_contiguous(tensors), os.path.join(directory, f"rank_{rank}.safetensors"))
+    numpy_state = np.random.get_state()
+    with open(os.path.join(directory, f"rank_{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump({"python_rng": random.getstate(),
+                   "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}, f)
 
 
 def _write(trainer, directory: str) -> None:
@@ -76,17 +115,13 @@ def _write(trainer, directory: str) -> None:
     if trainer.config.train.save_optimizer:
         torch.save(trainer.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
         torch.save(trainer.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
-    rng = {"torch": torch.get_rng_state(), "shuffle": trainer.shuffle.get_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, os.path.join(directory, "rng.safetensors"))
     pending = trainer.pending
+    rng = {"shuffle": trainer.shuffle.get_state()}
     if pending is not None:
-        tensors = {f"exp.{name}": value for name, value in vars(pending.exp).items()}
-        tensors.update({f"batch.{i}": batch for i, batch in enumerate(pending.batches)})
-        save_file(_contiguous(tensors), os.path.join(directory, "phase.safetensors"))
-    numpy_state = np.random.get_state()
+        rng.update({f"batch.{i}": batch for i, batch in enumerate(pending.batches)})
+    save_file(_contiguous(rng), os.path.join(directory, "rng.safetensors"))
     state = {
+        "processes": trainer.dist.world,
         "step": trainer.step,
         "phase": trainer.phase,
         "run_dir": os.path.abspath(trainer.run_dir),
@@ -99,8 +134,6 @@ def _write(trainer, directory: str) -> None:
         "best_reward": trainer.best_reward if np.isfinite(trainer.best_reward) else None,
         "pending_phase": None if pending is None else {"cursor": pending.cursor, "n_batches": len(pending.batches),
                                                        "stats": pending.stats},
-        "python_rng": random.getstate(),
-        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         "history": trainer.history,
     }
     with open(os.path.join(directory, "trainer_state.json"), "w", encoding="utf-8") as f:
@@ -151,31 +184,38 @@ def load(trainer, path: str) -> None:
             state = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}/trainer_state.json is corrupt ({err}); resume from another checkpoint") from err
+    if state["processes"] != trainer.dist.world:
+        raise ValueError(f"{path} was written by {state['processes']} processes; an exact resume needs the same "
+                         f"number, but this run has {trainer.dist.world}. Launch with {state['processes']}.")
     policy, device = trainer.policy, trainer.accelerator.device
+    device = "cpu" if device.type == "cpu" else str(device)  # safetensors rejects "cpu:0"
     try:
         if policy.is_peft:
-            adapter = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"), device=str(device))
+            adapter = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"), device=device)
             result = set_peft_model_state_dict(policy.lm, adapter)
             if result.unexpected_keys:
                 raise ValueError(f"the adapter in {path} does not fit model.peft_config "
                                  f"(unexpected {result.unexpected_keys[:3]}); resume with the run's config")
         else:
-            load_model(policy.lm, os.path.join(path, "model", "model.safetensors"), strict=False, device=str(device))
-        policy.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors"), device=str(device)))
+            load_model(policy.lm, os.path.join(path, "model", "model.safetensors"), strict=False, device=device)
+        policy.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors"), device=device))
     except (OSError, RuntimeError) as err:
         raise ValueError(f"could not load the weights in {path} ({err}); is it a checkpoint of this config?") from err
     if os.path.exists(os.path.join(path, "optimizer.pt")):
         trainer.optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt"), device))
         trainer.scheduler.load_state_dict(_torch_load(os.path.join(path, "scheduler.pt"), "cpu"))
     rng = load_file(os.path.join(path, "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
     trainer.shuffle.set_state(rng["shuffle"])
+    mine = load_file(os.path.join(path, f"rank_{trainer.dist.rank}.safetensors"))
+    torch.set_rng_state(mine["rng.torch"])
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
-            if f"cuda_{i}" in rng:
-                torch.cuda.set_rng_state(rng[f"cuda_{i}"], i)
-    random.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
-    kind, keys, *rest = state["numpy_rng"]
+            if f"rng.cuda_{i}" in mine:
+                torch.cuda.set_rng_state(mine[f"rng.cuda_{i}"], i)
+    with open(os.path.join(path, f"rank_{trainer.dist.rank}.json"), encoding="utf-8") as f:
+        host_rng = json.load(f)
+    random.setstate((host_rng["python_rng"][0], tuple(host_rng["python_rng"][1]), host_rng["python_rng"][2]))
+    kind, keys, *rest = host_rng["numpy_rng"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     trainer.step, trainer.phase = state["step"], state["phase"]
     trainer.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -189,9 +229,8 @@ def load(trainer, path: str) -> None:
         trainer.run_dir = state["run_dir"]
     pending = state["pending_phase"]
     if pending is not None:
-        tensors = load_file(os.path.join(path, "phase.safetensors"))
-        exp = Experience(**{k[len("exp."):]: v for k, v in tensors.items() if k.startswith("exp.")})
-        batches = [tensors[f"batch.{i}"] for i in range(pending["n_batches"])]
+        exp = Experience(**{k[len("exp."):]: v for k, v in mine.items() if k.startswith("exp.")})
+        batches = [rng[f"batch.{i}"] for i in range(pending["n_batches"])]
         trainer.pending = PhaseState(exp, batches, pending["cursor"], pending["stats"], 0.0)
 
 

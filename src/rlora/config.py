@@ -74,6 +74,9 @@ class TrainConfig:
     """rlora: how many of the latest `step_N` checkpoints to keep (plus `best/` with `save_best`)."""
     max_bad_steps: int = 3
     """rlora: a step whose loss or gradient is not finite is skipped; this many in a row abort the run."""
+    reward_on_all_ranks: bool = False
+    """rlora: call reward_fn on every process with its own samples (a reward model per device)
+    instead of once on the main process with everyone's (trlx's way)."""
     rollout_logging_dir: str | None = None
     """Directory to dump every rollout batch to; None = no dumps."""
     num_threads: int | None = None

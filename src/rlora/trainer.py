@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,13 +32,13 @@ from rlora.algo import (
     make_kl_controller,
     masked_mean,
     masked_var,
-    masked_whiten,
     policy_loss,
     scale_and_clip_scores,
     token_rewards,
     value_loss,
 )
 from rlora.config import Config, config_to_dict
+from rlora.distributed import Processes
 from rlora.models import Policy
 from rlora.rollout.generation import generate_rollouts
 from rlora.rollout.prompts import Prompt, PromptLoader, normalize_prompts, tokenize_prompts
@@ -92,13 +92,23 @@ class PPOTrainer:
         self.stop_sequences = list(stop_sequences or [])
         self.verbose = verbose
         train, method = config.train, config.method
-        self.minibatch_size = train.minibatch_size or train.batch_size
-        self.accelerator = accelerator or Accelerator()
-        set_seed(train.seed)
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.dist = Processes(self.accelerator)
+        # num_rollouts, batch_size and minibatch_size are global: each process takes its share
+        self.rollouts_per_rank = self.dist.share(method.num_rollouts, "method.num_rollouts")
+        self.batch_size = self.dist.share(train.batch_size, "train.batch_size")
+        self.minibatch_size = self.dist.share(train.minibatch_size or train.batch_size, "train.minibatch_size")
+        set_seed(train.seed, device_specific=True)  # each process samples differently; weights were seeded alike
         self.policy = policy
         self.optimizer = build_optimizer(config, policy.trainable_parameters())
         self.scheduler = build_scheduler(config, self.optimizer)
+        if self.dist.world > 1:  # DDP syncs gradients of the trainable parameters only, never the frozen base
+            frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(policy, frozen)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, self.optimizer, self.scheduler)
+        deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        # ZeRO-3 shards the weights: every process must join each generation step
+        self.gen_extra = {"synced_gpus": True} if deepspeed is not None and deepspeed.zero_stage == 3 else {}
         self.kl_ctl = make_kl_controller(method.init_kl_coef, method.target, method.horizon)
         self.running = RunningMoments()
         self.ref_mean, self.ref_std = method.ref_mean, method.ref_std
@@ -112,7 +122,7 @@ class PPOTrainer:
         else:
             self.eval_prompt_ids = tokenize_prompts(eval_prompts, tokenizer, train.seq_length - max_new_eval,
                                                     "eval_prompts")
-        self.loader = PromptLoader(len(prompts), train.seed)
+        self.loader = PromptLoader(len(prompts), train.seed)  # the same order on every process
         self.shuffle = torch.Generator().manual_seed(train.seed)
 
         self.step = 0  # optimizer steps taken
@@ -151,25 +161,30 @@ class PPOTrainer:
             while self.step < self.total_steps:
                 if self.pending is None:
                     t0 = time.perf_counter()
-                    # 1. Rollouts: chunk_size prompts at a time until num_rollouts samples exist
-                    # 2. Score each chunk with reward_fn (validated: count, numbers, finite)
+                    # 1. Rollouts: chunk_size prompts at a time until this process has its share of
+                    #    num_rollouts (each process takes its slice of the same prompt chunks)
+                    # 2. Score each chunk with reward_fn (validated: count, numbers, finite), once on
+                    #    the main process for every process's samples unless train.reward_on_all_ranks
                     chunks, chunk_scores = [], []
-                    while (n := sum(len(c.prompts) for c in chunks)) < method.num_rollouts:
-                        index = self.loader.next_chunk(min(method.chunk_size, method.num_rollouts - n))
+                    while (n := sum(len(c.prompts) for c in chunks)) < self.rollouts_per_rank:
+                        size = min(method.chunk_size, self.rollouts_per_rank - n)
+                        index = self.loader.next_chunk(size * self.dist.world)[self.dist.rank * size:][:size]
                         rollouts = generate_rollouts(self.policy, self.tokenizer,
                                                      [self.prompt_ids[i] for i in index],
-                                                     method.gen_experience_kwargs or method.gen_kwargs,
-                                                     self.stop_sequences)
+                                                     {**(method.gen_experience_kwargs or method.gen_kwargs),
+                                                      **self.gen_extra}, self.stop_sequences)
                         chunks.append(rollouts)
-                        chunk_scores.append(call_reward_fn(self.reward_fn, rollouts, self.tokenizer,
-                                                           [self.prompts[i].metadata for i in index]))
+                        chunk_scores.append(self.dist.score(self.reward_fn, rollouts, self.tokenizer,
+                                                            [self.prompts[i].metadata for i in index],
+                                                            train.reward_on_all_ranks))
                     rollouts = concat_rollouts(chunks, self.tokenizer.pad_token_id)
                     scores = concat_scores(chunk_scores, rollouts.response_ids.shape[1])
                     self._log_rollouts(rollouts, scores)
                     t_rollout = time.perf_counter()
 
-                    # 3. Reward processing: running moments over per-sample sums, scale, clip (trlx order)
-                    score_sums = scores.sum(1) if scores.dim() == 2 else scores  # (n,)
+                    # 3. Reward processing: running moments over per-sample sums of every process,
+                    #    scale, clip (trlx order)
+                    score_sums = self.dist.all_values(scores.sum(1) if scores.dim() == 2 else scores)  # (N,)
                     if self.ref_mean is None:
                         self.ref_mean, self.ref_std = score_sums.mean().item(), score_sums.std().item()
                     self.running.update(score_sums)
@@ -187,9 +202,10 @@ class PPOTrainer:
                     # 5. Per-token rewards: -beta * KL per token, the score at the last real token
                     rewards, kl_stats = token_rewards(exp.logprobs, ref_logprobs, mask, self.kl_ctl.value, scores)
 
-                    # 6. GAE, then advantages whitened over real tokens only
+                    # 6. GAE, then advantages whitened over the real tokens of every process
                     advantages, returns = gae(exp.values, rewards, mask, method.gamma, method.lam)
-                    exp.advantages, exp.returns = masked_whiten(advantages, mask), returns
+                    exp.advantages, exp.returns = self.dist.whiten(advantages, mask), returns
+                    kl_stats = {k: self.dist.mean(v) for k, v in kl_stats.items()}  # the KL controller's is global
                     t_pass = time.perf_counter()
                     stats = {
                         "rollout_scores/mean": score_sums.mean(), "rollout_scores/std": score_sums.std(),
@@ -198,10 +214,10 @@ class PPOTrainer:
                         "policy/sqrt_kl": kl_stats["kl"].clamp(min=0).sqrt(), "policy/kl": kl_stats["kl"],
                         "policy/kl_per_token": kl_stats["kl_per_token"],
                         "rewards/non_score": kl_stats["non_score_reward"], "kl_ctl_value": self.kl_ctl.value,
-                        "response_length/mean": mask.sum(1).float().mean(),
+                        "response_length/mean": self.dist.mean(mask.sum(1).float().mean()),
                         "time/rollout": t_rollout - t0, "time/rollout_pass": t_pass - t_rollout,
                     }
-                    batches = [batch for order in orders for batch in order.split(train.batch_size)]
+                    batches = [batch for order in orders for batch in order.split(self.batch_size)]
                     self.pending = PhaseState(exp, batches, 0, {k: float(v) for k, v in stats.items()},
                                               time.perf_counter())
 
@@ -273,15 +289,18 @@ class PPOTrainer:
         method = self.config.method
         micro = batch.split(self.minibatch_size)
         stats: list[dict[str, torch.Tensor]] = []
-        for index in micro:
+        for i, index in enumerate(micro):
             mb = exp.select(index).to(self.accelerator.device)
-            logprobs, values, _ = forward_responses(self.model, mb.query_ids, mb.query_mask, mb.response_ids,
-                                                    mb.response_mask)
-            pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
-                                            method.cliprange)
-            vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask, method.cliprange_value)
-            loss = pg_loss + method.vf_coef * vf_loss
-            self.accelerator.backward(loss / len(micro))
+            last = i == len(micro) - 1
+            with nullcontext() if last else self.accelerator.no_sync(self.model):  # one gradient all-reduce a step
+                logprobs, values, _ = forward_responses(self.model, mb.query_ids, mb.query_mask, mb.response_ids,
+                                                        mb.response_mask)
+                pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
+                                                method.cliprange)
+                vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask,
+                                               method.cliprange_value)
+                loss = pg_loss + method.vf_coef * vf_loss
+                self.accelerator.backward(loss / len(micro))
             stats.append({
                 "losses/total_loss": loss.detach(), "losses/policy_loss": pg_stats["policy_loss"],
                 "losses/value_loss": vf_stats["value_loss"], "policy/approx_kl": pg_stats["approx_kl"],
@@ -294,8 +313,8 @@ class PPOTrainer:
             })
         # A non-finite loss or gradient never reaches the weights: one host sync per step decides.
         grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
-        finite = torch.isfinite(torch.stack([s["losses/total_loss"] for s in stats]).sum()
-                                + sum(g.float().norm() for g in grads)).item()
+        check = torch.stack([s["losses/total_loss"] for s in stats]).sum() + sum(g.float().norm() for g in grads)
+        finite = bool(self.dist.max((~torch.isfinite(check)).float().reshape(1)).item() == 0)  # all agree
         if finite:
             self.optimizer.step()
             self.scheduler.step()
@@ -320,6 +339,9 @@ class PPOTrainer:
         """Reduce a step's statistics to floats once and log them."""
         keys = list(stats)
         values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64).cpu().reshape(()) for k in keys])
+        if not extra.get("eval"):  # per-process step statistics -> the run's (eval stats are global already)
+            values = torch.where(torch.tensor(["max" in k for k in keys]), self.dist.max(values),
+                                 self.dist.mean(values))
         record = {"step": self.step, **extra, **dict(zip(keys, values.tolist()))}
         self.history.append(record)
         self.tracker.log(record)
@@ -345,58 +367,70 @@ class PPOTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Generate for `eval_prompts` with `method.gen_kwargs` (and each `eval_gen_kwargs`
-        variant); log the reward and `metric_fn` means."""
+        variant); log the reward and `metric_fn` means. Processes share the prompts; the main
+        process scores them all."""
         was_training = self.policy.training
         self.policy.eval()
         method = self.config.method
         variants = {"": method.gen_kwargs, **{f"{name}/": {**method.gen_kwargs, **kwargs}
                                               for name, kwargs in method.eval_gen_kwargs.items()}}
         stats: dict[str, Any] = {}
+        tables = []
         for prefix, gen_kwargs in variants.items():
-            prompts, outputs, scores = self._eval_samples(gen_kwargs)
+            prompts, outputs, lengths, metadata = self._eval_samples(gen_kwargs)
+            if not self.dist.is_main:
+                continue
+            scores = []
+            for start in range(0, len(prompts), method.chunk_size):
+                part = slice(start, start + method.chunk_size)
+                s = call_reward_fn(self.reward_fn, prompts[part], outputs[part], lengths[part], self.tokenizer,
+                                   metadata[part])
+                scores += (s.sum(1) if s.dim() == 2 else s).tolist()
             stats[f"reward/{prefix}mean"] = sum(scores) / len(scores)
             if self.metric_fn is not None:
                 samples = [p + o for p, o in zip(prompts, outputs)]
                 metrics = self.metric_fn(samples=samples, prompts=prompts, outputs=outputs,
-                                         **collate_metadata([p.metadata for p in self.eval_prompts]))
+                                         **collate_metadata(metadata))
                 for name, values in metrics.items():
                     values = validate_scores(values, [1] * len(samples), what=f"metric_fn[{name!r}]")
                     stats[f"metrics/{prefix}{name}"] = values.mean().item()
-            if not prefix and self.verbose and self.accelerator.is_main_process:
-                console.print(eval_table(prompts, outputs, scores, self.step))
+            if not prefix:
+                tables.append(eval_table(prompts, outputs, scores, self.step))
+        stats = self.dist.broadcast(stats)
         record = self._record(stats, eval=True)
         if self.config.train.save_best and self.step > 0 and stats["reward/mean"] > self.best_reward:
             self.best_reward = stats["reward/mean"]
             self.save(os.path.join(self.run_dir, self.config.train.checkpoint_dir, "best"))
-        if self.verbose and self.accelerator.is_main_process:
+        if self.verbose and self.dist.is_main:
+            for table in tables:
+                console.print(table)
             console.print(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
         self.policy.train(was_training)
         return record
 
-    def _eval_samples(self, gen_kwargs: dict) -> tuple[list[str], list[str], list[float]]:
-        """Prompts, outputs and per-sample reward sums of one pass over `eval_prompts`."""
-        chunk = self.config.method.chunk_size
-        prompts, outputs, scores = [], [], []
-        for start in range(0, len(self.eval_prompt_ids), chunk):
-            rollouts = generate_rollouts(self.policy, self.tokenizer, self.eval_prompt_ids[start:start + chunk],
-                                         gen_kwargs, self.stop_sequences)
-            metadata = [p.metadata for p in self.eval_prompts[start:start + chunk]]
-            s = call_reward_fn(self.reward_fn, rollouts, self.tokenizer, metadata)
-            scores += (s.sum(1) if s.dim() == 2 else s).tolist()
-            prompts += rollouts.prompts
-            outputs += rollouts.outputs
-        return prompts, outputs, scores
+    def _eval_samples(self, gen_kwargs: dict) -> tuple[list[str], list[str], list[int], list[dict]]:
+        """Prompts, outputs, response lengths and metadata of one pass over `eval_prompts`, each
+        process generating every world-th prompt; gathered in the eval prompts' order."""
+        chunk, world, rank = self.config.method.chunk_size, self.dist.world, self.dist.rank
+        mine = list(range(rank, len(self.eval_prompt_ids), world))
+        rows = []
+        for start in range(0, len(mine), chunk):
+            index = mine[start:start + chunk]
+            rollouts = generate_rollouts(self.policy, self.tokenizer, [self.eval_prompt_ids[i] for i in index],
+                                         {**gen_kwargs, **self.gen_extra}, self.stop_sequences)
+            rows += zip(index, rollouts.prompts, rollouts.outputs, rollouts.response_mask.sum(1).tolist())
+        rows = sorted(self.dist.gather(rows))
+        return ([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+                [self.eval_prompts[r[0]].metadata for r in rows])
 
     def save(self, path: str | None = None) -> str:
         """Write a checkpoint directory atomically (default `checkpoint_dir/step_N`, keeping the
         last `train.keep_checkpoints`); returns its path."""
         directory = os.path.join(self.run_dir, self.config.train.checkpoint_dir)
-        if self.accelerator.is_main_process:
-            checkpoint.save(self, path or os.path.join(directory, f"step_{self.step}"))
-            if path is None:
-                checkpoint.prune(directory, self.config.train.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
-        return path or os.path.join(directory, f"step_{self.step}")
+        written = checkpoint.save(self, path or os.path.join(directory, f"step_{self.step}"))
+        if path is None and self.dist.is_main:
+            checkpoint.prune(directory, self.config.train.keep_checkpoints)
+        return written
 
     @contextmanager
     def _stop_on_signals(self):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from rlora.rollout.generation import Rollouts
 from rlora.rollout.scoring import call_reward_fn, validate_scores
 
 LENGTHS = [3, 2, 4]
@@ -52,12 +51,6 @@ def test_non_list_is_a_type_error():
         validate_scores(1.0, LENGTHS)
 
 
-def make_rollouts(n=2):
-    ids = torch.ones(n, 2, dtype=torch.long)
-    mask = torch.ones(n, 2, dtype=torch.bool)
-    return Rollouts(ids, mask, ids, mask, prompts=[f"p{i}" for i in range(n)], outputs=[f"o{i}" for i in range(n)])
-
-
 def test_reward_fn_gets_samples_prompts_outputs_tokenizer_and_metadata():
     seen = {}
 
@@ -65,7 +58,7 @@ def test_reward_fn_gets_samples_prompts_outputs_tokenizer_and_metadata():
         seen.update(samples=samples, prompts=prompts, outputs=outputs, tokenizer=tokenizer, **metadata)
         return [len(s) for s in samples]
 
-    out = call_reward_fn(reward_fn, make_rollouts(), "TOK", [{"label": 1}, {"label": 0}])
+    out = call_reward_fn(reward_fn, ["p0", "p1"], ["o0", "o1"], [2, 2], "TOK", [{"label": 1}, {"label": 0}])
     assert out.tolist() == [4.0, 4.0]
     assert seen == {"samples": ["p0o0", "p1o1"], "prompts": ["p0", "p1"], "outputs": ["o0", "o1"],
                     "tokenizer": "TOK", "label": [1, 0]}
@@ -76,4 +69,4 @@ def test_raising_reward_fn_reports_the_batch():
         raise KeyError("missing")
 
     with pytest.raises(RuntimeError, match=r"reward_fn raised KeyError.*batch of 2 samples \(first: 'p0o0'"):
-        call_reward_fn(reward_fn, make_rollouts(), None, [{}, {}])
+        call_reward_fn(reward_fn, ["p0", "p1"], ["o0", "o1"], [2, 2], None, [{}, {}])

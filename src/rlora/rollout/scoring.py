@@ -12,7 +12,6 @@ from typing import Any, Callable
 import torch
 
 from rlora.algo import logprobs_of_labels
-from rlora.rollout.generation import Rollouts
 
 
 def _bad_number(x: Any) -> bool:
@@ -64,17 +63,21 @@ def collate_metadata(metadata: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {key: [m[key] for m in metadata] for key in (metadata[0] if metadata else {})}
 
 
-def call_reward_fn(reward_fn: Callable, rollouts: Rollouts, tokenizer, metadata: list[dict[str, Any]]) -> torch.Tensor:
-    """Call `reward_fn(samples, prompts, outputs, tokenizer, **metadata)` and validate its scores."""
-    samples = rollouts.samples
+def call_reward_fn(reward_fn: Callable, prompts: list[str], outputs: list[str], response_lengths: list[int],
+                   tokenizer, metadata: list[dict[str, Any]]) -> torch.Tensor:
+    """Call `reward_fn(samples, prompts, outputs, tokenizer, **metadata)` and validate its scores.
+
+    Shape: -> (b,) or (b, max(response_lengths)).
+    """
+    samples = [p + o for p, o in zip(prompts, outputs)]
     try:
-        scores = reward_fn(samples=samples, prompts=rollouts.prompts, outputs=rollouts.outputs,
-                           tokenizer=tokenizer, **collate_metadata(metadata))
+        scores = reward_fn(samples=samples, prompts=prompts, outputs=outputs, tokenizer=tokenizer,
+                           **collate_metadata(metadata))
     except Exception as err:
         shown = ", ".join(repr(s[:40]) for s in samples[:3])
         raise RuntimeError(f"reward_fn raised {type(err).__name__}: {err} while scoring a batch of {len(samples)} "
                            f"samples (first: {shown}); fix reward_fn for these inputs") from err
-    return validate_scores(scores, rollouts.response_mask.sum(1).tolist())
+    return validate_scores(scores, response_lengths)
 
 
 def pack_sequences(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,

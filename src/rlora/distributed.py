@@ -1,0 +1,90 @@
+"""What PPO needs across processes, on top of `accelerate`: sharding, gathered scoring, and
+global statistics. With one process every call is the identity.
+
+Launch with `accelerate launch -m rlora train CONFIG.yaml` or `torchrun --nproc_per_node N -m
+rlora train CONFIG.yaml`; on CPU the gloo backend is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+
+from rlora.algo import masked_whiten
+from rlora.rollout.generation import Rollouts
+from rlora.rollout.scoring import call_reward_fn
+
+
+class Processes:
+    """This process's place in the run and the collectives PPO uses."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.is_main = accelerator.is_main_process
+
+    def share(self, total: int, what: str) -> int:
+        """This process's part of a global count (`num_rollouts`, `batch_size`, ...)."""
+        if total % self.world:
+            raise ValueError(f"{what}={total} does not split over {self.world} processes; "
+                             f"make it a multiple of {self.world}")
+        return total // self.world
+
+    def gather(self, items: list) -> list:
+        """Every process's list, concatenated in rank order, on every process."""
+        return list(items) if self.world == 1 else gather_object(list(items))
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's `obj`, on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.world == 1 else self.accelerator.reduce(x.to(self.accelerator.device), "mean").cpu()
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        x = x.to(self.accelerator.device).clone()
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+        return x.cpu()
+
+    def all_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's `x` (same shape on each), concatenated along dim 0."""
+        return x if self.world == 1 else self.accelerator.gather(x.to(self.accelerator.device)).cpu()
+
+    def score(self, reward_fn: Callable, rollouts: Rollouts, tokenizer, metadata: list[dict],
+              on_all_ranks: bool) -> torch.Tensor:
+        """`reward_fn` on this process's rollouts: called once on the main process with every
+        process's samples (trlx's contract) and the scores sent back, or on each process when
+        `on_all_ranks` (a reward model per device)."""
+        if self.world == 1 or on_all_ranks:
+            return call_reward_fn(reward_fn, rollouts.prompts, rollouts.outputs,
+                                  rollouts.response_mask.sum(1).tolist(), tokenizer, metadata)
+        lengths = rollouts.response_mask.sum(1).tolist()
+        parts = self.gather([(rollouts.prompts, rollouts.outputs, lengths, metadata)])
+        scores = None
+        if self.is_main:
+            everything = call_reward_fn(reward_fn, *[[x for part in parts for x in part[k]] for k in range(3)],
+                                        tokenizer, [m for part in parts for m in part[3]])
+            scores = list(everything.split([len(part[0]) for part in parts]))
+        mine = self.broadcast(scores)[self.rank]
+        return mine[:, :rollouts.response_ids.shape[1]] if mine.dim() == 2 else mine
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Whitened over the real tokens of every process (masked_whiten's statistics, global)."""
+        if self.world == 1:
+            return masked_whiten(x, mask)
+        real = x[mask].double()
+        totals = self.all_values(torch.stack([real.sum(), (real ** 2).sum(), torch.tensor(float(real.numel()),
+                                                                                         dtype=torch.float64)])[None])
+        total, squares, count = totals.sum(0)
+        mean = total / count
+        var = (squares - count * mean ** 2) / (count - 1)
+        return torch.where(mask, (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8), torch.zeros_like(x))
