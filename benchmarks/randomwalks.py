@@ -23,9 +23,10 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, record  # noqa: E402
+
 PEERS = os.path.join(os.path.dirname(ROOT), "shared", "peers")
 PEER_VENV = os.path.join(ROOT, ".peers", "venv-trl011", "bin", "python")
 PEER_MODEL = os.path.join(ROOT, ".peers", "randomwalks-model")
@@ -123,21 +124,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def record(markdown: str, command: str, path: str = os.path.join(ROOT, "BENCHMARKS.md")) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md with the new table."""
-    begin, end = "<!-- randomwalks:begin -->", "<!-- randomwalks:end -->"
-    section = (f"{begin}\n## randomwalks: PPO + LoRA vs TRL 0.11.4\n\n`{command}` "
-               f"({time.strftime('%Y-%m-%d')}, CPU, 2 threads; end = mean of the last 3 evals; "
-               f"one phase = 128 rollouts + 8 optimizer steps; times exclude evaluation)\n\n{markdown}\n{end}")
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nFigures printed by `benchmarks/`.\n"
-    if begin in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phases", type=int, default=100, help="rollout phases (peers' steps)")
@@ -157,9 +143,10 @@ def main() -> None:
         rows = [run_rlora(args, PEER_MODEL if args.peer else None, workdir)] + ([peer] if peer else [])
     markdown = table(rows)
     print(markdown)
-    command = "python benchmarks/randomwalks.py " + " ".join(sys.argv[1:])
     if not args.no_record:
-        record(markdown, command.strip())
+        record("randomwalks", "randomwalks: PPO + LoRA vs TRL 0.11.4",
+               "CPU, 2 threads; end = mean of the last 3 evals; one phase = 128 rollouts + 8 optimizer steps; "
+               "times exclude evaluation", markdown)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,9 @@ class PPOConfig:
     eval_gen_kwargs: dict = field(default_factory=dict)
     """rlora: extra named eval settings, each over `gen_kwargs` (`{greedy: {do_sample: false}}`);
     logged as `reward/<name>/mean` and `metrics/<name>/<metric>`."""
+    merge_adapter_for_generation: bool = False
+    """rlora: generate rollouts with the adapter merged into the base (restored exactly after);
+    pays off for small-batch decoding on GPUs, not measurably on CPU (see BENCHMARKS.md)."""
     num_value_layers_unfrozen: int = 0
     """trlx compatibility: blocks of a separate value branch; rlora's value head is on the trunk."""
 

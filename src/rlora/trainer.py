@@ -172,7 +172,8 @@ class PPOTrainer:
                         rollouts = generate_rollouts(self.policy, self.tokenizer,
                                                      [self.prompt_ids[i] for i in index],
                                                      {**(method.gen_experience_kwargs or method.gen_kwargs),
-                                                      **self.gen_extra}, self.stop_sequences)
+                                                      **self.gen_extra}, self.stop_sequences,
+                                                     merged=method.merge_adapter_for_generation)
                         chunks.append(rollouts)
                         chunk_scores.append(self.dist.score(self.reward_fn, rollouts, self.tokenizer,
                                                             [self.prompts[i].metadata for i in index],

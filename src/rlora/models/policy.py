@@ -15,7 +15,7 @@ Notation: `b` batch, `t` time, `h` hidden size, `v` vocabulary.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -146,6 +146,30 @@ class Policy(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **gen_kwargs) -> torch.Tensor:
-        """Sample continuations with the policy. Shape: (b, t) -> (b, t + new)."""
-        return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, merged: bool = False,
+                 **gen_kwargs) -> torch.Tensor:
+        """Sample continuations with the policy; `merged` generates with the adapter merged into
+        the base weights (see `merged_adapter`). Shape: (b, t) -> (b, t + new)."""
+        with self.merged_adapter() if merged and self.mode == "adapter" else nullcontext():
+            return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+
+    @contextmanager
+    def merged_adapter(self) -> Iterator[None]:
+        """Within this block the adapter is merged into the base weights (one matmul per layer
+        instead of two in generation). On exit the base weights are restored from a copy, not
+        unmerged by subtraction, so they are bitwise what they were after any number of merges:
+        peft's unmerge leaves float round-off in the frozen base, which would break "reference ==
+        base". Extra memory: one copy of each adapted layer's base weight while merged."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer) and not m.merged]
+        saved = [(m, {n: p.detach().clone() for n, p in m.get_base_layer().named_parameters()}) for m in layers]
+        try:
+            for layer in layers:
+                layer.merge()
+            yield
+        finally:
+            for layer, params in saved:
+                for name, value in params.items():
+                    layer.get_base_layer().get_parameter(name).data.copy_(value)
+                layer.merged_adapters.clear()

@@ -66,7 +66,7 @@ def apply_stop_sequences(output: str, stop_sequences: Sequence[str]) -> str | No
 
 @torch.no_grad()
 def generate_rollouts(policy, tokenizer, prompt_ids: list[list[int]], gen_kwargs: dict,
-                      stop_sequences: Sequence[str] = ()) -> Rollouts:
+                      stop_sequences: Sequence[str] = (), merged: bool = False) -> Rollouts:
     """Sample one response per prompt with the policy (adapters on, dropout as set by the caller).
 
     A response is its tokens up to and including the first EOS. With `stop_sequences`, an
@@ -79,6 +79,8 @@ def generate_rollouts(policy, tokenizer, prompt_ids: list[list[int]], gen_kwargs
     kwargs = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, **gen_kwargs}
     if not kwargs.get("do_sample", False):  # greedy or beam search: sampling settings do not apply
         kwargs = {k: v for k, v in kwargs.items() if k not in SAMPLING_ONLY}
+    if merged:
+        kwargs["merged"] = True
     sequences = policy.generate(query_ids, query_mask.long(), **kwargs)
     generated = sequences[:, query_ids.shape[1]:].tolist()
     eos = tokenizer.eos_token_id
