@@ -32,20 +32,16 @@ def main() -> None:
 
     import rlora
     from rlora.demo import demo_config
-    from rlora.rollout.store import Experience
     from rlora.tasks.randomwalks import make_task, sft_model
+    from rlora.tiny import random_experience
 
     torch.set_num_threads(2)
     task = make_task()
     with tempfile.TemporaryDirectory() as run_dir:
         config = demo_config(str(sft_model(task)), run_dir, total_steps=8, eval_interval=10**6)
         trainer = rlora.train(task.reward_fn, task.prompts, config=config, verbose=False)
-    g = torch.Generator().manual_seed(0)
-    n, r, vocab = 64, 9, len(trainer.tokenizer)
-    exp = Experience(torch.randint(3, vocab - 1, (n, 1), generator=g), torch.ones(n, 1, dtype=torch.bool),
-                     torch.randint(3, vocab - 1, (n, r), generator=g), torch.ones(n, r, dtype=torch.bool),
-                     logprobs=-torch.rand(n, r, generator=g), values=torch.randn(n, r, generator=g),
-                     advantages=torch.randn(n, r, generator=g), returns=torch.randn(n, r, generator=g))
+    n, r = 64, 9
+    exp = random_experience(n, 1, r, vocab_size=len(trainer.tokenizer) - 1, seed=0)
     batch = torch.arange(n)
     with FlopCounterMode(display=False) as counter:
         trainer.train_step(exp, batch)

@@ -24,7 +24,7 @@ WORKER = textwrap.dedent('''
     from rlora.config import load_config
     from rlora.models import build_policy, load_tokenizer
     from rlora.rollout.prompts import normalize_prompts
-    from rlora.rollout.store import Experience
+    from rlora.tiny import random_experience
     from rlora.trainer import PPOTrainer
 
     mode, config_path, out = sys.argv[1:4]
@@ -43,12 +43,8 @@ WORKER = textwrap.dedent('''
         policy = build_policy(config.model, tokenizer)
         trainer = PPOTrainer(config, policy, tokenizer, count_s, normalize_prompts(["a"]), normalize_prompts(["a"]),
                              verbose=False)
-        g = torch.Generator().manual_seed(1)
-        n, p, r = 8, 3, 5
-        exp = Experience(torch.randint(3, 30, (n, p), generator=g), torch.ones(n, p, dtype=torch.bool),
-                         torch.randint(3, 30, (n, r), generator=g), torch.ones(n, r, dtype=torch.bool),
-                         logprobs=-torch.rand(n, r, generator=g) * 3, values=torch.randn(n, r, generator=g),
-                         advantages=torch.randn(n, r, generator=g), returns=torch.randn(n, r, generator=g))
+        n = 8
+        exp = random_experience(n, 3, 5, vocab_size=30)
         share = n // world
         mine = exp.select(torch.arange(rank * share, (rank + 1) * share))
         policy.eval()

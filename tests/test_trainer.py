@@ -12,8 +12,7 @@ from peft import PrefixTuningConfig, PromptTuningConfig
 
 import rlora
 from rlora.algo import AdaptiveKLController
-from rlora.rollout.store import Experience
-from rlora.tiny import tiny_ppo_config as tiny_run_config
+from rlora.tiny import random_experience, tiny_ppo_config as tiny_run_config
 
 PROMPTS = ["hello", "abc", "xyz", "the "]
 
@@ -96,9 +95,10 @@ def test_microbatches_give_the_same_step_as_one_batch(tiny_model_dir, tmp_path):
     from rlora.trainer import PPOTrainer
 
     updates = []
+    model_dir = tiny_model_dir("gpt2")  # built before seeding: the adapter init below must be the same each time
     for minibatch in (8, 4, 2):
         torch.manual_seed(0)
-        config = load_config(tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path / str(minibatch)),
+        config = load_config(tiny_run_config(model_dir, str(tmp_path / str(minibatch)),
                                              train={"minibatch_size": minibatch},
                                              model={"peft_config": {"peft_type": "LORA", "r": 4,
                                                                     "init_lora_weights": False}}))
@@ -106,12 +106,8 @@ def test_microbatches_give_the_same_step_as_one_batch(tiny_model_dir, tmp_path):
         policy = build_policy(config.model, tokenizer)
         trainer = PPOTrainer(config, policy, tokenizer, count_s, normalize_prompts(PROMPTS),
                              normalize_prompts(PROMPTS), verbose=False)
-        g = torch.Generator().manual_seed(1)
-        n, p, r = 8, 3, 5
-        exp = Experience(torch.randint(3, 30, (n, p), generator=g), torch.ones(n, p, dtype=torch.bool),
-                         torch.randint(3, 30, (n, r), generator=g), torch.ones(n, r, dtype=torch.bool),
-                         logprobs=-torch.rand(n, r, generator=g) * 3, values=torch.randn(n, r, generator=g),
-                         advantages=torch.randn(n, r, generator=g), returns=torch.randn(n, r, generator=g))
+        n = 8
+        exp = random_experience(n, 3, 5, vocab_size=30)
         before = [p.detach().clone() for p in policy.trainable_parameters()]
         policy.eval()
         trainer.train_step(exp, torch.arange(n))

@@ -32,7 +32,7 @@ def demo_config(model_dir: str, run_dir: str, total_steps: int, seed: int = 1000
                   "seed": seed},
         "model": {"model_path": model_dir,
                   "peft_config": {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32,
-                                  "lora_dropout": 0.1}},
+                                  "lora_dropout": 0.1, "fan_in_fan_out": True}},  # GPT-2's Conv1D layers
         "tokenizer": {"tokenizer_path": model_dir},
         "optimizer": {"name": "adamw", "kwargs": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8,
                                                   "weight_decay": 1e-6}},
@@ -55,7 +55,10 @@ def run_demo(total_steps: int = 400, run_dir: str | None = None, cache_dir: str 
     console = Console()
     t0 = time.perf_counter()
     task = make_task()
-    model_dir = model_dir or str(sft_model(task, cache_dir=cache_dir, log=console.print if verbose else None))
+    def log(stats: dict) -> None:
+        console.print(f"SFT epoch {stats['epoch'] + 1}: loss {stats['loss']:.3f} ({stats['seconds']:.1f} s)")
+
+    model_dir = model_dir or str(sft_model(task, cache_dir=cache_dir, log=log if verbose else None))
     t_sft = time.perf_counter() - t0
     run_dir = run_dir or os.path.join("runs", "randomwalks-" + time.strftime("%Y%m%d-%H%M%S"))
     config = demo_config(model_dir, run_dir, total_steps, seed, eval_interval, **method)

@@ -105,3 +105,18 @@ def tiny_ppo_config(model_dir: str, run_dir: str, **sections: dict) -> dict:
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values}
     return config
+
+
+def random_experience(n: int, prompt_len: int, response_len: int, vocab_size: int, seed: int = 1):
+    """A fixed PPO batch with every token real (equal lengths), for timing and invariance checks:
+    random token ids in [3, vocab_size), old logprobs in (-3, 0], normal values/advantages/returns."""
+    import torch
+
+    from rlora.rollout.store import Experience
+
+    g = torch.Generator().manual_seed(seed)
+    n, p, r = n, prompt_len, response_len
+    return Experience(torch.randint(3, vocab_size, (n, p), generator=g), torch.ones(n, p, dtype=torch.bool),
+                      torch.randint(3, vocab_size, (n, r), generator=g), torch.ones(n, r, dtype=torch.bool),
+                      logprobs=-torch.rand(n, r, generator=g) * 3, values=torch.randn(n, r, generator=g),
+                      advantages=torch.randn(n, r, generator=g), returns=torch.randn(n, r, generator=g))
