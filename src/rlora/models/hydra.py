@@ -74,11 +74,12 @@ class HydraBranch(nn.Module):
 
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, logits_to_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Reference logits from the input of block `L - N`.
 
-        Shape: hidden (b, t, h), attention_mask (b, t), position_ids (b, t) -> logits (b, t, v).
+        Shape: hidden (b, t, h), attention_mask (b, t), position_ids (b, t) -> logits (b, t or k, v).
         """
+        keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
         out = self.model(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False)
+                         use_cache=False, **keep)
         return out.logits

@@ -32,7 +32,7 @@ MODES = ("adapter", "prompt", "hydra", "full")
 class PolicyOutput:
     """What one policy forward gives: logits, values and the trunk's hidden states."""
 
-    logits: torch.Tensor  # (b, t, v), virtual-token positions removed
+    logits: torch.Tensor  # (b, t, v), virtual-token positions removed; (b, k, v) with `logits_to_keep`
     values: torch.Tensor  # (b, t), fp32
     hidden_states: tuple[torch.Tensor, ...]  # each (b, t, h); hidden_states[-1] feeds the value head
 
@@ -90,10 +90,12 @@ class Policy(nn.Module):
             head.requires_grad_(True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> PolicyOutput:
+                position_ids: torch.Tensor | None = None, logits_to_keep: torch.Tensor | None = None) -> PolicyOutput:
         """Policy logits and values in one pass.
 
-        Shape: input_ids, attention_mask (b, t) -> logits (b, t, v), values (b, t).
+        `logits_to_keep` (k,) names the positions whose logits are needed: the language-model
+        head then runs on those only (Hugging Face's `logits_to_keep`), not on every position.
+        Shape: input_ids, attention_mask (b, t) -> logits (b, t or k, v), values (b, t).
         """
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
@@ -101,10 +103,14 @@ class Policy(nn.Module):
                       use_cache=False)
         if self.mode != "prompt":  # peft's prompt learning builds its own positions
             kwargs["position_ids"] = position_ids
+            if logits_to_keep is not None:
+                kwargs["logits_to_keep"] = logits_to_keep
         out = self.lm(**kwargs)
-        n_virtual = out.logits.shape[1] - input_ids.shape[1]  # prompt tuning prepends virtual tokens
-        logits = out.logits[:, n_virtual:]
+        n_virtual = out.hidden_states[-1].shape[1] - input_ids.shape[1]  # prompt tuning prepends virtual tokens
         hidden_states = tuple(h[:, n_virtual:] for h in out.hidden_states)
+        logits = out.logits
+        if self.mode == "prompt":
+            logits = logits[:, n_virtual:] if logits_to_keep is None else logits[:, n_virtual + logits_to_keep]
         return PolicyOutput(logits=logits, values=self.value_head(hidden_states[-1]), hidden_states=hidden_states)
 
     @contextmanager
@@ -124,22 +130,24 @@ class Policy(nn.Module):
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          position_ids: torch.Tensor | None = None,
-                         policy_output: PolicyOutput | None = None) -> torch.Tensor:
-        """Logits of the frozen reference model.
+                         policy_output: PolicyOutput | None = None,
+                         logits_to_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the frozen reference model, at `logits_to_keep` positions when given.
 
         Hydra reuses `policy_output.hidden_states` when given (else runs the shared trunk).
-        Shape: input_ids, attention_mask (b, t) -> (b, t, v).
+        Shape: input_ids, attention_mask (b, t) -> (b, t or k, v).
         """
+        keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         if self.mode == "hydra":
             if policy_output is None:
                 policy_output = self.forward(input_ids, attention_mask, position_ids)
             hidden = policy_output.hidden_states[-(self.hydra.num_layers + 1)]
-            return self.hydra(hidden, attention_mask, position_ids)
+            return self.hydra(hidden, attention_mask, position_ids, **keep)
         with self.reference() as ref:
             return ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits
+                       use_cache=False, **keep).logits
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters PPO updates: adapter (+ modules_to_save) or unfrozen blocks, and the value head."""

@@ -111,16 +111,18 @@ def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor,
     attention_mask = attention_mask.long()
     r = response_ids.shape[1]
     before = starts[:, None] - 1 + torch.arange(r, device=starts.device)[None, :]  # (b, r) positions predicting
-    out = policy(input_ids, attention_mask)
+    first = int(starts.min()) - 1
+    keep = torch.arange(first, int(starts.max()) - 1 + r, device=starts.device)  # the LM head runs here only
+    out = policy(input_ids, attention_mask, logits_to_keep=keep)
 
-    def at_response(x: torch.Tensor) -> torch.Tensor:  # (b, t, ...) -> (b, r, ...)
-        index = before.reshape(*before.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    def at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # (b, t, ...) -> (b, r, ...)
+        index = positions.reshape(*positions.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
         return x.gather(1, index)
 
-    logprobs = logprobs_of_labels(at_response(out.logits), response_ids)
-    values = at_response(out.values)
+    logprobs = logprobs_of_labels(at(out.logits, before - first), response_ids)
+    values = at(out.values, before)
     ref_logprobs = None
     if with_reference:
-        ref_logits = policy.reference_logits(input_ids, attention_mask, policy_output=out)
-        ref_logprobs = logprobs_of_labels(at_response(ref_logits), response_ids)
+        ref_logits = policy.reference_logits(input_ids, attention_mask, policy_output=out, logits_to_keep=keep)
+        ref_logprobs = logprobs_of_labels(at(ref_logits, before - first), response_ids)
     return logprobs, values, ref_logprobs
