@@ -101,32 +101,38 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.01)
 
 
+def interrupt(config, run_dir, at_step, sig):
+    """Start `rlora train`, send `sig` once checkpoint `step_<at_step>` exists; returns its exit code."""
+    proc = run_cli(config, run_dir)
+    wait_for(os.path.join(run_dir, "ckpts", f"step_{at_step}"), proc)
+    proc.send_signal(sig)
+    code = proc.wait()
+    return code, proc.stderr.read()
+
+
+def resume_latest_matches(config, run_dir, reference_run, after):
+    resumed = run_cli(config, run_dir, "--resume", "latest")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert_same_run(reference_run, run_dir, 12, after=after)
+
+
 def test_sigkill_right_after_a_checkpoint_then_resume(tiny_model_dir, tmp_path, reference_run):
     run_dir = str(tmp_path / "killed")
     config = config_for(tiny_model_dir("gpt2"), run_dir, 12, checkpoint_interval=5, keep_checkpoints=5)
-    proc = run_cli(config, run_dir)
-    wait_for(os.path.join(run_dir, "ckpts", "step_5"), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    code, _ = interrupt(config, run_dir, 5, signal.SIGKILL)
+    assert code == -signal.SIGKILL
     assert not os.path.exists(os.path.join(run_dir, "ckpts", "step_12"))
-    resumed = run_cli(config, run_dir, "--resume", "latest")
-    assert resumed.wait() == 0, resumed.stderr.read()
-    assert_same_run(reference_run, run_dir, 12, after=5)
+    resume_latest_matches(config, run_dir, reference_run, after=5)
 
 
 def test_sigterm_mid_phase_saves_then_resume(tiny_model_dir, tmp_path, reference_run):
     run_dir = str(tmp_path / "terminated")
     config = config_for(tiny_model_dir("gpt2"), run_dir, 12, checkpoint_interval=2, keep_checkpoints=10)
-    proc = run_cli(config, run_dir)
-    wait_for(os.path.join(run_dir, "ckpts", "step_2"), proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait() == 128 + signal.SIGTERM, proc.stderr.read()
+    code, stderr = interrupt(config, run_dir, 2, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, stderr
     stopped_at = json.load(open(os.path.join(checkpoint.resolve("latest", run_dir, "ckpts"), "trainer_state.json")))
     assert 2 <= stopped_at["step"] < 12
-    resumed = run_cli(config, run_dir, "--resume", "latest")
-    assert resumed.wait() == 0, resumed.stderr.read()
-    assert_same_run(reference_run, run_dir, 12, after=stopped_at["step"])
+    resume_latest_matches(config, run_dir, reference_run, after=stopped_at["step"])
 
 
 def test_keep_checkpoints_and_best(tiny_model_dir, tmp_path, support_module):

@@ -64,10 +64,9 @@ class Processes:
         """`reward_fn` on this process's rollouts: called once on the main process with every
         process's samples (trlx's contract) and the scores sent back, or on each process when
         `on_all_ranks` (a reward model per device)."""
-        if self.world == 1 or on_all_ranks:
-            return call_reward_fn(reward_fn, rollouts.prompts, rollouts.outputs,
-                                  rollouts.response_mask.sum(1).tolist(), tokenizer, metadata)
         lengths = rollouts.response_mask.sum(1).tolist()
+        if self.world == 1 or on_all_ranks:
+            return call_reward_fn(reward_fn, rollouts.prompts, rollouts.outputs, lengths, tokenizer, metadata)
         parts = self.gather([(rollouts.prompts, rollouts.outputs, lengths, metadata)])
         scores = None
         if self.is_main:
@@ -78,13 +77,14 @@ class Processes:
         return mine[:, :rollouts.response_ids.shape[1]] if mine.dim() == 2 else mine
 
     def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Whitened over the real tokens of every process (masked_whiten's statistics, global)."""
+        """`masked_whiten` with the mean and variance of the real tokens of every process."""
         if self.world == 1:
             return masked_whiten(x, mask)
         real = x[mask].double()
-        totals = self.all_values(torch.stack([real.sum(), (real ** 2).sum(), torch.tensor(float(real.numel()),
-                                                                                         dtype=torch.float64)])[None])
+        totals = self.all_values(torch.stack([real.sum(), (real ** 2).sum(),
+                                              torch.tensor(float(real.numel()), dtype=torch.float64)])[None])
         total, squares, count = totals.sum(0)
         mean = total / count
-        var = (squares - count * mean ** 2) / (count - 1)
-        return torch.where(mask, (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8), torch.zeros_like(x))
+        biased = squares / count - mean ** 2
+        var = biased * count / (count - 1) if count > 1 else biased  # Bessel's correction where defined
+        return masked_whiten(x, mask, moments=(mean, var))

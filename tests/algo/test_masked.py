@@ -191,3 +191,13 @@ def test_running_moments_state_dict_round_trips_through_json():
 def test_running_moments_rejects_bad_batches(xs):
     with pytest.raises(ValueError):
         RunningMoments().update(xs)
+
+
+def test_masked_whiten_with_given_moments_uses_them():
+    x = torch.tensor([[1.0, 2.0, 4.0], [3.0, 9.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    own = (masked_mean(x, mask), masked_var(x, mask))
+    torch.testing.assert_close(masked_whiten(x, mask, moments=own), masked_whiten(x, mask), rtol=0, atol=1e-12)
+    other = masked_whiten(x, mask, moments=(torch.tensor(0.0), torch.tensor(4.0)))
+    torch.testing.assert_close(other[mask], x[mask] / (4.0 + 1e-8) ** 0.5, rtol=0, atol=1e-12)
+    assert (other[~mask] == 0).all()

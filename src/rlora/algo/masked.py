@@ -85,8 +85,10 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Whiten `x` with the mean and unbiased variance of its real positions (as trlx `whiten`).
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Whiten `x` with the mean and unbiased variance of its real positions (as trlx `whiten`),
+    or with `moments = (mean, var)` measured elsewhere (over every process, say).
 
     `(x - mean) / sqrt(var + eps)`, plus `mean` again when `shift_mean=False`. The result is
     exactly 0 at padding (in both modes), and padding values never affect real ones.
@@ -98,10 +100,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     Shape: x, mask (b, t) -> (b, t).
     """
     x = zero_padding(x, mask)  # padding garbage stays out of the values and the gradient
-    n = mask.sum()
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)  # biased
-    var = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)  # Bessel's correction where defined
+    if moments is None:
+        n = mask.sum()
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)  # biased
+        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)  # Bessel's correction where defined
+    else:
+        mean, var = (m.to(x.dtype) for m in moments)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

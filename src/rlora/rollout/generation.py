@@ -30,9 +30,9 @@ class Rollouts:
         return [p + o for p, o in zip(self.prompts, self.outputs)]
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shape: n lists -> ids (n, length), mask (n, length) bool, content at the right."""
-    length = length or max(len(s) for s in seqs)
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape: n lists -> ids (n, longest), mask (n, longest) bool, content at the right."""
+    length = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.bool)
     for i, s in enumerate(seqs):
@@ -42,9 +42,9 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = No
     return ids, mask
 
 
-def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shape: n lists -> ids (n, length), mask (n, length) bool, content at the left."""
-    length = length or max(1, max(len(s) for s in seqs))
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape: n lists -> ids (n, longest), mask (n, longest) bool, content at the left."""
+    length = max(1, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.bool)
     for i, s in enumerate(seqs):
