@@ -52,8 +52,9 @@ def train(reward_fn: Callable | None = None, prompts: list[str | dict] | None = 
     if eval_prompts is None:
         eval_prompts = load_prompts(task.eval_prompts, task.prompt_field, "task.eval_prompts")
     stop_sequences = stop_sequences if stop_sequences is not None else task.stop_sequences
-    if reward_fn is None:
-        raise ValueError("no reward function: pass reward_fn=... or set task.reward_fn to 'module:function'")
+    if reward_fn is None and config.model.reward_adapter is None:
+        raise ValueError("no reward: pass reward_fn=..., set task.reward_fn to 'module:function', or set "
+                         "model.reward_adapter to a reward adapter trained with `rlora rm`")
     set_threads(config.train.num_threads)
     tokenizer = load_tokenizer(config.tokenizer, config.model.model_path, config.model.trust_remote_code)
     if prompts is None:

@@ -1,7 +1,8 @@
 """Checkpoints: a directory written under a temporary name and renamed into place (SPEC §5).
 
 Layout of a checkpoint directory:
-  adapter/                 the policy adapter in peft's format (adapter and prompt modes)
+  adapter/                 the policy adapter in peft's format (adapter and prompt modes);
+                           adapter/value/ the critic adapter, when there is one
   model/                   the trained model, save_pretrained (hydra and full modes)
   tokenizer/               the tokenizer (with any pad token rlora added)
   value_head.safetensors   the value head
@@ -33,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlora.config import save_config
+from rlora.models.policy import POLICY, VALUE
 from rlora.rollout.store import Experience
 
 REQUIRED = ("trainer_state.json", "config.yaml", "value_head.safetensors", "rng.safetensors", "rank_0.json",
@@ -109,7 +111,11 @@ def _write_rank(trainer, directory: str) -> None:
 
 def _write(trainer, directory: str) -> None:
     policy = trainer.policy
-    policy.lm.save_pretrained(os.path.join(directory, "adapter" if policy.is_peft else "model"))
+    if policy.is_peft:  # the policy's adapter and the critic's; a reward adapter is frozen and stays where it is
+        policy.lm.save_pretrained(os.path.join(directory, "adapter"),
+                                  selected_adapters=[POLICY] + ([VALUE] if policy.has_value_adapter else []))
+    else:
+        policy.lm.save_pretrained(os.path.join(directory, "model"))
     trainer.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
     save_file(_contiguous(policy.value_head.state_dict()), os.path.join(directory, "value_head.safetensors"))
     if trainer.config.train.save_optimizer:
@@ -191,11 +197,12 @@ def load(trainer, path: str) -> None:
     device = "cpu" if device.type == "cpu" else str(device)  # safetensors rejects "cpu:0"
     try:
         if policy.is_peft:
-            adapter = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"), device=device)
-            result = set_peft_model_state_dict(policy.lm, adapter)
-            if result.unexpected_keys:
-                raise ValueError(f"the adapter in {path} does not fit model.peft_config "
-                                 f"(unexpected {result.unexpected_keys[:3]}); resume with the run's config")
+            for name, where in [(POLICY, "adapter")] + ([(VALUE, "adapter/value")] if policy.has_value_adapter else []):
+                adapter = load_file(os.path.join(path, where, "adapter_model.safetensors"), device=device)
+                result = set_peft_model_state_dict(policy.lm, adapter, adapter_name=name)
+                if result.unexpected_keys:
+                    raise ValueError(f"the adapter in {path}/{where} does not fit the run's config (unexpected "
+                                     f"{result.unexpected_keys[:3]}); resume with the run's config")
         else:
             load_model(policy.lm, os.path.join(path, "model", "model.safetensors"), strict=False, device=device)
         policy.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors"), device=device))

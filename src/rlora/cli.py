@@ -3,6 +3,7 @@
   rlora train CONFIG.yaml [key.sub=value ...] [--resume DIR|latest]
   rlora demo [--steps N]                        randomwalks: SFT, then PPO with LoRA
   rlora sft --model M --data FILE --out DIR     supervised fine-tuning (full or LoRA)
+  rlora rm --model M --data PAIRS --out DIR     a reward adapter from preference pairs
   rlora export CHECKPOINT OUT [--adapter-only]  a merged Hugging Face model, or the adapter
 """
 
@@ -55,6 +56,15 @@ def cmd_sft(argv: list[str]) -> int:
     return sft_main(argv)
 
 
+def cmd_rm(argv: list[str]) -> int:
+    from rlora.api import set_threads
+    from rlora.reward import rm_main
+
+    _quiet_hf()
+    set_threads(None)
+    return rm_main(argv)
+
+
 def cmd_export(argv: list[str]) -> int:
     from rlora.export import export_main
 
@@ -77,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1000)
     demo.add_argument("--check", action="store_true", help="exit 1 unless sampled >= 0.95 and greedy == 1.0")
     sub.add_parser("sft", help="supervised fine-tuning; see `rlora sft --help`", add_help=False)
+    sub.add_parser("rm", help="reward adapter from preference pairs; see `rlora rm --help`", add_help=False)
     sub.add_parser("export", help="checkpoint -> merged HF model or adapter; see `rlora export --help`",
                    add_help=False)
     return parser
@@ -86,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sft"]:
         return cmd_sft(argv[1:])
+    if argv[:1] == ["rm"]:
+        return cmd_rm(argv[1:])
     if argv[:1] == ["export"]:
         return cmd_export(argv[1:])
     args = build_parser().parse_args(argv)

@@ -97,6 +97,13 @@ class ModelConfig:
     """Without PEFT: -1 = all trainable, 0 = none, N > 0 = top N blocks (hydra reference)."""
     peft_config: dict | Any | None = None
     """A peft `PeftConfig` or a plain dict such as {"peft_type": "LORA", "r": 8}; None = no PEFT."""
+    value_adapter: dict | Any | str | None = None
+    """The critic's own adapter on the same base (adapter mode): a peft LoRA config (dict or
+    object), or a reward-adapter directory (`rlora rm`) whose adapter it starts from. None = the
+    value head reads the policy's trunk (trlx)."""
+    reward_adapter: str | None = None
+    """A directory written by `rlora rm` (LoRA adapter + score head, trained on this base): its
+    score of each rollout is the reward, added to `reward_fn`'s when both are given."""
     model_extra_configs: dict = field(default_factory=dict)
     """Extra keyword arguments for `from_pretrained`."""
     trust_remote_code: bool = False
@@ -480,35 +487,53 @@ def _validate_model(m: ModelConfig) -> None:
            "without model.peft_config nothing but the value head would train; set a peft_config, -1 or N > 0")
     if m.peft_config is not None:
         _check_peft_config(m.peft_config)
+    roles = [key for key in ("value_adapter", "reward_adapter") if getattr(m, key) is not None]
+    for key in roles:
+        _check(m.peft_config is not None or isinstance(m.model_path, str), f"model.{key}", getattr(m, key),
+               "a critic or reward adapter sits beside the policy's LoRA adapter on the one base; set "
+               "model.peft_config to a LoRA config (or model.model_path to a saved adapter)")
+        if m.peft_config is not None:
+            ptype = m.peft_config.get("peft_type") if isinstance(m.peft_config, dict) else m.peft_config.peft_type
+            ptype = getattr(ptype, "value", ptype)
+            _check(ptype in ("LORA", "LOHA", "LOKR", "ADALORA", "IA3"), f"model.{key}", getattr(m, key),
+                   f"it needs a policy adapter of the LoRA family, not peft_type={ptype!r} (prompt learning adds "
+                   "tokens that a second adapter cannot share); use a LoRA model.peft_config")
+    if isinstance(m.value_adapter, (dict,)) or _is_instance(m.value_adapter, "peft", "PeftConfig"):
+        _check_peft_config(m.value_adapter, "model.value_adapter")
+    elif m.value_adapter is not None:
+        _check(isinstance(m.value_adapter, str) and m.value_adapter != "", "model.value_adapter", m.value_adapter,
+               "give a LoRA config (e.g. {peft_type: LORA, r: 8}) or a reward-adapter directory")
+    _check(m.reward_adapter is None or isinstance(m.reward_adapter, str) and m.reward_adapter != "",
+           "model.reward_adapter", m.reward_adapter, "give the directory written by `rlora rm --out DIR`")
 
 
-def _check_peft_config(value: Any) -> None:
+def _check_peft_config(value: Any, key: str = "model.peft_config") -> None:
     import peft
 
     if isinstance(value, dict):
-        _check("peft_type" in value, "model.peft_config", value, "add a 'peft_type', e.g. peft_type: LORA")
+        _check("peft_type" in value, key, value, "add a 'peft_type', e.g. peft_type: LORA")
         mapping = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
         ptype = getattr(value["peft_type"], "value", value["peft_type"])
         names = sorted(getattr(t, "value", t) for t in mapping)
         if ptype not in names:
             close = difflib.get_close_matches(str(ptype).upper(), names, n=1)
-            raise ValueError(f"model.peft_config.peft_type={ptype!r} is not a peft type; "
+            raise ValueError(f"{key}.peft_type={ptype!r} is not a peft type; "
                              + (f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(names)}"))
         config_cls = mapping[ptype]
         fields = [f.name for f in dataclasses.fields(config_cls)]
-        for key in value:
-            if key not in fields:
-                raise _unknown_key(f"model.peft_config.{key}", fields)
+        for name in value:
+            if name not in fields:
+                raise _unknown_key(f"{key}.{name}", fields)
         try:
             value = peft.get_peft_config(dict(value))
         except (TypeError, ValueError) as err:  # unknown keys were caught above; this is peft's own check
-            raise ValueError(f"model.peft_config does not build a {config_cls.__name__}: {err}") from err
+            raise ValueError(f"{key} does not build a {config_cls.__name__}: {err}") from err
     if not isinstance(value, peft.PeftConfig):
-        raise TypeError(f"model.peft_config is a {type(value).__name__}; use a peft PeftConfig or a dict "
+        raise TypeError(f"{key} is a {type(value).__name__}; use a peft PeftConfig or a dict "
                         "such as {'peft_type': 'LORA', 'r': 8}")
     task_type = getattr(value, "task_type", None)
     task_type = getattr(task_type, "value", task_type)
-    _check(task_type in (None, "CAUSAL_LM"), "model.peft_config.task_type", task_type,
+    _check(task_type in (None, "CAUSAL_LM"), f"{key}.task_type", task_type,
            "rlora trains causal LMs; set task_type to 'CAUSAL_LM' (or leave it out)")
 
 

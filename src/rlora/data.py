@@ -58,28 +58,42 @@ def load_prompts(source: Any, field: str = "prompt", key: str = "task.prompts") 
         return source
     if not isinstance(source, str):
         raise TypeError(f"{key}={source!r}: give a list, a file path, 'module:attribute' or 'datasets:NAME[:SPLIT]'")
-    if source.startswith("datasets:"):
-        return _dataset_prompts(source[len("datasets:"):], field, key)
-    if source.endswith((".txt", ".jsonl")):
+    if source.startswith("datasets:") or source.endswith(".jsonl"):
+        rows = load_rows(source, key)
+        if source.startswith("datasets:") and rows and field not in rows[0]:
+            raise ValueError(f"{key}={source} has columns {sorted(rows[0])}; set task.prompt_field to one of them")
+        return [_record(row, field, f"{source} row {i}") for i, row in enumerate(rows, 1)]
+    if source.endswith(".txt"):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"{key}={source!r}: no such file")
         with open(source, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
-        if source.endswith(".txt"):
-            return [line for line in lines if line]
-        rows = []
-        for i, line in enumerate(lines, 1):
-            if line.strip():
-                try:
-                    rows.append(_record(json.loads(line), field, f"{source}:{i}"))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{source}:{i}: not valid JSON ({err.msg})") from err
-        return rows
+            return [line.rstrip("\n") for line in f if line.rstrip("\n")]
     value = resolve_object(source, key)
     value = value() if callable(value) else value
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{key}={source!r} gave a {type(value).__name__}; it must be (or return) a list of prompts")
     return list(value)
+
+
+def load_rows(source: str, key: str) -> list[Any]:
+    """The records of a .jsonl file (one JSON value a line) or of `datasets:NAME[:SPLIT]` (a hub
+    dataset, or a directory written by `save_to_disk`; split default "train")."""
+    if source.startswith("datasets:"):
+        return _dataset_rows(source[len("datasets:"):], key)
+    if not source.endswith(".jsonl"):
+        raise ValueError(f"{key}={source!r}: give a .jsonl file or datasets:NAME[:SPLIT]")
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"{key}={source!r}: no such file")
+    rows = []
+    with open(source, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{source}:{i}: not valid JSON ({err.msg}); write one JSON object a line"
+                                     ) from err
+    return rows
 
 
 def _record(row: Any, field: str, where: str) -> str | dict:
@@ -90,7 +104,7 @@ def _record(row: Any, field: str, where: str) -> str | dict:
     return {"prompt": row[field], **{k: v for k, v in row.items() if k != field}}
 
 
-def _dataset_prompts(spec: str, field: str, key: str) -> list[str | dict]:
+def _dataset_rows(spec: str, key: str) -> list[dict]:
     try:
         import datasets
     except ImportError as err:
@@ -101,6 +115,4 @@ def _dataset_prompts(spec: str, field: str, key: str) -> list[str | dict]:
         data = data[split or "train"] if isinstance(data, datasets.DatasetDict) else data
     else:
         data = datasets.load_dataset(name, split=split or "train")
-    if field not in data.column_names:
-        raise ValueError(f"{key}=datasets:{spec} has columns {data.column_names}; set task.prompt_field to one of them")
-    return [_record(row, field, f"datasets:{spec}[{i}]") for i, row in enumerate(data)]
+    return list(data)

@@ -85,8 +85,9 @@ class PPOTrainer:
                  prompts: list[Prompt], eval_prompts: list[Prompt], metric_fn: Callable | None = None,
                  stop_sequences: list[str] | None = None, accelerator: Accelerator | None = None,
                  verbose: bool = True):
-        if reward_fn is None:
-            raise ValueError("PPO needs rewards: pass reward_fn(samples, prompts, outputs, tokenizer, **metadata)")
+        if reward_fn is None and not policy.has_reward_adapter:
+            raise ValueError("PPO needs rewards: pass reward_fn(samples, prompts, outputs, tokenizer, **metadata), "
+                             "or set model.reward_adapter to a reward adapter trained with `rlora rm`")
         self.config, self.tokenizer = config, tokenizer
         self.reward_fn, self.metric_fn = reward_fn, metric_fn
         self.stop_sequences = list(stop_sequences or [])
@@ -164,7 +165,8 @@ class PPOTrainer:
                     # 1. Rollouts: chunk_size prompts at a time until this process has its share of
                     #    num_rollouts (each process takes its slice of the same prompt chunks)
                     # 2. Score each chunk with reward_fn (validated: count, numbers, finite), once on
-                    #    the main process for every process's samples unless train.reward_on_all_ranks
+                    #    the main process for every process's samples unless train.reward_on_all_ranks,
+                    #    plus the reward adapter's score (each process scores its own samples)
                     chunks, chunk_scores = [], []
                     while (n := sum(len(c.prompts) for c in chunks)) < self.rollouts_per_rank:
                         size = min(method.chunk_size, self.rollouts_per_rank - n)
@@ -175,9 +177,11 @@ class PPOTrainer:
                                                       **self.gen_extra}, self.stop_sequences,
                                                      merged=method.merge_adapter_for_generation)
                         chunks.append(rollouts)
-                        chunk_scores.append(self.dist.score(self.reward_fn, rollouts, self.tokenizer,
-                                                            [self.prompts[i].metadata for i in index],
-                                                            train.reward_on_all_ranks))
+                        fn_scores = None if self.reward_fn is None else self.dist.score(
+                            self.reward_fn, rollouts, self.tokenizer, [self.prompts[i].metadata for i in index],
+                            train.reward_on_all_ranks)
+                        chunk_scores.append(add_scores(fn_scores, self._reward_adapter_scores(rollouts),
+                                                       rollouts.response_mask.sum(1)))
                     rollouts = concat_rollouts(chunks, self.tokenizer.pad_token_id)
                     scores = concat_scores(chunk_scores, rollouts.response_ids.shape[1])
                     self._log_rollouts(rollouts, scores)
@@ -257,6 +261,20 @@ class PPOTrainer:
         return self
 
     # ------------------------------------------------------------------ pieces of the loop
+    @torch.no_grad()
+    def _reward_adapter_scores(self, rollouts) -> torch.Tensor | None:
+        """The reward adapter's score of each rollout (None without one), `minibatch_size` rows
+        at a time. Shape: -> (b,)."""
+        if not self.policy.has_reward_adapter:
+            return None
+        from rlora.reward import rollout_rows
+
+        ids, mask = rollout_rows(rollouts.query_ids, rollouts.query_mask, rollouts.response_ids,
+                                 rollouts.response_mask, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        device = self.accelerator.device
+        return torch.cat([self.policy.reward_scores(i.to(device), m.to(device)).cpu()
+                          for i, m in zip(ids.split(self.minibatch_size), mask.split(self.minibatch_size))])
+
     @torch.no_grad()
     def _score_experience(self, rollouts, order: torch.Tensor) -> tuple[Experience, torch.Tensor]:
         """The rollout pass over all samples in `order`, `minibatch_size` at a time (memory
@@ -378,15 +396,15 @@ class PPOTrainer:
         stats: dict[str, Any] = {}
         tables = []
         for prefix, gen_kwargs in variants.items():
-            prompts, outputs, lengths, metadata = self._eval_samples(gen_kwargs)
+            prompts, outputs, lengths, metadata, scores = self._eval_samples(gen_kwargs)
             if not self.dist.is_main:
                 continue
-            scores = []
-            for start in range(0, len(prompts), method.chunk_size):
+            for start in range(0, len(prompts) if self.reward_fn is not None else 0, method.chunk_size):
                 part = slice(start, start + method.chunk_size)
                 s = call_reward_fn(self.reward_fn, prompts[part], outputs[part], lengths[part], self.tokenizer,
                                    metadata[part])
-                scores += (s.sum(1) if s.dim() == 2 else s).tolist()
+                for i, value in enumerate((s.sum(1) if s.dim() == 2 else s).tolist(), start):
+                    scores[i] += value
             stats[f"reward/{prefix}mean"] = sum(scores) / len(scores)
             if self.metric_fn is not None:
                 samples = [p + o for p, o in zip(prompts, outputs)]
@@ -409,9 +427,10 @@ class PPOTrainer:
         self.policy.train(was_training)
         return record
 
-    def _eval_samples(self, gen_kwargs: dict) -> tuple[list[str], list[str], list[int], list[dict]]:
-        """Prompts, outputs, response lengths and metadata of one pass over `eval_prompts`, each
-        process generating every world-th prompt; gathered in the eval prompts' order."""
+    def _eval_samples(self, gen_kwargs: dict) -> tuple[list[str], list[str], list[int], list[dict], list[float]]:
+        """Prompts, outputs, response lengths, metadata and reward-adapter scores (0 without one)
+        of one pass over `eval_prompts`, each process generating (and scoring with the reward
+        adapter) every world-th prompt; gathered in the eval prompts' order."""
         chunk, world, rank = self.config.method.chunk_size, self.dist.world, self.dist.rank
         mine = list(range(rank, len(self.eval_prompt_ids), world))
         rows = []
@@ -419,10 +438,13 @@ class PPOTrainer:
             index = mine[start:start + chunk]
             rollouts = generate_rollouts(self.policy, self.tokenizer, [self.eval_prompt_ids[i] for i in index],
                                          {**gen_kwargs, **self.gen_extra}, self.stop_sequences)
-            rows += zip(index, rollouts.prompts, rollouts.outputs, rollouts.response_mask.sum(1).tolist())
+            adapter_scores = self._reward_adapter_scores(rollouts)
+            adapter_scores = [0.0] * len(index) if adapter_scores is None else adapter_scores.tolist()
+            rows += zip(index, rollouts.prompts, rollouts.outputs, rollouts.response_mask.sum(1).tolist(),
+                        adapter_scores)
         rows = sorted(self.dist.gather(rows))
         return ([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
-                [self.eval_prompts[r[0]].metadata for r in rows])
+                [self.eval_prompts[r[0]].metadata for r in rows], [r[4] for r in rows])
 
     def save(self, path: str | None = None) -> str:
         """Write a checkpoint directory atomically (default `checkpoint_dir/step_N`, keeping the
@@ -481,6 +503,20 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(f"stopped by signal {signum}; checkpoint at {checkpoint_path}; continue with "
                          f"train.resume_from_checkpoint={checkpoint_path} (rlora train ... --resume latest)")
         self.signum, self.checkpoint_path = signum, checkpoint_path
+
+
+def add_scores(fn_scores: torch.Tensor | None, adapter_scores: torch.Tensor | None,
+               lengths: torch.Tensor) -> torch.Tensor:
+    """reward_fn's scores plus the reward adapter's, which counts at each response's last real
+    token when reward_fn's are per token. Shape: (b,) or (b, r), (b,), lengths (b,) -> as fn_scores."""
+    if fn_scores is None or adapter_scores is None:
+        return adapter_scores if fn_scores is None else fn_scores
+    if fn_scores.dim() == 1:
+        return fn_scores + adapter_scores
+    rows = torch.arange(len(lengths))
+    out = fn_scores.clone()
+    out[rows, lengths - 1] += adapter_scores
+    return out
 
 
 def concat_scores(chunks: list[torch.Tensor], width: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 from peft import PeftConfig, PeftModel, get_peft_config, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from rlora.models.policy import Policy
+from rlora.models.policy import POLICY, REWARD, VALUE, Policy
 
 DEFAULT_PAD_TOKEN = "<|pad|>"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -122,22 +122,22 @@ def load_base_model(model_config) -> PreTrainedModel:
                             trust_remote_code=model_config.trust_remote_code, **extra)
 
 
-def resolve_peft_config(peft_config: PeftConfig | dict | None) -> PeftConfig | None:
+def resolve_peft_config(peft_config: PeftConfig | dict | None, key: str = "model.peft_config") -> PeftConfig | None:
     """A peft config object from an object or a plain dict, checked to fit a causal LM."""
     if peft_config is None:
         return None
     if isinstance(peft_config, dict):
         if "peft_type" not in peft_config:
-            raise ValueError("model.peft_config needs a 'peft_type' (e.g. 'LORA')")
+            raise ValueError(f"{key} needs a 'peft_type' (e.g. 'LORA')")
         peft_config = get_peft_config(dict(peft_config))
     if not isinstance(peft_config, PeftConfig):
-        raise TypeError(f"model.peft_config must be a peft PeftConfig or a dict, got {type(peft_config).__name__}")
+        raise TypeError(f"{key} must be a peft PeftConfig or a dict, got {type(peft_config).__name__}")
     task_type = getattr(peft_config, "task_type", None)
     task_type = getattr(task_type, "value", task_type)
     if task_type is None:
         peft_config.task_type = "CAUSAL_LM"
     elif task_type != "CAUSAL_LM":
-        raise ValueError(f"model.peft_config.task_type={task_type!r} does not fit a causal language model; "
+        raise ValueError(f"{key}.task_type={task_type!r} does not fit a causal language model; "
                          "set task_type='CAUSAL_LM' (or leave it out)")
     return peft_config
 
@@ -171,7 +171,14 @@ def build_policy(model_config, tokenizer) -> Policy:
                           "frozen. To train extra modules, list them in LoraConfig.modules_to_save.", stacklevel=2)
         base.requires_grad_(False)
         lm = load_trainable_adapter(base, adapter) if adapter is not None else get_peft_model(base, peft_config)
-        return Policy(lm, "prompt" if lm.active_peft_config.is_prompt_learning else "adapter")
+        policy = Policy(lm, "prompt" if lm.active_peft_config.is_prompt_learning else "adapter")
+        add_role_adapters(policy, model_config)
+        return policy
+    for key in ("value_adapter", "reward_adapter"):
+        if getattr(model_config, key) is not None:
+            raise ValueError(f"model.{key} is set but the policy has no peft adapter (it trains "
+                             f"{'its top blocks' if n_unfrozen > 0 else 'the whole model'}); a critic or reward "
+                             "adapter shares the frozen base with a LoRA policy: set model.peft_config")
     if n_unfrozen > 0:
         return Policy(base, "hydra", num_layers_unfrozen=n_unfrozen)
     return Policy(base, "full")
@@ -196,3 +203,65 @@ def load_trainable_adapter(base: PreTrainedModel, path: str) -> PeftModel:
     lm = PeftModel.from_pretrained(base, path, config=config)
     lm.prompt_encoder[lm.active_adapter].requires_grad_(True)
     return lm
+
+
+def add_role_adapters(policy: Policy, model_config) -> None:
+    """Attach the critic adapter (`model.value_adapter`, trainable) and the reward adapter with
+    its score head (`model.reward_adapter`, frozen) to the policy's peft model, beside its own.
+
+    Afterwards the policy's adapter is the active one, and exactly the policy and critic
+    adapters (and the value head) require gradients.
+    """
+    from rlora.reward import load_score_head
+
+    lm = policy.lm
+    if model_config.value_adapter is None and model_config.reward_adapter is None:
+        return
+    if policy.mode != "adapter":
+        raise ValueError("model.value_adapter / model.reward_adapter need a policy adapter of the LoRA family; "
+                         f"{type(lm.active_peft_config).__name__} adds virtual tokens that a second adapter cannot "
+                         "share. Use a LoRA model.peft_config.")
+    trainable = {name for name, p in lm.named_parameters() if p.requires_grad}
+    if model_config.reward_adapter is not None:
+        path = adapter_dir(model_config.reward_adapter)
+        if path is None:
+            raise FileNotFoundError(f"model.reward_adapter={model_config.reward_adapter!r} is not a directory "
+                                    f"holding {ADAPTER_CONFIG}; give the --out directory of `rlora rm`")
+        policy.reward_head = load_score_head(path, lm.get_base_model().config.get_text_config().hidden_size,
+                                             lm.get_base_model().device)
+        _load_adapter(lm, path, REWARD, "model.reward_adapter", trainable=False)
+    value = model_config.value_adapter
+    if isinstance(value, str):
+        path = adapter_dir(value)
+        if path is None:
+            raise FileNotFoundError(f"model.value_adapter={value!r} is not a directory holding {ADAPTER_CONFIG}; "
+                                    "give a LoRA config, or a reward-adapter directory to start the critic from")
+        _load_adapter(lm, path, VALUE, "model.value_adapter", trainable=True)
+    elif value is not None:
+        lm.add_adapter(VALUE, resolve_peft_config(value, "model.value_adapter"))
+    lm.set_adapter(POLICY)
+    critic = {id(p) for p in adapter_parameters(lm, VALUE)}
+    for name, p in lm.named_parameters():
+        p.requires_grad_(name in trainable or id(p) in critic)
+
+
+def adapter_parameters(lm: PeftModel, name: str) -> list:
+    """The parameters of the peft adapter `name` in every tuner layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [p for module in lm.modules() if isinstance(module, BaseTunerLayer)
+            for attr in module.adapter_layer_names if name in getattr(module, attr)
+            for p in getattr(module, attr)[name].parameters()]
+
+
+def _load_adapter(lm: PeftModel, path: str, name: str, key: str, trainable: bool) -> None:
+    config = PeftConfig.from_pretrained(path)
+    if config.is_prompt_learning:
+        raise ValueError(f"{key}={path!r} is a {config.peft_type} adapter; a critic or reward adapter must be of "
+                         "the LoRA family (as `rlora rm` writes)")
+    config.task_type = "CAUSAL_LM"
+    try:
+        lm.load_adapter(path, adapter_name=name, is_trainable=trainable, peft_config=config)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(f"{key}={path!r} does not fit this base model ({err}); train it on model.model_path's "
+                         "base (rlora rm --model ...)") from err

@@ -7,7 +7,10 @@
 | hydra    | top N blocks (+ norm, lm_head) trained  | frozen copy of the top, fed from h[-(N+1)] |
 | full     | whole model trained                     | a separate frozen copy                  |
 
-The value head sits on the trunk's last hidden state in every mode.
+The value head sits on the trunk's last hidden state in every mode. In adapter mode two more
+roles can share the base as named peft adapters beside the policy's ("default"):
+- a critic adapter (`VALUE`): the value head reads the trunk run with only that adapter on;
+- a reward adapter (`REWARD`) with a score head: frozen, it scores finished rollouts.
 
 Notation: `b` batch, `t` time, `h` hidden size, `v` vocabulary.
 """
@@ -26,6 +29,7 @@ from rlora.models.hydra import HydraBranch, find_decoder_blocks
 from rlora.models.value_head import ValueHead
 
 MODES = ("adapter", "prompt", "hydra", "full")
+POLICY, VALUE, REWARD = "default", "value", "reward"  # peft adapter names of the roles
 
 
 @dataclass
@@ -34,7 +38,7 @@ class PolicyOutput:
 
     logits: torch.Tensor  # (b, t, v), virtual-token positions removed; (b, k, v) with `logits_to_keep`
     values: torch.Tensor  # (b, t), fp32
-    hidden_states: tuple[torch.Tensor, ...]  # each (b, t, h); hidden_states[-1] feeds the value head
+    hidden_states: tuple[torch.Tensor, ...]  # each (b, t, h) of the policy's pass
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -43,6 +47,21 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     Shape: attention_mask (b, t) -> (b, t); padding positions get 0.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The trunk's last hidden state (after its final norm) of a causal LM or a peft model on
+    one, without the language-model head, with whichever adapters are active.
+
+    Shape: (b, t) -> (b, t, h).
+    """
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    trunk = lm.base_model  # e.g. GPT2Model under GPT2LMHeadModel; peft's LoRA layers live inside it
+    return trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 use_cache=False).last_hidden_state
 
 
 class Policy(nn.Module):
@@ -59,6 +78,7 @@ class Policy(nn.Module):
         self.mode = mode
         hidden_size = self.base_model.config.get_text_config().hidden_size
         self.value_head = ValueHead(hidden_size).to(self.base_model.device)
+        self.reward_head: nn.Module | None = None  # set with a reward adapter (`rlora.reward`)
         self.hydra: HydraBranch | None = None
         self.ref_model: nn.Module | None = None
         if mode == "hydra":
@@ -76,6 +96,32 @@ class Policy(nn.Module):
     @property
     def is_peft(self) -> bool:
         return self.mode in ("adapter", "prompt")
+
+    @property
+    def has_value_adapter(self) -> bool:
+        return self.mode == "adapter" and VALUE in self.lm.peft_config
+
+    @property
+    def has_reward_adapter(self) -> bool:
+        return self.mode == "adapter" and REWARD in self.lm.peft_config and self.reward_head is not None
+
+    @contextmanager
+    def use_adapter(self, name: str) -> Iterator[None]:
+        """Within this block only the peft adapter `name` acts; the policy's is active again on
+        exit, also when the block raises.
+
+        peft's `set_adapter` also makes the chosen adapter trainable and the others frozen; the
+        `requires_grad` of every parameter is restored here, so switching never changes what
+        trains.
+        """
+        trainable = [p.requires_grad for p in self.lm.parameters()]
+        self.lm.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.lm.set_adapter(POLICY)
+            for p, flag in zip(self.lm.parameters(), trainable):
+                p.requires_grad_(flag)
 
     def _unfreeze_top(self, n: int) -> None:
         """Hydra: train the top `n` blocks, the final norm beside them and an untied lm_head."""
@@ -111,7 +157,12 @@ class Policy(nn.Module):
         logits = out.logits
         if self.mode == "prompt":
             logits = logits[:, n_virtual:] if logits_to_keep is None else logits[:, n_virtual + logits_to_keep]
-        return PolicyOutput(logits=logits, values=self.value_head(hidden_states[-1]), hidden_states=hidden_states)
+        if self.has_value_adapter:  # the critic's own pass: only the value adapter on, no LM head
+            with self.use_adapter(VALUE):
+                value_hidden = last_hidden_state(self.lm, input_ids, attention_mask, position_ids)
+        else:
+            value_hidden = hidden_states[-1]
+        return PolicyOutput(logits=logits, values=self.value_head(value_hidden), hidden_states=hidden_states)
 
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:
@@ -150,8 +201,22 @@ class Policy(nn.Module):
                        use_cache=False, **keep).logits
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters PPO updates: adapter (+ modules_to_save) or unfrozen blocks, and the value head."""
+        """The parameters PPO updates: adapter (+ modules_to_save) or unfrozen blocks, the value
+        head, and the critic adapter when there is one."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The reward adapter's score of each right-padded row, read at its last real token.
+
+        Shape: input_ids, attention_mask (b, t) -> (b,) fp32.
+        """
+        from rlora.reward import sequence_scores
+
+        if not self.has_reward_adapter:
+            raise RuntimeError("this policy has no reward adapter; set model.reward_adapter")
+        with self.use_adapter(REWARD):
+            return sequence_scores(self.lm, self.reward_head, input_ids, attention_mask)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, merged: bool = False,
