@@ -50,9 +50,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(argv: list[str]) -> int:
+    from rlora.api import set_threads
     from rlora.sft import sft_main
 
     _quiet_hf()
+    set_threads(None)
     return sft_main(argv)
 
 
