@@ -80,3 +80,57 @@ def test_function_specs(tmp_path):
         resolve_function("os.path:nope", "task.reward_fn")
     with pytest.raises(TypeError, match="not a function"):
         resolve_function("os:sep", "task.reward_fn")
+
+
+def test_rlora_eval_scores_a_checkpoint_without_writing_to_it(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    import rlora
+    from rlora.trainer import PPOTrainer
+
+    write_task(tmp_path)
+    config = {
+        "train": {"seq_length": 32, "batch_size": 8, "total_steps": 2, "eval_interval": 1000,
+                  "run_dir": str(tmp_path / "run")},
+        "model": {"model_path": tiny_model_dir("gpt2"), "peft_config": {"peft_type": "LORA", "r": 4}},
+        "method": {"num_rollouts": 8, "chunk_size": 8, "ppo_epochs": 1, "init_kl_coef": 0.0,
+                   "gen_kwargs": {"max_new_tokens": 4, "do_sample": True, "top_k": 0}},
+        "optimizer": {"name": "adamw", "kwargs": {"lr": 0.05}},
+        "task": {"reward_fn": f"{tmp_path}/my_task.py:reward", "metric_fn": f"{tmp_path}/my_task.py:lengths",
+                 "prompts": str(tmp_path / "prompts.jsonl"), "prompt_field": "text"},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path)]) == 0
+    checkpoint = tmp_path / "run" / "ckpts" / "step_2"
+    files = {p: os.path.getmtime(p) for p in checkpoint.rglob("*")}
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    evaluated = {}
+    real_evaluate = PPOTrainer.evaluate
+
+    def spy(self):
+        evaluated.update(get_peft_model_state_dict(self.policy.lm))
+        return real_evaluate(self)
+
+    monkeypatch.setattr(PPOTrainer, "evaluate", spy)
+    assert main(["eval", str(checkpoint), "method.gen_kwargs.do_sample=false"]) == 0
+    monkeypatch.undo()
+    saved = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+    assert evaluated.keys() == saved.keys() and all(evaluated[k].equal(saved[k]) for k in saved)
+    assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # trained, not the zero init
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["step"] == 2 and {"reward/mean", "metrics/length"} <= set(record)
+    assert {p: os.path.getmtime(p) for p in checkpoint.rglob("*")} == files
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    # greedy outputs of the trained policy, as a resumed trainer evaluates them in place
+    trainer = rlora.build_trainer(config=str(checkpoint / "config.yaml"), verbose=False, overrides=[
+        "method.gen_kwargs.do_sample=false", f"train.resume_from_checkpoint={checkpoint}",
+        f"train.run_dir={tmp_path / 'resumed'}"])
+    assert trainer.evaluate()["reward/mean"] == record["reward/mean"]
+
+
+def test_rlora_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["eval", str(tmp_path / "nope")])

@@ -1,7 +1,8 @@
 """rlora: PPO / RLHF fine-tuning of language models with LoRA adapters on one frozen base.
 
 The policy is the base plus a trainable adapter, the reference model for the KL penalty is the
-same module with the adapter disabled, and the value head sits on the shared trunk.
+same module with the adapter disabled, and the value head sits on the shared trunk (or on its
+own critic adapter); a reward model can be one more adapter on the same base.
 """
 
 from rlora.config import Config, load_config
@@ -11,10 +12,10 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # import the heavy pieces (transformers, peft, accelerate) only when asked for
-    if name == "train":
-        from rlora.api import train
+    if name in ("train", "evaluate", "build_trainer"):
+        from rlora import api
 
-        return train
+        return getattr(api, name)
     if name == "PPOTrainer":
         from rlora.trainer import PPOTrainer
 
@@ -22,4 +23,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'rlora' has no attribute {name!r}")
 
 
-__all__ = ["Config", "PPOTrainer", "load_config", "train", "__version__"]
+__all__ = ["Config", "PPOTrainer", "build_trainer", "evaluate", "load_config", "train", "__version__"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable
 
@@ -32,6 +33,18 @@ def train(reward_fn: Callable | None = None, prompts: list[str | dict] | None = 
           config: Config | dict | str | None = None, stop_sequences: list[str] | None = None,
           overrides: list[str] | None = None, verbose: bool = True) -> PPOTrainer:
     """Fine-tune `config.model` with PPO so that `reward_fn` rises; returns the trainer.
+
+    The arguments are those of `build_trainer`, whose docstring describes them.
+    """
+    return build_trainer(reward_fn, prompts, eval_prompts, metric_fn, config, stop_sequences, overrides,
+                         verbose).learn()
+
+
+def build_trainer(reward_fn: Callable | None = None, prompts: list[str | dict] | None = None,
+                  eval_prompts: list[str | dict] | None = None, metric_fn: Callable | None = None,
+                  config: Config | dict | str | None = None, stop_sequences: list[str] | None = None,
+                  overrides: list[str] | None = None, verbose: bool = True) -> PPOTrainer:
+    """The PPO trainer `train` runs, built but not started.
 
     - `reward_fn(samples, prompts, outputs, tokenizer, **metadata)` returns one float per sample
       (a terminal reward) or a list of floats per sample (per-token rewards from the first
@@ -64,9 +77,32 @@ def train(reward_fn: Callable | None = None, prompts: list[str | dict] | None = 
         else prompt_items[:config.train.batch_size]
     set_seed(config.train.seed)  # the adapter's and value head's initial weights depend on it
     policy = build_policy(config.model, tokenizer)
-    trainer = PPOTrainer(config, policy, tokenizer, reward_fn, prompt_items, eval_items, metric_fn,
-                         stop_sequences, verbose=verbose)
-    return trainer.learn()
+    return PPOTrainer(config, policy, tokenizer, reward_fn, prompt_items, eval_items, metric_fn, stop_sequences,
+                      verbose=verbose)
 
 
-__all__ = ["train", "set_threads"]
+def evaluate(checkpoint: str, overrides: list[str] | None = None, verbose: bool = True, **kwargs) -> dict:
+    """Evaluate the policy of `checkpoint` as training does (`eval_prompts`, `method.gen_kwargs`
+    and each `eval_gen_kwargs` variant, reward and `metric_fn` means); returns the record.
+
+    The checkpoint's `config.yaml` names the task; `overrides` change it (e.g. other
+    `task.eval_prompts`), and `kwargs` are passed on as to `train` (e.g. `reward_fn=`). Nothing
+    is written to the checkpoint or its run, and any number of processes may evaluate it.
+    """
+    import tempfile
+
+    from rlora import checkpoint as checkpoints
+
+    checkpoints.check(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="rlora-eval-") as run_dir:
+        trainer = build_trainer(config=os.path.join(checkpoint, "config.yaml"), verbose=verbose, overrides=[
+            *(overrides or []), f"train.run_dir={run_dir}", "train.tracker=null", "train.save_best=false",
+            "train.resume_from_checkpoint=null"], **kwargs)
+        checkpoints.load_weights(trainer.policy, checkpoint, trainer.accelerator.device)
+        trainer.step = json.load(open(os.path.join(checkpoint, "trainer_state.json")))["step"]
+        record = trainer.evaluate()
+        trainer.tracker.close()
+    return record
+
+
+__all__ = ["train", "build_trainer", "evaluate", "set_threads"]

@@ -179,9 +179,6 @@ def _torch_load(path: str, device) -> dict:
 
 def load(trainer, path: str) -> None:
     """Restore everything `save` wrote into a freshly built `trainer` (same config)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_model
-
     from rlora.trainer import PhaseState
 
     check(path)
@@ -193,21 +190,8 @@ def load(trainer, path: str) -> None:
     if state["processes"] != trainer.dist.world:
         raise ValueError(f"{path} was written by {state['processes']} processes; an exact resume needs the same "
                          f"number, but this run has {trainer.dist.world}. Launch with {state['processes']}.")
-    policy, device = trainer.policy, trainer.accelerator.device
-    device = "cpu" if device.type == "cpu" else str(device)  # safetensors rejects "cpu:0"
-    try:
-        if policy.is_peft:
-            for name, where in [(POLICY, "adapter")] + ([(VALUE, "adapter/value")] if policy.has_value_adapter else []):
-                adapter = load_file(os.path.join(path, where, "adapter_model.safetensors"), device=device)
-                result = set_peft_model_state_dict(policy.lm, adapter, adapter_name=name)
-                if result.unexpected_keys:
-                    raise ValueError(f"the adapter in {path}/{where} does not fit the run's config (unexpected "
-                                     f"{result.unexpected_keys[:3]}); resume with the run's config")
-        else:
-            load_model(policy.lm, os.path.join(path, "model", "model.safetensors"), strict=False, device=device)
-        policy.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors"), device=device))
-    except (OSError, RuntimeError) as err:
-        raise ValueError(f"could not load the weights in {path} ({err}); is it a checkpoint of this config?") from err
+    load_weights(trainer.policy, path, trainer.accelerator.device)
+    device = _file_device(trainer.accelerator.device)
     if os.path.exists(os.path.join(path, "optimizer.pt")):
         trainer.optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt"), device))
         trainer.scheduler.load_state_dict(_torch_load(os.path.join(path, "scheduler.pt"), "cpu"))
@@ -239,6 +223,31 @@ def load(trainer, path: str) -> None:
         exp = Experience(**{k[len("exp."):]: v for k, v in mine.items() if k.startswith("exp.")})
         batches = [rng[f"batch.{i}"] for i in range(pending["n_batches"])]
         trainer.pending = PhaseState(exp, batches, pending["cursor"], pending["stats"], 0.0)
+
+
+def load_weights(policy, path: str, device: torch.device) -> None:
+    """Put the trained weights of checkpoint `path` (adapters or model, value head) into `policy`."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_model
+
+    device = _file_device(device)
+    try:
+        if policy.is_peft:
+            for name, where in [(POLICY, "adapter")] + ([(VALUE, "adapter/value")] if policy.has_value_adapter else []):
+                adapter = load_file(os.path.join(path, where, "adapter_model.safetensors"), device=device)
+                result = set_peft_model_state_dict(policy.lm, adapter, adapter_name=name)
+                if result.unexpected_keys:
+                    raise ValueError(f"the adapter in {path}/{where} does not fit the run's config (unexpected "
+                                     f"{result.unexpected_keys[:3]}); resume with the run's config")
+        else:
+            load_model(policy.lm, os.path.join(path, "model", "model.safetensors"), strict=False, device=device)
+        policy.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors"), device=device))
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"could not load the weights in {path} ({err}); is it a checkpoint of this config?") from err
+
+
+def _file_device(device: torch.device) -> str:
+    return "cpu" if device.type == "cpu" else str(device)  # safetensors rejects "cpu:0"
 
 
 def resolve(spec: str, run_dir: str | None, checkpoint_dir: str) -> str:

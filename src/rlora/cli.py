@@ -5,6 +5,7 @@
   rlora sft --model M --data FILE --out DIR     supervised fine-tuning (full or LoRA)
   rlora rm --model M --data PAIRS --out DIR     a reward adapter from preference pairs
   rlora export CHECKPOINT OUT [--adapter-only]  a merged Hugging Face model, or the adapter
+  rlora eval CHECKPOINT [key.sub=value ...]     evaluate a checkpoint's policy on its task
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(stop, file=sys.stderr)
         return 128 + stop.signum
     print(f"run directory: {trainer.run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import rlora
+
+    _quiet_hf()
+    record = rlora.evaluate(args.checkpoint, overrides=list(args.overrides))
+    print(json.dumps({k: v for k, v in record.items() if k != "eval"}))
     return 0
 
 
@@ -82,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.gamma=0.99")
     train.add_argument("--resume", metavar="DIR|latest", default=None,
                        help="continue from a checkpoint directory, or the newest one of train.run_dir")
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint's policy on the task its config names")
+    evaluate.add_argument("checkpoint", help="a checkpoint directory (run_dir/ckpts/step_N or best)")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides of its config, e.g. "
+                                                        "task.eval_prompts=test.jsonl")
     demo = sub.add_parser("demo", help="randomwalks end to end: SFT (cached), then PPO with LoRA")
     demo.add_argument("--steps", type=int, default=400, help="optimizer steps (8 per rollout phase)")
     demo.add_argument("--run-dir", default=None, help="where metrics, plots and the checkpoint go")
@@ -104,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["export"]:
         return cmd_export(argv[1:])
     args = build_parser().parse_args(argv)
-    return {"train": cmd_train, "demo": cmd_demo}[args.command](args)
+    return {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
 
 
 if __name__ == "__main__":
