@@ -86,9 +86,12 @@ def test_ranks_hold_identical_weights_after_training(tiny_model_dir, tmp_path):
     assert sorted(r["step"] for r in records if "losses/total_loss" in r) == list(range(1, 9))  # one writer
 
 
-def test_two_processes_half_batch_step_equals_one_process_full_batch(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("roles", ["policy", "policy+critic"])
+def test_two_processes_half_batch_step_equals_one_process_full_batch(tiny_model_dir, tmp_path, roles):
     config = small_config(tiny_model_dir("gpt2"), tmp_path / "run", batch_size=8, minibatch_size=4)
     config["model"]["peft_config"] = {"peft_type": "LORA", "r": 4, "init_lora_weights": False}
+    if roles == "policy+critic":  # DDP syncs the critic adapter's gradients as well
+        config["model"]["value_adapter"] = {"peft_type": "LORA", "r": 4, "init_lora_weights": False}
     one = load_file(launch(tmp_path, "step", config, 1) / "params_rank0.safetensors")
     two = load_file(launch(tmp_path, "step", config, 2) / "params_rank0.safetensors")
     torch.manual_seed(0)
