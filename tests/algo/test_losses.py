@@ -198,6 +198,23 @@ def test_logprobs_of_labels_bf16_is_computed_in_float32():
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 50, 120], ids=["one-chunk", "one-row-chunks", "uneven-chunks"])
+def test_logprobs_of_labels_gradient_matches_autograd_in_every_chunking(monkeypatch, chunk):
+    import rlora.algo.logprobs as module
+
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", chunk)  # 50 logits a row: chunks of 1 and of 2 rows
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(3, 7, 50, generator=g, dtype=F64) * 4).requires_grad_()
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    weights = torch.randn(3, 7, generator=g, dtype=F64)
+    (logprobs_of_labels(logits, labels) * weights).sum().backward()
+    reference = logits.detach().clone().requires_grad_()
+    (F.log_softmax(reference, -1).gather(-1, labels[..., None]).squeeze(-1) * weights).sum().backward()
+    torch.testing.assert_close(logits.grad, reference.grad, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: logprobs_of_labels(x, labels[:1, :3]), (logits[:1, :3].detach()
+                                                                                      .requires_grad_(),))
+
+
 def test_logprobs_of_labels_rejects_misaligned_shapes():
     with pytest.raises(ValueError, match="align them first"):
         logprobs_of_labels(torch.zeros(2, 5, 10), torch.zeros(2, 4, dtype=torch.long))

@@ -13,14 +13,56 @@ from rlora.algo.masked import masked_mean
 __all__ = ["logprobs_of_labels", "entropy_from_logits"]
 
 
+# Rows of (t, v) logits handled at once: ~16 MiB of float32 temporaries per chunk.
+CHUNK_ELEMENTS = 1 << 22
+
+
+class _LabelLogprobs(torch.autograd.Function):
+    """`logits.gather(labels) − logsumexp(logits)` with lean memory in both directions.
+
+    Forward and backward run over chunks of rows, so the only full-size (b, t, v) tensors are
+    the logits themselves (saved for backward, alive anyway as the LM head's output) and, in
+    backward, their gradient, written in place as `(onehot(labels) − softmax(logits)) · grad`.
+    Autograd's composition (gather + logsumexp) would instead hold up to three full-size
+    temporaries at the start of backward (exp, the gather's scatter, their sum).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+        flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
+        lse = torch.empty(flat.shape[0], dtype=out_dtype, device=logits.device)
+        rows = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
+        for start in range(0, flat.shape[0], rows):
+            lse[start:start + rows] = torch.logsumexp(flat[start:start + rows].to(out_dtype), dim=-1)
+        picked = flat.gather(-1, flat_labels).squeeze(-1).to(out_dtype)
+        ctx.save_for_backward(logits, labels, lse)
+        return (picked - lse).reshape(labels.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
+        grad = grad.reshape(-1, 1).to(lse.dtype)
+        out = torch.empty_like(flat)
+        rows = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
+        for start in range(0, flat.shape[0], rows):
+            part = slice(start, start + rows)
+            probs = (flat[part].to(lse.dtype) - lse[part, None]).exp_()  # softmax of these rows
+            probs.mul_(grad[part].neg()).scatter_add_(-1, flat_labels[part], grad[part])
+            out[part] = probs
+        return out.reshape(logits.shape), None
+
+
 def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """`log softmax(logits)[labels]`, as `gather(logits, labels) − logsumexp(logits)`.
 
-    Memory-lean: no (b, t, v) log-softmax tensor is kept. `log_softmax(...).gather(...)`
-    stores its (b, t, v) output for backward; here autograd keeps only the logits (alive
-    anyway) and (b, t) results, and the (b, t, v) work inside `logsumexp` is transient.
+    Memory-lean: no (b, t, v) log-softmax tensor is made. Autograd keeps only the logits
+    (alive anyway) and (b, t) results; the (b, t, v) work runs a chunk of rows at a time in
+    forward and backward, so backward adds one (b, t, v) tensor, the logits' gradient.
     float32/float64 logits are used as they are; half-precision logits (bf16/fp16) are
-    upcast to float32 one row at a time (a full-size float32 copy would cost more memory
+    upcast to float32 a chunk of rows at a time (a full-size float32 copy would cost more memory
     than it saves, and bf16 keeps only ~3 significant digits), returning float32.
 
     Shape: logits (b, t, v), labels (b, t) integer -> (b, t).
@@ -30,16 +72,7 @@ def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
             f"logits {tuple(logits.shape)} must be (b, t, v) and labels {tuple(labels.shape)} (b, t); "
             "align them first (logits[:, :-1] with ids[:, 1:])"
         )
-    labels = labels.long().unsqueeze(-1)  # (b, t, 1)
-    if logits.dtype in (torch.float32, torch.float64):
-        picked = torch.gather(logits, -1, labels).squeeze(-1)  # (b, t)
-        return picked - torch.logsumexp(logits, dim=-1)  # (b, t)
-    rows = []
-    for row_logits, row_labels in zip(logits, labels):  # (t, v), (t, 1): one row in float32 at a time
-        row_logits = row_logits.float()
-        picked = torch.gather(row_logits, -1, row_labels).squeeze(-1)  # (t,)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(rows)  # (b, t)
+    return _LabelLogprobs.apply(logits, labels.long())
 
 
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -119,10 +119,15 @@ def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor,
         index = positions.reshape(*positions.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
         return x.gather(1, index)
 
-    logprobs = logprobs_of_labels(at(out.logits, before - first), response_ids)
+    # Each response token's label is placed at the kept position predicting it, so the (b, k, v)
+    # logits are used where they lie: no rearranged full-vocabulary copy (kept for backward).
+    # Kept positions that predict no response token get label 0 and are dropped by `at`.
+    labels = torch.zeros(len(keep), dtype=response_ids.dtype, device=response_ids.device).expand(
+        response_ids.shape[0], -1).scatter(1, before - first, response_ids)  # (b, k)
+    logprobs = at(logprobs_of_labels(out.logits, labels), before - first)
     values = at(out.values, before)
     ref_logprobs = None
     if with_reference:
         ref_logits = policy.reference_logits(input_ids, attention_mask, policy_output=out, logits_to_keep=keep)
-        ref_logprobs = logprobs_of_labels(at(ref_logits, before - first), response_ids)
+        ref_logprobs = at(logprobs_of_labels(ref_logits, labels), before - first)
     return logprobs, values, ref_logprobs
