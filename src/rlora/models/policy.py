@@ -50,18 +50,26 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+RECOMPUTE_MIN_ELEMENTS = 1 << 20  # 4 MiB of fp32 activation input
+
+
 class Recomputed(nn.Module):
     """An activation function that keeps only its input for backward and recomputes itself there
-    (`torch.utils.checkpoint`): the same values and gradients, bitwise."""
+    (`torch.utils.checkpoint`): the same values and gradients, bitwise.
+
+    Inputs under `RECOMPUTE_MIN_ELEMENTS` run as usual: what they would keep is small and the
+    checkpoint's overhead is not (randomwalks step, 640 x 576 inputs: 40 ms plain, 48 ms
+    recomputed); a GPT-2-124M microbatch of 8 x 48 tokens has 1.2 M.
+    """
 
     def __init__(self, act: nn.Module):
         super().__init__()
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled() and x.requires_grad and x.numel() >= RECOMPUTE_MIN_ELEMENTS:
             return checkpoint(self.act, x, use_reentrant=False)
-        return self.act(x)  # no-grad passes: generation, the rollout pass, the reference
+        return self.act(x)  # no-grad passes (generation, rollout pass, reference) and small inputs
 
 
 def recompute_activations(module: nn.Module) -> int:
