@@ -5,6 +5,10 @@ Random weights (vocab 50 257), batch 16, prompts of 16 tokens + 32 new tokens, m
 its own process, whose peak RSS comes from `wait4`:
   - inference: plain generation with the bare model (the memory baseline);
   - rlora: PPO with LoRA (reference = the adapter disabled);
+  - rlora all roles: the same plus a critic adapter and a reward adapter (+ score head) on the
+    same base, the reward adapter's score added to the reward (issue 8: one copy of the base);
+  - rlora, glibc MALLOC_MMAP_THRESHOLD_=1 MiB: the same as rlora, with freed tensors returned to
+    the system at once instead of staying in malloc's heap (less RSS, slower: page faults);
   - rlora full: full fine-tuning with a frozen reference copy;
   - TRL 0.11.4: PPOTrainer with a peft model (reference = adapter disabled), from .peers/venv-trl011.
 
@@ -60,6 +64,22 @@ def save_model(directory: str) -> None:
     word_tokenizer(config.vocab_size).save_pretrained(directory)
 
 
+def save_reward_adapter_for(model_dir: str, directory: str) -> None:
+    """A random reward adapter (LoRA r=8 on c_attn, non-zero) and score head on the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlora.reward import ScoreHead, save_reward_adapter
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, fan_in_fan_out=True, init_lora_weights=False,
+                                            task_type="CAUSAL_LM"))
+    save_reward_adapter(model, ScoreHead(base.config.hidden_size), AutoTokenizer.from_pretrained(model_dir),
+                        directory, {})
+
+
 def worker(kind: str, model_dir: str, out: str) -> None:
     import torch
 
@@ -78,9 +98,12 @@ def worker(kind: str, model_dir: str, out: str) -> None:
     import rlora
 
     model = {"model_path": model_dir}
-    if kind == "rlora":
-        model["peft_config"] = {"peft_type": "LORA", "r": 8, "lora_alpha": 32, "lora_dropout": 0.0,
-                                "fan_in_fan_out": True}
+    lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 32, "lora_dropout": 0.0, "fan_in_fan_out": True}
+    if kind in ("rlora", "rlora-roles", "rlora-mmap"):
+        model["peft_config"] = lora
+    if kind == "rlora-roles":
+        model["value_adapter"] = lora
+        model["reward_adapter"] = os.path.join(os.path.dirname(model_dir), "reward-adapter")
     config = {"train": {"seq_length": PROMPT + NEW + 1, "batch_size": BATCH, "minibatch_size": MINIBATCH,
                         "total_steps": (STEPS + 1) * EPOCHS, "eval_interval": 10**6, "checkpoint_interval": 10**6,
                         "run_dir": os.path.dirname(out) + f"/{kind}-run", "save_best": False},
@@ -128,8 +151,12 @@ json.dump({"generate_s": sum(t[0] for t in times) / len(times), "update_s": sum(
 '''
 
 
-def measure(cmd: list[str], out: str) -> dict:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # glibc's own setting, read at process start
+
+
+def measure(cmd: list[str], out: str, env: dict | None = None) -> dict:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{cmd} failed: {proc.stderr.read()[-2000:]}")
@@ -147,10 +174,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "gpt2-124m")
         save_model(model_dir)
+        save_reward_adapter_for(model_dir, os.path.join(tmp, "reward-adapter"))
         results = {}
-        for kind in ("inference", "rlora", "rlora-full"):
+        for kind in ("inference", "rlora", "rlora-mmap", "rlora-roles", "rlora-full"):
             out = os.path.join(tmp, f"{kind}.json")
-            results[kind] = measure([sys.executable, here, "--worker", kind, model_dir, out], out)
+            results[kind] = measure([sys.executable, here, "--worker", kind, model_dir, out], out,
+                                    MMAP_ENV if kind == "rlora-mmap" else None)
         if not args.no_peer and os.path.exists(PEER_VENV):
             script = os.path.join(tmp, "trl_worker.py")
             open(script, "w").write(TRL_WORKER)
@@ -158,6 +187,8 @@ def main() -> None:
             results["trl"] = measure([PEER_VENV, script, model_dir, out, os.path.dirname(here)], out)
     base = results["inference"]["rss_mib"]
     names = {"inference": "plain inference (generation only)", "rlora": "rlora PPO + LoRA",
+             "rlora-mmap": "rlora PPO + LoRA, `MALLOC_MMAP_THRESHOLD_=1048576`",
+             "rlora-roles": "rlora PPO + LoRA, critic and reward adapters on the same base",
              "rlora-full": "rlora full fine-tuning + reference copy", "trl": "TRL 0.11.4 PPO + LoRA"}
     rows = ["| configuration | generation s / step | update s / step | peak RSS MiB | RSS / inference |",
             "|---|---|---|---|---|"]
@@ -169,6 +200,10 @@ def main() -> None:
         ours, trl = results["rlora"], results["trl"]
         rows += ["", f"rlora / TRL 0.11.4 seconds per step, same run: **{(ours['generate_s'] + ours['update_s']) / (trl['generate_s'] + trl['update_s']):.2f}**; "
                  f"rlora LoRA / rlora full-fine-tuning peak RSS: {ours['rss_mib'] / results['rlora-full']['rss_mib']:.2f}."]
+    roles, ours = results["rlora-roles"], results["rlora"]
+    rows += ["", f"All four roles on one base / policy-only LoRA, same run: peak RSS "
+             f"**{roles['rss_mib'] / ours['rss_mib']:.2f}** (+{roles['rss_mib'] - ours['rss_mib']:.0f} MiB), "
+             f"seconds per step {(roles['generate_s'] + roles['update_s']) / (ours['generate_s'] + ours['update_s']):.2f}."]
     table = "\n".join(rows)
     print(table)
     record("gpt2_124m", "GPT-2-124M shape: PPO + LoRA step time and peak RSS",

@@ -215,3 +215,17 @@ def test_role_adapter_misconfigurations_are_clear_errors(tiny_model_dir, model_k
 def test_reward_head_of_another_base_is_refused(tmp_path, reward_dir):
     with pytest.raises(ValueError, match="hidden size"):
         load_score_head(reward_dir, hidden_size=7)
+
+
+def test_all_roles_hold_one_copy_of_the_base(tiny_model_dir, reward_dir):
+    path = tiny_model_dir("gpt2")
+    policy = build_policy(ModelConfig(model_path=path, peft_config=LORA, value_adapter=LORA,
+                                      reward_adapter=reward_dir), char_tokenizer())
+    base = AutoModelForCausalLM.from_pretrained(path)
+    adapters = {id(p) for role in (POLICY, VALUE, REWARD) for p in adapter_parameters(policy.lm, role)}
+    heads = {id(p) for p in [*policy.value_head.parameters(), *policy.reward_head.parameters()]}
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in policy.parameters()
+                if id(p) not in adapters | heads}
+    base_bytes = sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                      for p in base.parameters()}.values())
+    assert sum(storages.values()) == base_bytes  # no second copy for the reference, critic or reward model
