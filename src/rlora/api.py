@@ -98,11 +98,13 @@ def evaluate(checkpoint: str, overrides: list[str] | None = None, verbose: bool 
         trainer = build_trainer(config=os.path.join(checkpoint, "config.yaml"), verbose=verbose, overrides=[
             *(overrides or []), f"train.run_dir={run_dir}", "train.tracker=null", "train.save_best=false",
             "train.resume_from_checkpoint=null"], **kwargs)
-        checkpoints.load_weights(trainer.policy, checkpoint, trainer.accelerator.device)
-        trainer.step = json.load(open(os.path.join(checkpoint, "trainer_state.json")))["step"]
-        record = trainer.evaluate()
-        trainer.tracker.close()
-    return record
+        try:
+            checkpoints.load_weights(trainer.policy, checkpoint, trainer.accelerator.device)
+            with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+                trainer.step = json.load(f)["step"]
+            return trainer.evaluate()
+        finally:
+            trainer.tracker.close()
 
 
 __all__ = ["train", "build_trainer", "evaluate", "set_threads"]

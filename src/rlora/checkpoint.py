@@ -231,6 +231,11 @@ def load_weights(policy, path: str, device: torch.device) -> None:
     from safetensors.torch import load_model
 
     device = _file_device(device)
+    saved_critic = os.path.isdir(os.path.join(path, "adapter", VALUE))
+    if policy.has_value_adapter != saved_critic:
+        raise ValueError(f"{path} was written {'with' if saved_critic else 'without'} a critic adapter (adapter/"
+                         f"{VALUE}/) but this run has {'one' if policy.has_value_adapter else 'none'}: set "
+                         "model.value_adapter as the run that wrote it did")
     try:
         if policy.is_peft:
             for name, where in [(POLICY, "adapter")] + ([(VALUE, "adapter/value")] if policy.has_value_adapter else []):

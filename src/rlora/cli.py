@@ -24,6 +24,16 @@ def _quiet_hf() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+def _end_processes() -> None:
+    """Leave the process group together before the interpreter exits: a gloo group torn down at
+    exit while another process still runs aborts ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import rlora
     from rlora.trainer import TrainingInterrupted
@@ -35,6 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stop:
         print(stop, file=sys.stderr)
         return 128 + stop.signum
+    _end_processes()
     print(f"run directory: {trainer.run_dir}")
     return 0
 
@@ -46,6 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _quiet_hf()
     record = rlora.evaluate(args.checkpoint, overrides=list(args.overrides))
+    _end_processes()
     print(json.dumps({k: v for k, v in record.items() if k != "eval"}))
     return 0
 

@@ -493,18 +493,28 @@ def _validate_model(m: ModelConfig) -> None:
                "a critic or reward adapter sits beside the policy's LoRA adapter on the one base; set "
                "model.peft_config to a LoRA config (or model.model_path to a saved adapter)")
         if m.peft_config is not None:
-            ptype = m.peft_config.get("peft_type") if isinstance(m.peft_config, dict) else m.peft_config.peft_type
-            ptype = getattr(ptype, "value", ptype)
-            _check(ptype in ("LORA", "LOHA", "LOKR", "ADALORA", "IA3"), f"model.{key}", getattr(m, key),
-                   f"it needs a policy adapter of the LoRA family, not peft_type={ptype!r} (prompt learning adds "
-                   "tokens that a second adapter cannot share); use a LoRA model.peft_config")
+            _check(_peft_type(m.peft_config) == "LORA", f"model.{key}", getattr(m, key),
+                   f"it needs a LoRA policy adapter, not peft_type={_peft_type(m.peft_config)!r}: peft combines "
+                   "adapters of one type on a model, and `rlora rm` writes LoRA; use a LoRA model.peft_config")
     if isinstance(m.value_adapter, (dict,)) or _is_instance(m.value_adapter, "peft", "PeftConfig"):
         _check_peft_config(m.value_adapter, "model.value_adapter")
+        _check(_peft_type(m.value_adapter) == "LORA", "model.value_adapter.peft_type", _peft_type(m.value_adapter),
+               "the critic adapter sits beside the policy's LoRA adapter; use peft_type: LORA")
+        for name, default in (("modules_to_save", None), ("bias", "none"), ("trainable_token_indices", None)):
+            value = (m.value_adapter.get(name, default) if isinstance(m.value_adapter, dict)
+                     else getattr(m.value_adapter, name, default))
+            _check(value == default, f"model.value_adapter.{name}", value,
+                   f"the critic trains its LoRA weights and the value head only; leave {name} at {default!r}")
     elif m.value_adapter is not None:
         _check(isinstance(m.value_adapter, str) and m.value_adapter != "", "model.value_adapter", m.value_adapter,
                "give a LoRA config (e.g. {peft_type: LORA, r: 8}) or a reward-adapter directory")
     _check(m.reward_adapter is None or isinstance(m.reward_adapter, str) and m.reward_adapter != "",
            "model.reward_adapter", m.reward_adapter, "give the directory written by `rlora rm --out DIR`")
+
+
+def _peft_type(value: Any) -> str | None:
+    ptype = value.get("peft_type") if isinstance(value, dict) else getattr(value, "peft_type", None)
+    return getattr(ptype, "value", ptype)
 
 
 def _check_peft_config(value: Any, key: str = "model.peft_config") -> None:

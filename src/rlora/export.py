@@ -43,8 +43,10 @@ def export(checkpoint: str, out: str, adapter_only: bool = False) -> str:
     else:
         return _write_atomically(out, lambda tmp: _merge(checkpoint, tmp))
 
-    def copy(tmp: str) -> None:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
+    def copy(tmp: str) -> None:  # the policy's adapter only: a critic adapter (adapter/value/) stays behind
+        from rlora.models.policy import VALUE
+
+        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(VALUE))
         shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
 
     return _write_atomically(out, copy)

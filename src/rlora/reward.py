@@ -81,6 +81,8 @@ def encode_scored(tokenizer, prompts: Sequence[str], completions: Sequence[str],
     keeps its end (the EOS the score is read at). Shape: -> ids, mask (b, t)."""
     from rlora.rollout.generation import right_pad
 
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} leaves no room for a token and the EOS; give at least 2")
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False).input_ids
     completion_ids = tokenizer(list(completions), add_special_tokens=False).input_ids
     rows = [(p + c)[-(max_length - 1):] + [tokenizer.eos_token_id] for p, c in zip(prompt_ids, completion_ids)]

@@ -258,6 +258,7 @@ class PPOTrainer:
         if self.accelerator.is_main_process:
             plot_history(self.history, self.run_dir)
         self.tracker.close()
+        self.accelerator.wait_for_everyone()  # no process exits while another still works
         return self
 
     # ------------------------------------------------------------------ pieces of the loop

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
@@ -93,6 +95,9 @@ def test_both_trainable_adapters_get_gradients_in_one_step_and_nothing_flips(tin
     assert all(not p.requires_grad for p in adapter_parameters(policy.lm, REWARD))
     assert all(p.requires_grad for p in adapter_parameters(policy.lm, POLICY) + adapter_parameters(policy.lm, VALUE))
     exp = random_experience(4, 3, 5, vocab_size=30)
+    forward_responses(policy, exp.query_ids, exp.query_mask, exp.response_ids, exp.response_mask,
+                      with_reference=True)  # the rollout pass, reference included, comes first in a phase
+    assert {name: p.requires_grad for name, p in policy.named_parameters()} == flags
     logprobs, values, _ = forward_responses(policy, exp.query_ids, exp.query_mask, exp.response_ids,
                                             exp.response_mask)
     (logprobs.sum() + values.sum()).backward()
@@ -166,7 +171,13 @@ def test_ppo_with_only_a_reward_adapter_and_checkpointed_critic(tiny_model_dir, 
     config = tiny_ppo_config(tiny_model_dir("gpt2"), str(tmp_path / "run"),
                              model={"peft_config": LORA, "value_adapter": LORA, "reward_adapter": reward_dir},
                              train={"total_steps": 4})
+    torch.manual_seed(0)
+    initial = build_policy(load_config(config).model, char_tokenizer())
     trainer = rlora.train(prompts=PROMPTS, config=config, verbose=False)
+    # both trainable adapters moved over learn(): rollout passes (reference included) freeze nothing
+    for role in (POLICY, VALUE):
+        assert all(not torch.equal(a, b) for a, b in zip(adapter_state(initial, role),
+                                                           adapter_state(trainer.policy, role))), role
     evals = [r for r in trainer.history if r.get("eval")]
     assert len(evals) == 2 and all("reward/mean" in r for r in evals)
     # the eval reward is the adapter's mean score over the eval samples, not a placeholder 0
@@ -204,6 +215,10 @@ def test_add_scores_puts_the_adapter_score_at_the_last_real_token():
      "LoRA"),
     ({"peft_config": LORA, "reward_adapter": "/no/such/dir"}, "rlora rm"),
     ({"peft_config": LORA, "value_adapter": {"peft_type": "LORA", "rr": 4}}, "model.value_adapter.rr"),
+    ({"peft_config": LORA, "value_adapter": {"peft_type": "LOHA", "r": 4}}, "model.value_adapter.peft_type"),
+    ({"peft_config": {"peft_type": "LOHA", "r": 4}, "value_adapter": LORA}, "LoRA policy adapter"),
+    ({"peft_config": LORA, "value_adapter": {**LORA, "modules_to_save": ["lm_head"]}},
+     "model.value_adapter.modules_to_save"),
 ])
 def test_role_adapter_misconfigurations_are_clear_errors(tiny_model_dir, model_kwargs, match):
     config = tiny_ppo_config(tiny_model_dir("gpt2"), "unused", model=model_kwargs)
@@ -229,3 +244,25 @@ def test_all_roles_hold_one_copy_of_the_base(tiny_model_dir, reward_dir):
     base_bytes = sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
                       for p in base.parameters()}.values())
     assert sum(storages.values()) == base_bytes  # no second copy for the reference, critic or reward model
+
+
+def test_resuming_with_a_different_critic_setting_is_a_clear_error(tiny_model_dir, tmp_path):
+    config = tiny_ppo_config(tiny_model_dir("gpt2"), str(tmp_path / "run"), model={"peft_config": LORA},
+                             train={"total_steps": 4})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    checkpoint = f"{trainer.run_dir}/ckpts/step_4"
+    with pytest.raises(ValueError, match="without a critic adapter"):
+        rlora.train(count_s, PROMPTS, config=config, verbose=False, overrides=[
+            f"train.resume_from_checkpoint={checkpoint}", "model.value_adapter={peft_type: LORA, r: 4}"])
+
+
+def test_export_adapter_only_leaves_the_critic_behind(tiny_model_dir, tmp_path):
+    from rlora.export import export
+
+    config = tiny_ppo_config(tiny_model_dir("gpt2"), str(tmp_path / "run"),
+                             model={"peft_config": LORA, "value_adapter": LORA}, train={"total_steps": 4})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    checkpoint = f"{trainer.run_dir}/ckpts/step_4"
+    assert os.path.isdir(f"{checkpoint}/adapter/{VALUE}")
+    out = export(checkpoint, str(tmp_path / "out"), adapter_only=True)
+    assert os.path.isfile(f"{out}/adapter_model.safetensors") and not os.path.exists(f"{out}/{VALUE}")

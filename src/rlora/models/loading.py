@@ -217,10 +217,11 @@ def add_role_adapters(policy: Policy, model_config) -> None:
     lm = policy.lm
     if model_config.value_adapter is None and model_config.reward_adapter is None:
         return
-    if policy.mode != "adapter":
-        raise ValueError("model.value_adapter / model.reward_adapter need a policy adapter of the LoRA family; "
-                         f"{type(lm.active_peft_config).__name__} adds virtual tokens that a second adapter cannot "
-                         "share. Use a LoRA model.peft_config.")
+    ptype = getattr(lm.active_peft_config.peft_type, "value", lm.active_peft_config.peft_type)
+    if policy.mode != "adapter" or ptype != "LORA":
+        raise ValueError(f"model.value_adapter / model.reward_adapter need a LoRA policy adapter, not {ptype}: peft "
+                         "combines adapters of one type on a model (and `rlora rm` writes LoRA). Use a LoRA "
+                         "model.peft_config.")
     trainable = {name for name, p in lm.named_parameters() if p.requires_grad}
     if model_config.reward_adapter is not None:
         path = adapter_dir(model_config.reward_adapter)
@@ -256,9 +257,9 @@ def adapter_parameters(lm: PeftModel, name: str) -> list:
 
 def _load_adapter(lm: PeftModel, path: str, name: str, key: str, trainable: bool) -> None:
     config = PeftConfig.from_pretrained(path)
-    if config.is_prompt_learning:
-        raise ValueError(f"{key}={path!r} is a {config.peft_type} adapter; a critic or reward adapter must be of "
-                         "the LoRA family (as `rlora rm` writes)")
+    if getattr(config.peft_type, "value", config.peft_type) != "LORA":
+        raise ValueError(f"{key}={path!r} is a {config.peft_type} adapter; a critic or reward adapter must be LoRA "
+                         "(as `rlora rm` writes)")
     config.task_type = "CAUSAL_LM"
     try:
         lm.load_adapter(path, adapter_name=name, is_trainable=trainable, peft_config=config)

@@ -87,7 +87,9 @@ def recompute_activations(module: nn.Module) -> int:
     classes = tuple(c for c in vars(activations).values()
                     if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == activations.__name__)
     targets = [(parent, name, child) for parent in module.modules() if not isinstance(parent, Recomputed)
-               for name, child in parent.named_children() if isinstance(child, classes)]
+               for name, child in parent.named_children()
+               if isinstance(child, classes) and not any(True for _ in child.parameters())
+               and not any(True for _ in child.buffers())]  # wrapping would rename their weights
     for parent, name, child in targets:
         setattr(parent, name, Recomputed(child))
     return len(targets)
@@ -159,12 +161,24 @@ class Policy(nn.Module):
         `requires_grad` of every parameter is restored here, so switching never changes what
         trains.
         """
+        with self._keeping_requires_grad():
+            self.lm.set_adapter(name)
+            try:
+                yield
+            finally:
+                self.lm.set_adapter(POLICY)
+
+    @contextmanager
+    def _keeping_requires_grad(self) -> Iterator[None]:
+        """Every parameter's `requires_grad` as it was on entry, on exit (also when raising).
+
+        peft's adapter toggles reset them: `set_adapter` and leaving `disable_adapter` make the
+        active adapter trainable and every other adapter (the critic's too) frozen.
+        """
         trainable = [p.requires_grad for p in self.lm.parameters()]
-        self.lm.set_adapter(name)
         try:
             yield
         finally:
-            self.lm.set_adapter(POLICY)
             for p, flag in zip(self.lm.parameters(), trainable):
                 p.requires_grad_(flag)
 
@@ -218,7 +232,7 @@ class Policy(nn.Module):
         `reference_logits`); full mode yields the frozen copy.
         """
         if self.is_peft:
-            with self.lm.disable_adapter():
+            with self._keeping_requires_grad(), self.lm.disable_adapter():
                 yield self.lm
         else:
             yield self.ref_model if self.mode == "full" else self.lm
@@ -280,7 +294,8 @@ class Policy(nn.Module):
         base". Extra memory: one copy of each adapted layer's base weight while merged."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer) and not m.merged]
+        layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer) and not m.merged
+                  and any(POLICY in getattr(m, name) for name in m.adapter_layer_names)]  # not critic/reward-only
         saved = [(m, {n: p.detach().clone() for n, p in m.get_base_layer().named_parameters()}) for m in layers]
         try:
             for layer in layers:
