@@ -238,7 +238,10 @@ def load_weights(policy, path: str, device: torch.device) -> None:
                          "model.value_adapter as the run that wrote it did")
     try:
         if policy.is_peft:
-            for name, where in [(POLICY, "adapter")] + ([(VALUE, "adapter/value")] if policy.has_value_adapter else []):
+            adapters = [(POLICY, "adapter")]
+            if policy.has_value_adapter:
+                adapters.append((VALUE, os.path.join("adapter", VALUE)))
+            for name, where in adapters:
                 adapter = load_file(os.path.join(path, where, "adapter_model.safetensors"), device=device)
                 result = set_peft_model_state_dict(policy.lm, adapter, adapter_name=name)
                 if result.unexpected_keys:

@@ -496,7 +496,7 @@ def _validate_model(m: ModelConfig) -> None:
             _check(_peft_type(m.peft_config) == "LORA", f"model.{key}", getattr(m, key),
                    f"it needs a LoRA policy adapter, not peft_type={_peft_type(m.peft_config)!r}: peft combines "
                    "adapters of one type on a model, and `rlora rm` writes LoRA; use a LoRA model.peft_config")
-    if isinstance(m.value_adapter, (dict,)) or _is_instance(m.value_adapter, "peft", "PeftConfig"):
+    if isinstance(m.value_adapter, dict) or _is_instance(m.value_adapter, "peft", "PeftConfig"):
         _check_peft_config(m.value_adapter, "model.value_adapter")
         _check(_peft_type(m.value_adapter) == "LORA", "model.value_adapter.peft_type", _peft_type(m.value_adapter),
                "the critic adapter sits beside the policy's LoRA adapter; use peft_type: LORA")

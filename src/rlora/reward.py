@@ -147,16 +147,14 @@ def train_reward_model(model, head: ScoreHead, tokenizer, pairs: Sequence[Pair],
     Chosen and rejected texts of a batch go through the model together. AdamW (no weight decay),
     learning rate decayed linearly to 0; dropout (e.g. `lora_dropout`) on while training.
     """
-    from rlora.sft import forked_rng
+    from rlora.sft import forked_rng, linear_decay_adamw
 
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"reward-model training needs epochs >= 1 and batch_size >= 1, got epochs={epochs}, "
                          f"batch_size={batch_size}")
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     device = head.linear.weight.device
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    total = epochs * math.ceil(len(pairs) / batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
+    optimizer, schedule = linear_decay_adamw(params, lr, epochs * math.ceil(len(pairs) / batch_size))
     order_rng = random.Random(seed)
     history, start = [], time.perf_counter()
     with forked_rng(device):

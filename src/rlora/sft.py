@@ -46,6 +46,13 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.T
     return input_ids, attention_mask, labels
 
 
+def linear_decay_adamw(params: list[torch.nn.Parameter], lr: float, total_steps: int):
+    """AdamW without weight decay and a schedule taking its learning rate linearly from `lr` to 0
+    over `total_steps` steps (supervised fine-tuning and reward-model training)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+
+
 def sft(model, tokenizer, texts: Sequence[str], epochs: int, batch_size: int, lr: float, seed: int = 0,
         log: Callable[[dict], None] | None = None) -> list[dict]:
     """Train `model` in place to predict each of `texts` followed by eos; return per-epoch stats.
@@ -66,9 +73,7 @@ def sft(model, tokenizer, texts: Sequence[str], epochs: int, batch_size: int, lr
     device = params[0].device
     input_ids, attention_mask, labels = (x.to(device) for x in encode_texts(tokenizer, texts))
     steps_per_epoch = math.ceil(len(texts) / batch_size)
-    total_steps = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+    optimizer, schedule = linear_decay_adamw(params, lr, epochs * steps_per_epoch)
 
     was_training = model.training
     model.train()

@@ -52,10 +52,9 @@ def write_task(out: str, n_sft: int = 2000, n_pairs: int = 2000, n_prompts: int 
     `base` (a random tiny GPT-2 + character tokenizer), `sft.jsonl` (texts), `pairs.jsonl`
     (prompt, chosen, rejected; ties left out), `prompts.txt`."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     from rlora.tiny import char_tokenizer, tiny_config
-
-    from transformers import AutoModelForCausalLM
 
     rng = random.Random(seed)
     os.makedirs(out, exist_ok=True)
