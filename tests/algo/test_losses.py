@@ -101,19 +101,27 @@ def test_policy_loss_padding_reaches_neither_loss_stats_nor_grads(garbage):
     old = logprobs + 0.3 * torch.randn(6, 5, generator=g, dtype=F64)
     adv = torch.randn(6, 5, generator=g, dtype=F64)
 
+    grad_g = assert_padding_inert(policy_loss, logprobs, old, adv, mask, garbage, POLICY_KEYS)
+    assert torch.equal(grad_g[~mask], torch.zeros_like(grad_g[~mask]))
+
+
+def assert_padding_inert(loss_fn, x, old, third, mask, garbage, keys) -> torch.Tensor:
+    """`loss_fn(x, old, third, mask, 0.2)` gives the same loss, stats and gradient of `x` whether
+    padding holds zeros or `garbage` (`old` gets its negation); returns the gradient with garbage."""
+
     def run(fill):
-        pad = torch.full_like(logprobs, fill)
-        lp = torch.where(mask, logprobs, pad).requires_grad_(True)
-        loss, stats = policy_loss(lp, torch.where(mask, old, -pad), torch.where(mask, adv, pad), mask, 0.2)
+        pad = torch.full_like(x, fill)
+        inp = torch.where(mask, x, pad).requires_grad_(True)
+        loss, stats = loss_fn(inp, torch.where(mask, old, -pad), torch.where(mask, third, pad), mask, 0.2)
         loss.backward()
-        return loss, stats, lp.grad
+        return loss, stats, inp.grad
 
     loss, stats, grad = run(0.0)
     loss_g, stats_g, grad_g = run(garbage)
     assert torch.equal(loss, loss_g)
-    assert all(torch.equal(stats[k], stats_g[k]) for k in POLICY_KEYS)
+    assert all(torch.equal(stats[k], stats_g[k]) for k in keys)
     assert torch.equal(grad, grad_g)
-    assert torch.equal(grad_g[~mask], torch.zeros_like(grad_g[~mask]))
+    return grad_g
 
 
 # ---- value loss ----
@@ -159,18 +167,7 @@ def test_value_loss_padding_reaches_neither_loss_stats_nor_grads(garbage):
     g, mask = ragged_case(6, 5, seed=2)
     values, old, ret = (torch.randn(6, 5, generator=g, dtype=F64) for _ in range(3))
 
-    def run(fill):
-        pad = torch.full_like(values, fill)
-        v = torch.where(mask, values, pad).requires_grad_(True)
-        loss, stats = value_loss(v, torch.where(mask, old, -pad), torch.where(mask, ret, pad), mask, 0.2)
-        loss.backward()
-        return loss, stats, v.grad
-
-    loss, stats, grad = run(0.0)
-    loss_g, stats_g, grad_g = run(garbage)
-    assert torch.equal(loss, loss_g)
-    assert all(torch.equal(stats[k], stats_g[k]) for k in VALUE_KEYS)
-    assert torch.equal(grad, grad_g)
+    assert_padding_inert(value_loss, values, old, ret, mask, garbage, VALUE_KEYS)
 
 
 # ---- logprobs_of_labels / entropy_from_logits ----
