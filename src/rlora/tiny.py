@@ -10,17 +10,21 @@ import string
 
 from transformers import (
     AutoModelForCausalLM,
+    BloomConfig,
+    GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
     OPTConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
 )
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 DEFAULT_ALPHABET = string.ascii_lowercase + " .,!?"
-ARCHITECTURES = ("gpt2", "llama", "gpt_neox", "opt")
+# "opt_proj" is OPT with `word_embed_proj_dim != hidden_size` (the opt-350m shape: project_in/out)
+ARCHITECTURES = ("gpt2", "llama", "gpt_neox", "opt", "opt_proj", "bloom", "qwen2", "gemma")
 
 
 def char_tokenizer(alphabet: str = DEFAULT_ALPHABET, model_max_length: int = 1024) -> PreTrainedTokenizerFast:
@@ -52,7 +56,7 @@ def char_tokenizer(alphabet: str = DEFAULT_ALPHABET, model_max_length: int = 102
 
 
 def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4,
-                max_positions: int = 128, pad_token_id: int = 0, bos_token_id: int = 1,
+                max_positions: int = 128, pad_token_id: int | None = 0, bos_token_id: int = 1,
                 eos_token_id: int = 2, initializer_range: float = 0.3) -> PretrainedConfig:
     """A small random-init config of one of the `ARCHITECTURES`, dropout off unless set later.
 
@@ -74,10 +78,22 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, h
         return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                              num_hidden_layers=layers, num_attention_heads=heads,
                              max_position_embeddings=max_positions, **ids)
-    if arch == "opt":
+    if arch in ("opt", "opt_proj"):
         return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, max_position_embeddings=max_positions, word_embed_proj_dim=hidden,
-                         dropout=0.0, attention_dropout=0.0, **ids)
+                         num_attention_heads=heads, max_position_embeddings=max_positions,
+                         word_embed_proj_dim=hidden if arch == "opt" else hidden // 2,
+                         do_layer_norm_before=arch == "opt", dropout=0.0, attention_dropout=0.0, **ids)
+    if arch == "bloom":
+        return BloomConfig(vocab_size=vocab_size, hidden_size=hidden, n_layer=layers, n_head=heads,
+                           hidden_dropout=0.0, attention_dropout=0.0, **ids)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                           max_position_embeddings=max_positions, tie_word_embeddings=True, **ids)
+    if arch == "gemma":
+        return GemmaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1,
+                           head_dim=hidden // heads, max_position_embeddings=max_positions, **ids)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 
