@@ -40,7 +40,7 @@ from rlora.algo import (
 from rlora.config import Config, config_to_dict
 from rlora.distributed import Processes
 from rlora.models import Policy
-from rlora.rollout.generation import generate_rollouts
+from rlora.rollout.generation import Rollouts, generate_rollouts, sampling_temperature
 from rlora.rollout.prompts import Prompt, PromptLoader, normalize_prompts, tokenize_prompts
 from rlora.rollout.scoring import call_reward_fn, collate_metadata, forward_responses, validate_scores
 from rlora.rollout.store import Experience, concat_rollouts
@@ -114,8 +114,11 @@ class PPOTrainer:
         self.running = RunningMoments()
         self.ref_mean, self.ref_std = method.ref_mean, method.ref_std
 
-        max_new = (method.gen_experience_kwargs or method.gen_kwargs)["max_new_tokens"]
-        max_new_eval = method.gen_kwargs["max_new_tokens"]
+        rollout_kwargs = method.gen_experience_kwargs or method.gen_kwargs
+        self.temperature = sampling_temperature(rollout_kwargs)  # every pass scores what was sampled
+        max_new = rollout_kwargs["max_new_tokens"]
+        max_new_eval = max(kwargs.get("max_new_tokens", method.gen_kwargs["max_new_tokens"])
+                           for kwargs in [method.gen_kwargs, *method.eval_gen_kwargs.values()])
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self.prompt_ids = tokenize_prompts(prompts, tokenizer, train.seq_length - max_new, "prompts")
         if max_new_eval == max_new and eval_prompts == prompts[:len(eval_prompts)]:
@@ -171,11 +174,9 @@ class PPOTrainer:
                     while (n := sum(len(c.prompts) for c in chunks)) < self.rollouts_per_rank:
                         size = min(method.chunk_size, self.rollouts_per_rank - n)
                         index = self.loader.next_chunk(size * self.dist.world)[self.dist.rank * size:][:size]
-                        rollouts = generate_rollouts(self.policy, self.tokenizer,
-                                                     [self.prompt_ids[i] for i in index],
-                                                     {**(method.gen_experience_kwargs or method.gen_kwargs),
-                                                      **self.gen_extra}, self.stop_sequences,
-                                                     merged=method.merge_adapter_for_generation)
+                        rollouts = self._generate(index, method.gen_experience_kwargs or method.gen_kwargs,
+                                                  self.prompt_ids, self.prompts,
+                                                  merged=method.merge_adapter_for_generation)
                         chunks.append(rollouts)
                         fn_scores = None if self.reward_fn is None else self.dist.score(
                             self.reward_fn, rollouts, self.tokenizer, [self.prompts[i].metadata for i in index],
@@ -262,6 +263,15 @@ class PPOTrainer:
         return self
 
     # ------------------------------------------------------------------ pieces of the loop
+    def _generate(self, index: list[int], gen_kwargs: dict, prompt_ids: list[list[int]], prompts: list[Prompt],
+                  merged: bool = False) -> Rollouts:
+        """Rollouts for the prompts at `index`, in the run's precision: under accelerate's
+        autocast, as the prepared policy's forward runs (bf16 sampling, bf16 scoring)."""
+        with self.accelerator.autocast():
+            return generate_rollouts(self.policy, self.tokenizer, [prompts[i].text for i in index],
+                                     [prompt_ids[i] for i in index], {**gen_kwargs, **self.gen_extra},
+                                     self.stop_sequences, merged=merged)
+
     @torch.no_grad()
     def _reward_adapter_scores(self, rollouts) -> torch.Tensor | None:
         """The reward adapter's score of each rollout (None without one), `minibatch_size` rows
@@ -273,8 +283,9 @@ class PPOTrainer:
         ids, mask = rollout_rows(rollouts.query_ids, rollouts.query_mask, rollouts.response_ids,
                                  rollouts.response_mask, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         device = self.accelerator.device
-        return torch.cat([self.policy.reward_scores(i.to(device), m.to(device)).cpu()
-                          for i, m in zip(ids.split(self.minibatch_size), mask.split(self.minibatch_size))])
+        with self.accelerator.autocast():
+            return torch.cat([self.policy.reward_scores(i.to(device), m.to(device)).float().cpu()
+                              for i, m in zip(ids.split(self.minibatch_size), mask.split(self.minibatch_size))])
 
     @torch.no_grad()
     def _score_experience(self, rollouts, order: torch.Tensor) -> tuple[Experience, torch.Tensor]:
@@ -292,8 +303,10 @@ class PPOTrainer:
         device = self.accelerator.device
         for index in order.split(self.minibatch_size):
             mb = exp.select(index).to(device)
-            logprobs, values, ref_logprobs = forward_responses(
-                self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, with_reference=True)
+            with self.accelerator.autocast():  # the reference in the policy's precision, as the update's forward
+                logprobs, values, ref_logprobs = forward_responses(
+                    self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, with_reference=True,
+                    temperature=self.temperature)
             width = mb.response_ids.shape[1]
             exp.logprobs[index, :width] = logprobs.float().cpu()
             exp.values[index, :width] = values.float().cpu()
@@ -314,7 +327,7 @@ class PPOTrainer:
             last = i == len(micro) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.model):  # one gradient all-reduce a step
                 logprobs, values, _ = forward_responses(self.model, mb.query_ids, mb.query_mask, mb.response_ids,
-                                                        mb.response_mask)
+                                                        mb.response_mask, temperature=self.temperature)
                 pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
                                                 method.cliprange)
                 vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask,
@@ -377,12 +390,12 @@ class PPOTrainer:
         """Outputs (generated text only) of the policy for `prompts`, with `method.gen_kwargs`
         updated by `gen_kwargs`."""
         gen_kwargs = {**self.config.method.gen_kwargs, **gen_kwargs}
-        ids = tokenize_prompts(normalize_prompts(prompts), self.tokenizer,
-                               self.config.train.seq_length - gen_kwargs["max_new_tokens"])
+        items = normalize_prompts(prompts)
+        ids = tokenize_prompts(items, self.tokenizer, self.config.train.seq_length - gen_kwargs["max_new_tokens"])
         chunk = self.config.method.chunk_size
         return [output for start in range(0, len(ids), chunk)
-                for output in generate_rollouts(self.policy, self.tokenizer, ids[start:start + chunk], gen_kwargs,
-                                                self.stop_sequences).outputs]
+                for output in self._generate(list(range(start, min(start + chunk, len(ids)))), gen_kwargs, ids,
+                                             items).outputs]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -437,8 +450,7 @@ class PPOTrainer:
         rows = []
         for start in range(0, len(mine), chunk):
             index = mine[start:start + chunk]
-            rollouts = generate_rollouts(self.policy, self.tokenizer, [self.eval_prompt_ids[i] for i in index],
-                                         {**gen_kwargs, **self.gen_extra}, self.stop_sequences)
+            rollouts = self._generate(index, gen_kwargs, self.eval_prompt_ids, self.eval_prompts)
             adapter_scores = self._reward_adapter_scores(rollouts)
             adapter_scores = [0.0] * len(index) if adapter_scores is None else adapter_scores.tolist()
             rows += zip(index, rollouts.prompts, rollouts.outputs, rollouts.response_mask.sum(1).tolist(),

@@ -212,6 +212,27 @@ def test_logprobs_of_labels_gradient_matches_autograd_in_every_chunking(monkeypa
                                                                                       .requires_grad_(),))
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 50], ids=["autograd-path", "chunked-function"])
+def test_logprobs_of_labels_at_a_temperature_are_those_of_softmax_logits_over_t(monkeypatch, chunk):
+    import rlora.algo.logprobs as module
+
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(6)
+    logits = (torch.randn(2, 4, 50, generator=g, dtype=F64) * 4).requires_grad_()
+    labels = torch.randint(0, 50, (2, 4), generator=g)
+    weights = torch.randn(2, 4, generator=g, dtype=F64)
+    out = logprobs_of_labels(logits, labels, temperature=0.7)
+    (out * weights).sum().backward()
+    reference = logits.detach().clone().requires_grad_()
+    expected = F.log_softmax(reference / 0.7, -1).gather(-1, labels[..., None]).squeeze(-1)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logits.grad, reference.grad, rtol=0, atol=1e-12)
+    assert not torch.allclose(out, logprobs_of_labels(logits, labels))  # the temperature matters
+    with pytest.raises(ValueError, match="temperature=0 must be > 0"):
+        logprobs_of_labels(logits, labels, temperature=0)
+
+
 def test_logprobs_of_labels_rejects_misaligned_shapes():
     with pytest.raises(ValueError, match="align them first"):
         logprobs_of_labels(torch.zeros(2, 5, 10), torch.zeros(2, 4, dtype=torch.long))

@@ -1,10 +1,11 @@
-"""Generation cuts responses at EOS, applies stop sequences, and pads on the right."""
+"""Generation cuts responses at their stop ids and stop strings, applies stop sequences at token
+boundaries, keeps prompts as given, and pads on the right."""
 
 from __future__ import annotations
 
 import torch
 
-from rlora.rollout.generation import apply_stop_sequences, cut_at_eos, generate_rollouts
+from rlora.rollout.generation import cut_at_eos, generate_rollouts, stop_token_ids
 from rlora.rollout.store import Experience, concat_rollouts
 
 
@@ -16,10 +17,11 @@ class ScriptedPolicy(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.continuations = continuations
 
-    def generate(self, input_ids, attention_mask, **kwargs):
-        assert kwargs["max_new_tokens"] >= max(len(c) for c in self.continuations)
+    def generate(self, input_ids, attention_mask, generation_config, **kwargs):
+        assert generation_config.max_new_tokens >= max(len(c) for c in self.continuations)
         width = max(len(c) for c in self.continuations)  # rows that stopped early are padded, as HF does
-        tail = torch.tensor([c + [kwargs["pad_token_id"]] * (width - len(c)) for c in self.continuations])
+        pad = generation_config.pad_token_id
+        tail = torch.tensor([c + [pad] * (width - len(c)) for c in self.continuations])
         return torch.cat([input_ids, tail], dim=1)
 
 
@@ -27,11 +29,15 @@ def ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def rollouts_for(tokenizer, continuations, prompts, gen_kwargs, **kwargs):
+    return generate_rollouts(ScriptedPolicy(continuations), tokenizer, prompts, [ids(tokenizer, p) for p in prompts],
+                             gen_kwargs, **kwargs)
+
+
 def test_response_ends_at_first_eos_and_padding_is_masked(tokenizer):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     conts = [ids(tokenizer, "ab") + [eos, pad, pad], ids(tokenizer, "abcde"), ids(tokenizer, "a") + [eos] + ids(tokenizer, "bc")]
-    out = generate_rollouts(ScriptedPolicy(conts), tokenizer, [ids(tokenizer, "hi"), ids(tokenizer, "x"), ids(tokenizer, "yo")],
-                            {"max_new_tokens": 5})
+    out = rollouts_for(tokenizer, conts, ["hi", "x", "yo"], {"max_new_tokens": 5})
     assert out.response_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] * 2 + [False] * 3]
     assert out.response_ids[0, 2] == eos and out.response_ids[2, 1] == eos  # EOS is a real token
     assert (out.response_ids[~out.response_mask] == pad).all()
@@ -43,25 +49,86 @@ def test_response_ends_at_first_eos_and_padding_is_masked(tokenizer):
 def test_stop_sequence_cuts_output_and_appends_eos(tokenizer):
     eos = tokenizer.eos_token_id
     conts = [ids(tokenizer, "ab. cd"), ids(tokenizer, "abcdef")]
-    out = generate_rollouts(ScriptedPolicy(conts), tokenizer, [ids(tokenizer, "q"), ids(tokenizer, "r")],
-                            {"max_new_tokens": 6}, stop_sequences=["."])
+    out = rollouts_for(tokenizer, conts, ["q", "r"], {"max_new_tokens": 6}, stop_sequences=["."])
     assert out.outputs == ["ab", "abcdef"]
     assert out.response_ids[0, :3].tolist() == ids(tokenizer, "ab") + [eos]
     assert out.response_mask.sum(1).tolist() == [3, 6]  # the uncut row ran to max_new_tokens
     assert out.samples == ["qab", "rabcdef"]
 
 
-def test_helpers():
-    assert cut_at_eos([5, 2, 7], eos_id=2) == [5, 2]
-    assert cut_at_eos([5, 7], eos_id=2) == [5, 7]
-    assert apply_stop_sequences("hello\nworld", ["\n", "wor"]) == "hello"
-    assert apply_stop_sequences("hello", ["x"]) is None
+def test_helpers(tokenizer):
+    assert cut_at_eos([5, 2, 7], 2) == [5, 2]
+    assert cut_at_eos([5, 7], 2) == [5, 7]
+    assert cut_at_eos([5, 9, 2, 7], [2, 9]) == [5, 9]
+    assert stop_token_ids({}, tokenizer) == [tokenizer.eos_token_id]
+    assert stop_token_ids({"eos_token_id": [7, 2, 7]}, tokenizer) == [7, 2]
+    assert stop_token_ids({"eos_token_id": 9}, tokenizer) == [9]
+
+    class Model:  # a checkpoint's generation_config with Llama-3 style end-of-turn ids
+        eos_token_id = [tokenizer.eos_token_id, 11]
+    assert stop_token_ids({}, tokenizer, Model()) == [tokenizer.eos_token_id, 11]
+
+
+def test_several_stop_ids_cut_at_the_first_of_any(tokenizer):
+    pad = tokenizer.pad_token_id
+    a, b = ids(tokenizer, "a")[0], ids(tokenizer, "b")[0]
+    conts = [ids(tokenizer, "xy") + [b, pad, pad], ids(tokenizer, "x") + [a] + ids(tokenizer, "zz"),
+             ids(tokenizer, "xyzzy")]
+    out = rollouts_for(tokenizer, conts, ["p", "q", "r"], {"max_new_tokens": 5, "eos_token_id": [a, b]})
+    assert out.response_mask.sum(1).tolist() == [3, 2, 5]
+    assert out.response_ids[0, 2] == b and out.response_ids[1, 1] == a  # the stop token is real
+    assert (out.response_ids[~out.response_mask] == pad).all()
+
+
+def test_stop_strings_keep_the_string_and_nothing_after(tokenizer):
+    pad = tokenizer.pad_token_id
+    conts = [ids(tokenizer, "ab!cd") + [pad], ids(tokenizer, "abcdef")]  # transformers pads after "!"
+    out = rollouts_for(tokenizer, conts, ["p", "q"], {"max_new_tokens": 6, "stop_strings": ["!"]})
+    assert out.outputs == ["ab!", "abcdef"]
+    assert out.response_mask.sum(1).tolist() == [3, 6]
+
+
+def test_prompts_reach_the_rollouts_exactly_as_given(tokenizer):
+    prompts = ["<|bos|>system: be brief", "ab"]  # a special token that decoding would drop
+    out = rollouts_for(tokenizer, [[5, 6], [7]], prompts, {"max_new_tokens": 2})
+    assert out.prompts == prompts
+    assert out.samples[0].startswith("<|bos|>system: be brief")
+
+
+def test_stop_sequence_cut_keeps_the_sampled_tokens_of_a_real_bpe(gpt2_bpe_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gpt2_bpe_dir)
+    tok.pad_token = tok.eos_token
+    # "Hi world." sampled as four pieces (re-encoding it gives three), then "\n"
+    pieces = [tok.convert_tokens_to_ids(t) for t in ["Hi", "Ġwor", "ld", ".", "Ċ", "By"]]
+    assert tok.eos_token_id not in pieces and tok("Hi world.").input_ids != pieces[:4]
+    g = torch.Generator().manual_seed(0)
+    random_rows = [torch.randint(0, 50000, (12,), generator=g).tolist() for _ in range(32)]
+    conts = [pieces] + random_rows
+    width = max(len(c) for c in conts)
+    out = rollouts_for(tok, conts, ["Q:"] * len(conts), {"max_new_tokens": width}, stop_sequences=["\n", "e"])
+    assert out.outputs[0] == "Hi world."
+    assert out.response_ids[0, :5].tolist() == pieces[:4] + [tok.eos_token_id]
+    cut = 0
+    for i, sampled in enumerate(conts):
+        n = int(out.response_mask[i].sum())
+        scored = out.response_ids[i, :n].tolist()
+        full = tok.decode(sampled)
+        if "\n" in full or "e" in full:
+            cut += 1
+            assert scored[:-1] == sampled[:n - 1] and scored[-1] == tok.eos_token_id  # a prefix of what was sampled
+            assert out.outputs[i] == tok.decode(scored[:-1]) and "e" not in out.outputs[i]
+            assert full.startswith(out.outputs[i])
+        else:
+            assert scored == sampled
+    assert cut >= 16
 
 
 def test_concat_and_select_drop_all_padding_columns(tokenizer):
     eos = tokenizer.eos_token_id
-    a = generate_rollouts(ScriptedPolicy([[5, eos]]), tokenizer, [[7, 8, 9]], {"max_new_tokens": 4})
-    b = generate_rollouts(ScriptedPolicy([[5, 6, 7, 8]]), tokenizer, [[7]], {"max_new_tokens": 4})
+    a = generate_rollouts(ScriptedPolicy([[5, eos]]), tokenizer, ["p"], [[7, 8, 9]], {"max_new_tokens": 4})
+    b = generate_rollouts(ScriptedPolicy([[5, 6, 7, 8]]), tokenizer, ["q"], [[7]], {"max_new_tokens": 4})
     both = concat_rollouts([a, b], tokenizer.pad_token_id)
     assert both.query_ids.shape == (2, 3) and both.response_ids.shape == (2, 4)
     zeros = torch.zeros(2, 4)

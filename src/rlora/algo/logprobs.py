@@ -18,7 +18,8 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 class _LabelLogprobs(torch.autograd.Function):
-    """`logits.gather(labels) − logsumexp(logits)` with lean memory in both directions.
+    """`z.gather(labels) − logsumexp(z)` for `z = logits / temperature`, with lean memory in
+    both directions (no tempered copy of the logits is made).
 
     Forward and backward run over chunks of rows, so the only full-size (b, t, v) tensors are
     the logits themselves (saved for backward, alive anyway as the LM head's output) and, in
@@ -28,35 +29,47 @@ class _LabelLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
         out_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
         flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
         lse = torch.empty(flat.shape[0], dtype=out_dtype, device=logits.device)
         rows = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
         for start in range(0, flat.shape[0], rows):
-            lse[start:start + rows] = torch.logsumexp(flat[start:start + rows].to(out_dtype), dim=-1)
-        picked = flat.gather(-1, flat_labels).squeeze(-1).to(out_dtype)
+            lse[start:start + rows] = torch.logsumexp(_tempered(flat[start:start + rows], out_dtype, temperature), -1)
+        picked = _tempered(flat.gather(-1, flat_labels).squeeze(-1), out_dtype, temperature)
         ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
         return (picked - lse).reshape(labels.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         logits, labels, lse = ctx.saved_tensors
+        temperature = ctx.temperature
         flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
-        grad = grad.reshape(-1, 1).to(lse.dtype)
+        grad = grad.reshape(-1, 1).to(lse.dtype) / temperature  # d(z)/d(logits) = 1 / T
         out = torch.empty_like(flat)
         rows = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
         for start in range(0, flat.shape[0], rows):
             part = slice(start, start + rows)
-            probs = (flat[part].to(lse.dtype) - lse[part, None]).exp_()  # softmax of these rows
+            probs = (_tempered(flat[part], lse.dtype, temperature) - lse[part, None]).exp_()  # softmax of these rows
             probs.mul_(grad[part].neg()).scatter_add_(-1, flat_labels[part], grad[part])
             out[part] = probs
-        return out.reshape(logits.shape), None
+        return out.reshape(logits.shape), None, None
 
 
-def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`log softmax(logits)[labels]`, as `gather(logits, labels) − logsumexp(logits)`.
+def _tempered(x: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    """`x / temperature` in `dtype` (no division at temperature 1, so those results stay bitwise)."""
+    x = x.to(dtype)
+    return x if temperature == 1.0 else x / temperature
+
+
+def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """`log softmax(logits / temperature)[labels]`, as `gather(z, labels) − logsumexp(z)`.
+
+    `temperature` is the sampling temperature of the responses, so that the log-probs are those
+    of the distribution they were drawn from (`generate` samples from softmax(logits / T); TRL
+    and verl score with the same division).
 
     Memory-lean: no (b, t, v) log-softmax tensor is made. Autograd keeps only the logits
     (alive anyway) and (b, t) results; for logits over `CHUNK_ELEMENTS`, the (b, t, v) work runs
@@ -73,12 +86,15 @@ def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
             f"logits {tuple(logits.shape)} must be (b, t, v) and labels {tuple(labels.shape)} (b, t); "
             "align them first (logits[:, :-1] with ids[:, 1:])"
         )
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0; it is the sampling temperature of the responses")
     labels = labels.long()
     if logits.numel() > CHUNK_ELEMENTS or logits.dtype not in (torch.float32, torch.float64):
-        return _LabelLogprobs.apply(logits, labels)
+        return _LabelLogprobs.apply(logits, labels, float(temperature))
     # small enough that autograd's temporaries are bounded by one chunk anyway, and its fused
     # kernels are faster there (randomwalks step: 48 ms through the Function, 40 ms here)
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    z = logits if temperature == 1.0 else logits / temperature
+    return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

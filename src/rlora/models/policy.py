@@ -278,12 +278,49 @@ class Policy(nn.Module):
             return sequence_scores(self.lm, self.reward_head, input_ids, attention_mask)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, merged: bool = False,
-                 **gen_kwargs) -> torch.Tensor:
-        """Sample continuations with the policy; `merged` generates with the adapter merged into
-        the base weights (see `merged_adapter`). Shape: (b, t) -> (b, t + new)."""
-        with self.merged_adapter() if merged and self.mode == "adapter" else nullcontext():
-            return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config=None,
+                 merged: bool = False, **kwargs) -> torch.Tensor:
+        """Sample continuations with the policy. Shape: (b, t) -> (b, t + new).
+
+        - `generation_config` is the whole of the settings: while it runs it stands in for the
+          model's own `generation_config`, which transformers would otherwise draw unset values
+          from (a checkpoint's temperature, repetition_penalty, top_k, ...).
+        - `merged` generates with the adapter merged into the base weights (`merged_adapter`).
+        - Prompt tuning puts the virtual tokens after each row's left padding, `[pad | virtual |
+          prompt]`, so that positions count as in the scoring passes (`[virtual | prompt | ...]`,
+          see `rlora.rollout.scoring.pack_sequences`); peft's own generate would give
+          `[virtual | pad | prompt]`.
+        """
+        base = self.base_model
+        saved = base.generation_config
+        if generation_config is not None:
+            base.generation_config = generation_config
+        try:
+            with self.merged_adapter() if merged and self.mode == "adapter" else nullcontext():
+                if self.mode == "prompt" and not self.lm.active_peft_config.peft_type == "PREFIX_TUNING":
+                    return self._generate_after_virtual_tokens(input_ids, attention_mask, generation_config, **kwargs)
+                return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                        generation_config=generation_config, **kwargs)
+        finally:
+            base.generation_config = saved
+
+    def _generate_after_virtual_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                       generation_config, **kwargs) -> torch.Tensor:
+        """Prompt tuning's generate with rows laid out `[pad | virtual | prompt]`, from peft's own
+        virtual-token embeddings. Shape: (b, t) -> (b, t + new)."""
+        b, t = input_ids.shape
+        embeds = self.lm.word_embeddings(input_ids)  # (b, t, h)
+        virtual = self.lm.get_prompt(batch_size=b).to(embeds.dtype)  # (b, n, h)
+        n = virtual.shape[1]
+        n_pad = (t - attention_mask.sum(1))[:, None]  # (b, 1)
+        j = torch.arange(n + t, device=input_ids.device)[None, :]  # (1, n + t) positions of the new rows
+        # index into cat([virtual, embeds]): padding first, then the virtual tokens, then the prompt
+        index = torch.where(j < n_pad, n + j, torch.where(j < n_pad + n, j - n_pad, j))  # (b, n + t)
+        rows = torch.cat([virtual, embeds], 1).gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+        mask = (j >= n_pad).long()  # (b, n + t)
+        new = self.base_model.generate(inputs_embeds=rows, attention_mask=mask, generation_config=generation_config,
+                                       **kwargs)  # new tokens only: no ids were given
+        return torch.cat([input_ids, new], 1)
 
     @contextmanager
     def merged_adapter(self) -> Iterator[None]:

@@ -12,6 +12,12 @@ import torch
 
 
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff")
+# Sampling with no logits processor at all: `gen_kwargs` set everything else. Unset, transformers
+# would fill these from the checkpoint's generation_config (or its own top_k=50).
+NEUTRAL_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+# `generate` arguments that are not generation settings; passed beside the GenerationConfig.
+GENERATE_ARGUMENTS = ("synced_gpus", "streamer", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
+                      "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask", "tokenizer")
 
 
 @dataclass
@@ -22,12 +28,49 @@ class Rollouts:
     query_mask: torch.Tensor  # (b, p) bool, True on prompt tokens
     response_ids: torch.Tensor  # (b, r) right-padded
     response_mask: torch.Tensor  # (b, r) bool, True on real response tokens (EOS included)
-    prompts: list[str]
+    prompts: list  # each exactly as the user gave it
     outputs: list[str]
 
     @property
     def samples(self) -> list[str]:
         return [p + o for p, o in zip(self.prompts, self.outputs)]
+
+
+def stop_token_ids(gen_kwargs: dict, tokenizer, model_generation_config=None) -> list[int]:
+    """The token ids that end a response: `gen_kwargs["eos_token_id"]` (an id or a list) when
+    set, else the tokenizer's EOS followed by any other EOS ids of the model's own
+    `generation_config` (Llama-3 style end-of-turn tokens). The first is the one appended to a
+    response cut at a stop sequence."""
+    given = gen_kwargs.get("eos_token_id")
+    if given is None:
+        model_ids = getattr(model_generation_config, "eos_token_id", None)
+        given = [tokenizer.eos_token_id, *(model_ids if isinstance(model_ids, (list, tuple)) else [model_ids])]
+    ids = [given] if isinstance(given, int) else list(given)
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def rollout_generation_config(gen_kwargs: dict, tokenizer, stop_ids: list[int]):
+    """`gen_kwargs` over neutral defaults as one `GenerationConfig`, plus the `generate`
+    arguments that are not settings. Nothing comes from the checkpoint's own generation_config.
+
+    Greedy and beam search drop the sampling-only settings, which would not apply.
+    """
+    from transformers import GenerationConfig
+
+    settings = {**NEUTRAL_SAMPLING, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                **gen_kwargs, "eos_token_id": stop_ids}
+    arguments = {k: settings.pop(k) for k in GENERATE_ARGUMENTS if k in settings}
+    if not settings.get("do_sample", False):
+        settings = {k: v for k, v in settings.items() if k not in SAMPLING_ONLY}
+    if settings.get("stop_strings"):
+        arguments.setdefault("tokenizer", tokenizer)  # transformers matches stop strings through it
+    return GenerationConfig(**settings), arguments
+
+
+def sampling_temperature(gen_kwargs: dict) -> float:
+    """The temperature the responses are drawn at (1 for greedy / beam search): every pass
+    scores `softmax(logits / temperature)`, the distribution that was sampled."""
+    return float(gen_kwargs.get("temperature", 1.0)) if gen_kwargs.get("do_sample", False) else 1.0
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,45 +96,79 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:
-    """Tokens up to and including the first EOS (all of them when none was generated)."""
-    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+def cut_at_eos(tokens: list[int], eos_ids: int | Sequence[int]) -> list[int]:
+    """Tokens up to and including the first of the stop ids (all of them when none was generated)."""
+    stops = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:i + 1]
+    return tokens
 
 
-def apply_stop_sequences(output: str, stop_sequences: Sequence[str]) -> str | None:
-    """The output cut before the first stop string, or None when none occurs."""
-    cuts = [i for i in (output.find(s) for s in stop_sequences if s) if i >= 0]
-    return output[: min(cuts)] if cuts else None
+def _first(n: int, holds) -> int:
+    """The smallest k in [0, n] with `holds(k)` (n when none), for `holds` monotone in k."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if holds(mid) else (mid + 1, hi)
+    return lo
+
+
+def tokens_through_stop_string(tokens: list[int], decode, stop_strings: Sequence[str]) -> list[int]:
+    """The tokens up to the one that completes the first stop string (kept: `generate` stops
+    after it), or all of them when the text holds none. `decode(ids) -> str`."""
+    stop_strings = [s for s in stop_strings if s]
+    if not any(s in decode(tokens) for s in stop_strings):
+        return tokens
+    return tokens[:_first(len(tokens), lambda k: any(s in decode(tokens[:k]) for s in stop_strings))]
+
+
+def tokens_before_stop_sequence(tokens: list[int], decode, stop_sequences: Sequence[str]) -> list[int] | None:
+    """The sampled tokens before the one in which the first stop sequence starts, or None when
+    the text holds none. Cutting at a token boundary keeps the scored ids the sampled ids:
+    re-encoding the cut text could give other tokens. `decode(ids) -> str`."""
+    start = [i for i in (decode(tokens).find(s) for s in stop_sequences if s) if i >= 0]
+    if not start:
+        return None
+    c = min(start)  # the stop sequence's first character; the token holding it is dropped with the rest
+    return tokens[:_first(len(tokens), lambda k: len(decode(tokens[:k])) > c) - 1]
 
 
 @torch.no_grad()
-def generate_rollouts(policy, tokenizer, prompt_ids: list[list[int]], gen_kwargs: dict,
+def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[int]], gen_kwargs: dict,
                       stop_sequences: Sequence[str] = (), merged: bool = False) -> Rollouts:
     """Sample one response per prompt with the policy (adapters on, dropout as set by the caller).
 
-    A response is its tokens up to and including the first EOS. With `stop_sequences`, an
-    output holding a stop string is cut before it, re-encoded and given an EOS (as trlx does);
-    the scoring pass then scores exactly those tokens.
+    Sampling uses exactly `gen_kwargs` over neutral defaults (`rollout_generation_config`). A
+    response is its tokens up to and including the first stop id (`stop_token_ids`), or through
+    the first of `gen_kwargs["stop_strings"]`; everything after is padding. With
+    `stop_sequences` (trlx's), a response is cut at the token in which the first of them starts
+    and given an EOS, so the scored tokens are the sampled ones. `prompts` are kept as given
+    (they reach reward_fn); `prompt_ids` are their tokens. Outputs are the decoded responses.
     """
     device = next(policy.parameters()).device
     query_ids, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
-    kwargs = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, **gen_kwargs}
-    if not kwargs.get("do_sample", False):  # greedy or beam search: sampling settings do not apply
-        kwargs = {k: v for k, v in kwargs.items() if k not in SAMPLING_ONLY}
+    base = getattr(policy, "base_model", None)
+    stops = stop_token_ids(gen_kwargs, tokenizer, getattr(base, "generation_config", None))
+    config, arguments = rollout_generation_config(gen_kwargs, tokenizer, stops)
     if merged:
-        kwargs["merged"] = True
-    sequences = policy.generate(query_ids, query_mask.long(), **kwargs)
-    generated = sequences[:, query_ids.shape[1]:].tolist()
-    eos = tokenizer.eos_token_id
-    responses = [cut_at_eos(tokens, eos) for tokens in generated]
-    prompts = tokenizer.batch_decode([ids for ids in prompt_ids], skip_special_tokens=True)
-    outputs = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        arguments["merged"] = True
+    sequences = policy.generate(query_ids, query_mask.long(), generation_config=config, **arguments)
+    responses = [cut_at_eos(tokens, stops) for tokens in sequences[:, query_ids.shape[1]:].tolist()]
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    if gen_kwargs.get("stop_strings"):
+        strings = gen_kwargs["stop_strings"]
+        responses = [tokens_through_stop_string(r, decode, [strings] if isinstance(strings, str) else strings)
+                     for r in responses]
     if stop_sequences:
-        for i, output in enumerate(outputs):
-            cut = apply_stop_sequences(output, stop_sequences)
-            if cut is not None:
-                outputs[i] = cut
-                responses[i] = tokenizer(cut, add_special_tokens=False).input_ids + [eos]
+        for i, response in enumerate(responses):
+            kept = tokens_before_stop_sequence(response, decode, stop_sequences)
+            if kept is not None:
+                responses[i] = kept + [stops[0]]
+    outputs = [decode(r) for r in responses]
     response_ids, response_mask = right_pad(responses, tokenizer.pad_token_id)
-    return Rollouts(query_ids.cpu(), query_mask.cpu(), response_ids, response_mask, prompts, outputs)
+    return Rollouts(query_ids.cpu(), query_mask.cpu(), response_ids, response_mask, list(prompts), outputs)

@@ -100,8 +100,9 @@ def pack_sequences(query_ids: torch.Tensor, query_mask: torch.Tensor, response_i
 
 
 def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                      response_mask: torch.Tensor, with_reference: bool = False):
-    """Policy logprobs and values of each response token, and optionally the reference's logprobs.
+                      response_mask: torch.Tensor, with_reference: bool = False, temperature: float = 1.0):
+    """Policy logprobs and values of each response token, and optionally the reference's logprobs,
+    all of `softmax(logits / temperature)`: the sampling temperature of the responses.
 
     The value at a response token is the one predicted at the position before it (the state
     the token was sampled from), as trlx. Shape: query (b, p), response (b, r) ->
@@ -124,10 +125,10 @@ def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor,
     # Kept positions that predict no response token get label 0 and are dropped by `at`.
     labels = torch.zeros(len(keep), dtype=response_ids.dtype, device=response_ids.device).expand(
         response_ids.shape[0], -1).scatter(1, before - first, response_ids)  # (b, k)
-    logprobs = at(logprobs_of_labels(out.logits, labels), before - first)
+    logprobs = at(logprobs_of_labels(out.logits, labels, temperature), before - first)
     values = at(out.values, before)
     ref_logprobs = None
     if with_reference:
         ref_logits = policy.reference_logits(input_ids, attention_mask, policy_output=out, logits_to_keep=keep)
-        ref_logprobs = at(logprobs_of_labels(ref_logits, labels), before - first)
+        ref_logprobs = at(logprobs_of_labels(ref_logits, labels, temperature), before - first)
     return logprobs, values, ref_logprobs
