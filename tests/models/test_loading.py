@@ -24,21 +24,30 @@ def tokenizer_without_pad() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
 
 
-def test_missing_pad_token_gets_its_own_token_not_eos(tmp_path):
+def test_missing_pad_token_pads_with_eos_and_keeps_the_base_vocabulary(tmp_path):
     source = tokenizer_without_pad()
     assert source.pad_token is None
     tiny_model("gpt2", source).save_pretrained(tmp_path)
     source.save_pretrained(tmp_path)
     tokenizer = load_tokenizer(TokenizerConfig(), str(tmp_path))
-    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # an existing id: masks decide what is real
+    assert len(tokenizer) == len(source) == 5
     assert tokenizer.padding_side == "left"
     policy = build_policy(ModelConfig(model_path=str(tmp_path), peft_config={"peft_type": "LORA", "r": 2}),
                           tokenizer)
-    assert policy.base_model.get_input_embeddings().num_embeddings == len(tokenizer) == 6
+    assert policy.base_model.get_input_embeddings().num_embeddings == 5
     assert policy.base_model.config.pad_token_id == tokenizer.pad_token_id
     ids = torch.tensor([[1, 2, tokenizer.pad_token_id]])
     out = policy(ids, torch.tensor([[1, 1, 0]]))
-    assert out.logits.shape == (1, 3, 6)
+    assert out.logits.shape == (1, 3, 5)
+
+
+def test_real_gpt2_tokenizer_keeps_50257_tokens(gpt2_bpe_model_dir):
+    path = gpt2_bpe_model_dir("gpt2")
+    tokenizer = load_tokenizer(TokenizerConfig(), path)
+    assert len(tokenizer) == 50257 and tokenizer.pad_token_id == tokenizer.eos_token_id == 50256
+    policy = build_policy(ModelConfig(model_path=path, peft_config={"peft_type": "LORA", "r": 2}), tokenizer)
+    assert policy.base_model.get_input_embeddings().num_embeddings == 50257
 
 
 def test_missing_tokenizer_dir_is_a_clear_error():

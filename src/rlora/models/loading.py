@@ -19,7 +19,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 
 from rlora.models.policy import POLICY, REWARD, VALUE, Policy
 
-DEFAULT_PAD_TOKEN = "<|pad|>"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -78,9 +77,10 @@ def load_tokenizer(tokenizer_config, model_path: Any, trust_remote_code: bool = 
     """The tokenizer of `tokenizer.tokenizer_path` (default: the model's path; for an adapter
     directory, its own tokenizer, else its checkpoint's `tokenizer/`, else its base's).
 
-    A tokenizer without a pad token gets a new `<|pad|>` token rather than reusing EOS (trlx's
-    choice), so that EOS stays a real, rewarded response token; `build_policy` grows the
-    embeddings to match.
+    A tokenizer without a pad token (GPT-2's) pads with its EOS id. Padding is a matter of masks:
+    every pass and every statistic reads `attention_mask` / `response_mask`, never the pad id,
+    so a generated EOS stays a real, rewarded token. No token is added, so the base keeps its
+    vocabulary and the adapter and a merged export load on the original base and tokenizer.
     """
     path = tokenizer_config.tokenizer_path or _default_tokenizer_path(model_path)
     if not isinstance(path, str):
@@ -91,11 +91,11 @@ def load_tokenizer(tokenizer_config, model_path: Any, trust_remote_code: bool = 
                                  trust_remote_code=trust_remote_code, **tokenizer_config.tokenizer_extra_configs)
     tokenizer.padding_side = tokenizer_config.padding_side
     tokenizer.truncation_side = tokenizer_config.truncation_side
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
     if tokenizer.eos_token is None:
         raise ValueError(f"the tokenizer at {path!r} has no EOS token; set tokenizer.tokenizer_extra_configs."
                          "eos_token to the token that ends a response")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
@@ -143,7 +143,7 @@ def resolve_peft_config(peft_config: PeftConfig | dict | None, key: str = "model
 
 
 def fit_to_tokenizer(base: PreTrainedModel, tokenizer) -> PreTrainedModel:
-    """Grow `base`'s embeddings to the tokenizer's size (an added pad token) and set its pad id."""
+    """Grow `base`'s embeddings to the tokenizer's size (tokens the user added to it) and set its pad id."""
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(tokenizer))
     base.config.pad_token_id = tokenizer.pad_token_id
