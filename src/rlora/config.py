@@ -118,6 +118,9 @@ class TokenizerConfig:
     """"left" or "right"."""
     truncation_side: str = "right"
     """"left" or "right"."""
+    add_special_tokens: bool = True
+    """rlora: open each prompt with the tokenizer's own special tokens (a BOS for Llama / Mistral
+    tokenizers; GPT-2's adds none), as `tokenizer(text)` does; false = no special tokens (trlx)."""
     tokenizer_extra_configs: dict = field(default_factory=dict)
     """Extra keyword arguments for `AutoTokenizer.from_pretrained`."""
 

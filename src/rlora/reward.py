@@ -76,15 +76,18 @@ def load_pairs(source: str) -> list[Pair]:
 
 
 def encode_scored(tokenizer, prompts: Sequence[str], completions: Sequence[str],
-                  max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of prompt + completion + EOS for each text, right-padded; an over-long text
-    keeps its end (the EOS the score is read at). Shape: -> ids, mask (b, t)."""
+                  max_length: int, add_special_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of prompt + completion + EOS for each text, right-padded; the prompt opens with
+    the tokenizer's special tokens (a BOS) unless `add_special_tokens` is off, as rollout prompts
+    do. An over-long text keeps its end (the EOS the score is read at). Shape: -> ids, mask (b, t)."""
     from rlora.rollout.generation import right_pad
 
     if max_length < 2:
         raise ValueError(f"max_length={max_length} leaves no room for a token and the EOS; give at least 2")
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False).input_ids
-    completion_ids = tokenizer(list(completions), add_special_tokens=False).input_ids
+    from rlora.rollout.prompts import encode
+
+    prompt_ids = encode(tokenizer, prompts, add_special_tokens)  # opened as rollout prompts are (a BOS)
+    completion_ids = encode(tokenizer, completions, add_special_tokens=False)
     rows = [(p + c)[-(max_length - 1):] + [tokenizer.eos_token_id] for p, c in zip(prompt_ids, completion_ids)]
     ids, mask = right_pad(rows, tokenizer.pad_token_id)
     return ids, mask.long()
@@ -124,7 +127,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 
 @torch.no_grad()
 def pairwise_accuracy(model, head: ScoreHead, tokenizer, pairs: Sequence[Pair], batch_size: int,
-                      max_length: int) -> float:
+                      max_length: int, add_special_tokens: bool = True) -> float:
     """The fraction of pairs whose chosen text scores strictly higher than the rejected one."""
     device = head.linear.weight.device
     wins = 0
@@ -132,7 +135,7 @@ def pairwise_accuracy(model, head: ScoreHead, tokenizer, pairs: Sequence[Pair], 
         part = pairs[start:start + batch_size]
         prompts = [p.prompt for p in part] * 2
         ids, mask = encode_scored(tokenizer, prompts, [p.chosen for p in part] + [p.rejected for p in part],
-                                  max_length)
+                                  max_length, add_special_tokens)
         scores = sequence_scores(model, head, ids.to(device), mask.to(device))
         wins += int((scores[:len(part)] > scores[len(part):]).sum())
     return wins / len(pairs)
@@ -140,12 +143,13 @@ def pairwise_accuracy(model, head: ScoreHead, tokenizer, pairs: Sequence[Pair], 
 
 def train_reward_model(model, head: ScoreHead, tokenizer, pairs: Sequence[Pair], eval_pairs: Sequence[Pair],
                        epochs: int, batch_size: int, lr: float, max_length: int = 512, seed: int = 0,
-                       log: Callable[[dict], None] | None = None) -> list[dict]:
+                       log: Callable[[dict], None] | None = None, add_special_tokens: bool = True) -> list[dict]:
     """Train the active adapter of `model` and `head` with the Bradley–Terry loss; return per-epoch
     stats (`epoch`, `loss`, `train_accuracy`, `eval_accuracy`, `seconds`).
 
     Chosen and rejected texts of a batch go through the model together. AdamW (no weight decay),
-    learning rate decayed linearly to 0; dropout (e.g. `lora_dropout`) on while training.
+    learning rate decayed linearly to 0; dropout (e.g. `lora_dropout`) on while training. Texts
+    are laid out by `encode_scored`.
     """
     from rlora.sft import forked_rng, linear_decay_adamw
 
@@ -167,7 +171,8 @@ def train_reward_model(model, head: ScoreHead, tokenizer, pairs: Sequence[Pair],
             for first in range(0, len(order), batch_size):
                 part = [pairs[i] for i in order[first:first + batch_size]]
                 ids, mask = encode_scored(tokenizer, [p.prompt for p in part] * 2,
-                                          [p.chosen for p in part] + [p.rejected for p in part], max_length)
+                                          [p.chosen for p in part] + [p.rejected for p in part], max_length,
+                                          add_special_tokens)
                 scores = sequence_scores(model, head, ids.to(device), mask.to(device))
                 chosen, rejected = scores[:len(part)], scores[len(part):]
                 loss = bradley_terry_loss(chosen, rejected)
@@ -179,8 +184,8 @@ def train_reward_model(model, head: ScoreHead, tokenizer, pairs: Sequence[Pair],
                 wins += int((chosen > rejected).sum())
             model.eval()
             stats = {"epoch": epoch, "loss": loss_sum / len(pairs), "train_accuracy": wins / len(pairs),
-                     "eval_accuracy": pairwise_accuracy(model, head, tokenizer, eval_pairs, batch_size, max_length)
-                     if eval_pairs else float("nan"),
+                     "eval_accuracy": pairwise_accuracy(model, head, tokenizer, eval_pairs, batch_size, max_length,
+                                                        add_special_tokens) if eval_pairs else float("nan"),
                      "seconds": time.perf_counter() - start}
             history.append(stats)
             if log is not None:
@@ -245,6 +250,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="comma-separated module names for LoRA (default: peft's for the architecture)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per text, EOS included (default 512)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, shuffle, dropout and init")
+    parser.add_argument("--no-special-tokens", action="store_true",
+                        help="do not open prompts with the tokenizer's special tokens (its BOS); match the PPO "
+                             "run's tokenizer.add_special_tokens")
     return parser
 
 
@@ -290,7 +298,8 @@ def rm_main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held out", flush=True)
     if eval_pairs:
         model.eval()
-        before = pairwise_accuracy(model, head, tokenizer, eval_pairs, args.batch_size, args.max_length)
+        before = pairwise_accuracy(model, head, tokenizer, eval_pairs, args.batch_size, args.max_length,
+                                   not args.no_special_tokens)
         print(f"held-out accuracy before training {before:.3f}", flush=True)
 
     def log(stats: dict) -> None:
@@ -299,7 +308,7 @@ def rm_main(argv: Sequence[str] | None = None) -> int:
               f"{stats['seconds']:.1f}s", flush=True)
 
     history = train_reward_model(model, head, tokenizer, train_pairs, eval_pairs, args.epochs, args.batch_size,
-                                 args.lr, args.max_length, args.seed, log)
+                                 args.lr, args.max_length, args.seed, log, not args.no_special_tokens)
     save_reward_adapter(model, head, tokenizer, args.out, {
         "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
         "eval_accuracy": history[-1]["eval_accuracy"] if eval_pairs else None, "history": history})

@@ -18,16 +18,20 @@ from pathlib import Path
 
 import torch
 
+from rlora.rollout.prompts import encode
+
 
 def forked_rng(device: torch.device):
     """A context in which the torch RNG of the CPU (and of `device` if CUDA) may be reseeded freely."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def encode_texts(tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_texts(tokenizer, texts: Sequence[str], add_special_tokens: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token ids of each text followed by eos, right-padded into one batch.
 
-    No bos or other special token is added (prompts are encoded the same way during rollouts).
+    Each text opens with the tokenizer's own special tokens (a BOS for Llama / Mistral) unless
+    `add_special_tokens` is off, as prompts are encoded in rollouts (`rlora.rollout.prompts.encode`).
     Labels are the ids with -100 on padding, so the loss covers the text and its eos only.
 
     Shape: returns `input_ids`, `attention_mask`, `labels`, each (b, t) with t the longest text + 1.
@@ -35,7 +39,7 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.T
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token so SFT can teach the model to stop")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for text in texts]
+    rows = [ids + [tokenizer.eos_token_id] for ids in encode(tokenizer, texts, add_special_tokens)]
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (b, t)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (b, t)
@@ -54,13 +58,14 @@ def linear_decay_adamw(params: list[torch.nn.Parameter], lr: float, total_steps:
 
 
 def sft(model, tokenizer, texts: Sequence[str], epochs: int, batch_size: int, lr: float, seed: int = 0,
-        log: Callable[[dict], None] | None = None) -> list[dict]:
+        log: Callable[[dict], None] | None = None, add_special_tokens: bool = True) -> list[dict]:
     """Train `model` in place to predict each of `texts` followed by eos; return per-epoch stats.
 
     AdamW (no weight decay) with the learning rate decayed linearly from `lr` to 0 over all
     steps; minibatches drawn by a shuffle seeded from `seed`. The global torch RNG is forked,
     so the caller's random state is left as it was. `log`, when given, receives each epoch's
-    stats as they are produced: `epoch`, `loss` (mean over predicted tokens), `seconds`.
+    stats as they are produced: `epoch`, `loss` (mean over predicted tokens), `seconds`. Texts are
+    encoded by `encode_texts`.
     """
     texts = list(texts)
     if not texts:
@@ -71,7 +76,7 @@ def sft(model, tokenizer, texts: Sequence[str], epochs: int, batch_size: int, lr
     if not params:
         raise ValueError("the model has no trainable parameters; unfreeze them or attach a LoRA adapter")
     device = params[0].device
-    input_ids, attention_mask, labels = (x.to(device) for x in encode_texts(tokenizer, texts))
+    input_ids, attention_mask, labels = (x.to(device) for x in encode_texts(tokenizer, texts, add_special_tokens))
     steps_per_epoch = math.ceil(len(texts) / batch_size)
     optimizer, schedule = linear_decay_adamw(params, lr, epochs * steps_per_epoch)
 
@@ -148,6 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle and dropout (default 0)")
     parser.add_argument("--lora-r", type=int, default=None,
                         help="train only a LoRA adapter of this rank (alpha 4r, dropout 0.1); saved in peft format")
+    parser.add_argument("--no-special-tokens", action="store_true",
+                        help="do not open texts with the tokenizer's special tokens (its BOS); match the PPO run's "
+                             "tokenizer.add_special_tokens")
     return parser
 
 
@@ -181,7 +189,7 @@ def sft_main(argv: Sequence[str] | None = None) -> int:
 
     try:
         sft(model, tokenizer, texts, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-            log=log)
+            log=log, add_special_tokens=not args.no_special_tokens)
     except ValueError as err:
         parser.error(str(err))
     model.save_pretrained(args.out)

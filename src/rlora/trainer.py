@@ -120,12 +120,13 @@ class PPOTrainer:
         max_new_eval = max(kwargs.get("max_new_tokens", method.gen_kwargs["max_new_tokens"])
                            for kwargs in [method.gen_kwargs, *method.eval_gen_kwargs.values()])
         self.prompts, self.eval_prompts = prompts, eval_prompts
-        self.prompt_ids = tokenize_prompts(prompts, tokenizer, train.seq_length - max_new, "prompts")
+        special = config.tokenizer.add_special_tokens
+        self.prompt_ids = tokenize_prompts(prompts, tokenizer, train.seq_length - max_new, "prompts", special)
         if max_new_eval == max_new and eval_prompts == prompts[:len(eval_prompts)]:
             self.eval_prompt_ids = self.prompt_ids[:len(eval_prompts)]  # the default: tokenized (and warned) once
         else:
             self.eval_prompt_ids = tokenize_prompts(eval_prompts, tokenizer, train.seq_length - max_new_eval,
-                                                    "eval_prompts")
+                                                    "eval_prompts", special)
         self.loader = PromptLoader(len(prompts), train.seed)  # the same order on every process
         self.shuffle = torch.Generator().manual_seed(train.seed)
 
@@ -391,7 +392,8 @@ class PPOTrainer:
         updated by `gen_kwargs`."""
         gen_kwargs = {**self.config.method.gen_kwargs, **gen_kwargs}
         items = normalize_prompts(prompts)
-        ids = tokenize_prompts(items, self.tokenizer, self.config.train.seq_length - gen_kwargs["max_new_tokens"])
+        ids = tokenize_prompts(items, self.tokenizer, self.config.train.seq_length - gen_kwargs["max_new_tokens"],
+                               add_special_tokens=self.config.tokenizer.add_special_tokens)
         chunk = self.config.method.chunk_size
         return [output for start in range(0, len(ids), chunk)
                 for output in self._generate(list(range(start, min(start + chunk, len(ids)))), gen_kwargs, ids,

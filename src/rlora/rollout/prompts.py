@@ -41,12 +41,37 @@ def normalize_prompts(prompts: Sequence[str | dict], what: str = "prompts") -> l
     return out
 
 
-def tokenize_prompts(prompts: list[Prompt], tokenizer, max_length: int, what: str = "prompts") -> list[list[int]]:
-    """Token ids of each prompt, truncated to `max_length` from the tokenizer's truncation side.
+def _encode_parts(tokenizer, texts: Sequence[str], add_special_tokens: bool) -> list[tuple[list[int], list[int]]]:
+    """(leading special tokens, text tokens) of each text. The leading tokens are those the
+    tokenizer itself puts in front (a BOS for Llama / Mistral, none for GPT-2); one it would
+    append (an EOS) is dropped, since a response or an EOS of rlora's follows."""
+    plain = tokenizer(list(texts), add_special_tokens=False).input_ids
+    if not add_special_tokens:
+        return [([], p) for p in plain]
+    out = []
+    for full, p in zip(tokenizer(list(texts), add_special_tokens=True).input_ids, plain):
+        if full and full[-1] == tokenizer.eos_token_id and full[-1 - len(p):-1] == p and len(full) > len(p):
+            full = full[:-1]  # an EOS the tokenizer appended
+        n_lead = len(full) - len(p)
+        out.append((full[:n_lead], p) if full[n_lead:] == p else ([], full))
+    return out
+
+
+def encode(tokenizer, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of each text, opened by the tokenizer's own special tokens when
+    `add_special_tokens` (see `_encode_parts`); never ending in an EOS the tokenizer appended."""
+    return [lead + ids for lead, ids in _encode_parts(tokenizer, texts, add_special_tokens)]
+
+
+def tokenize_prompts(prompts: list[Prompt], tokenizer, max_length: int, what: str = "prompts",
+                     add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of each prompt (`encode`), truncated to `max_length` from the tokenizer's
+    truncation side; leading special tokens (a BOS) are kept either way.
 
     Truncation is warned about once per call, naming how many prompts were cut.
     """
-    ids = tokenizer([p.text for p in prompts], add_special_tokens=False).input_ids
+    parts = _encode_parts(tokenizer, [p.text for p in prompts], add_special_tokens)
+    ids = [lead + x for lead, x in parts]
     too_long = [i for i, x in enumerate(ids) if len(x) > max_length]
     if too_long:
         warnings.warn(
@@ -54,8 +79,11 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, max_length: int, what: st
             f"max_new_tokens), e.g. {what}[{too_long[0]}] has {len(ids[too_long[0]])}; they are truncated from the "
             f"{tokenizer.truncation_side}. Raise train.seq_length or shorten the prompts.", stacklevel=3)
         keep_left = tokenizer.truncation_side == "right"
-        ids = [x[:max_length] if keep_left else x[len(x) - max_length:] if len(x) > max_length else x for x in ids]
-    empty = [i for i, x in enumerate(ids) if not x]
+        for i in too_long:
+            lead, x = parts[i]
+            room = max(0, max_length - len(lead))
+            ids[i] = (lead + x)[:max_length] if keep_left else lead[:max_length] + (x[len(x) - room:] if room else [])
+    empty = [i for i, (lead, x) in enumerate(parts) if not x]
     if empty:
         raise ValueError(f"{what}[{empty[0]}] is empty after tokenisation; every prompt needs at least one token")
     return ids
