@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from rlora.config import ModelConfig
 from rlora.models import Policy, build_policy, find_decoder_blocks, position_ids_from_mask
+from rlora.tiny import ARCHITECTURES
 
 ARCHES = ["gpt2", "llama"]
 
@@ -209,3 +210,22 @@ def test_recomputed_activations_give_the_same_gradients_and_keep_less(tiny_model
     assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
     # gelu_new is five elementwise ops; GPT-NeoX's GELU one kernel that keeps only its input anyway
     assert kept < plain_kept if arch == "gpt2" else kept == plain_kept
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("mode, model_kwargs", [
+    ("adapter", {"peft_config": {"peft_type": "LORA", "r": 2}}),
+    ("hydra", {"num_layers_unfrozen": 1}),
+    ("full", {"num_layers_unfrozen": -1}),
+], ids=["adapter", "hydra", "full"])
+def test_value_head_reads_the_last_hidden_state_of_every_architecture(tiny_model_dir, batch, arch, mode,
+                                                                      model_kwargs):
+    """OPT with `word_embed_proj_dim != hidden_size` (opt-350m) projects its last hidden state down
+    (`project_out`) before the LM head: the value head reads that width, not `hidden_size`."""
+    policy = make_policy(tiny_model_dir(arch), **model_kwargs)
+    assert policy.mode == mode
+    input_ids, attention_mask = batch
+    with torch.no_grad():
+        out = policy(input_ids, attention_mask)
+    assert out.values.shape == input_ids.shape
+    assert policy.value_head.net[0].in_features == out.hidden_states[-1].shape[-1]
