@@ -69,11 +69,21 @@ def test_peft_reference_equals_base_bitwise(tiny_model_dir, batch, arch, kind):
     assert not torch.allclose(out.logits[real], expected[real])  # the adapter is active outside the block
 
 
-@pytest.mark.parametrize("arch", ARCHES)
-def test_hydra_reference_equals_base_at_init(tiny_model_dir, batch, arch):
+@pytest.fixture(params=["left", "right"], ids=["left-padded", "right-padded"])
+def padded_batch(tokenizer, request):
+    """`(input_ids, attention_mask)` of two prompts of different lengths, padded on either side."""
+    enc = tokenizer(["hello there", "abc"], padding=True, return_tensors="pt", add_special_tokens=False,
+                    padding_side=request.param)
+    return enc.input_ids, enc.attention_mask
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_hydra_reference_equals_base_at_init(tiny_model_dir, padded_batch, arch):
+    """Bloom normalises its input embeddings (`word_embeddings_layernorm`) inside the model's forward: a
+    branch fed the hidden state through `inputs_embeds` must not apply that again."""
     path = tiny_model_dir(arch)
     policy = make_policy(path, num_layers_unfrozen=1)
-    input_ids, attention_mask = batch
+    input_ids, attention_mask = padded_batch
     expected = base_logits(path, input_ids, attention_mask)
     with torch.no_grad():
         out = policy(input_ids, attention_mask)
@@ -118,11 +128,11 @@ def test_only_adapter_and_value_head_change(tiny_model_dir, batch, arch, kind):
     assert changed == trainable
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "opt"])
-def test_hydra_reference_stays_base_after_top_blocks_train(tiny_model_dir, batch, arch):
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_hydra_reference_stays_base_after_top_blocks_train(tiny_model_dir, padded_batch, arch):
     path = tiny_model_dir(arch)
     policy = make_policy(path, num_layers_unfrozen=1)
-    input_ids, attention_mask = batch
+    input_ids, attention_mask = padded_batch
     expected = base_logits(path, input_ids, attention_mask)
     before = snapshot(policy.lm)
     train_steps(policy, input_ids, attention_mask)

@@ -200,8 +200,10 @@ class Policy(nn.Module):
         self.lm.requires_grad_(False)
         decoder, _, blocks = find_decoder_blocks(self.lm)
         blocks[-n:].requires_grad_(True)
-        for child in decoder.children():
-            if "norm" in type(child).__name__.lower():  # LayerNorm, LlamaRMSNorm, ...
+        for name, child in decoder.named_children():
+            # LayerNorm, LlamaRMSNorm, ...; not one on the input embeddings (Bloom's
+            # word_embeddings_layernorm), which acts below the frozen bottom
+            if "norm" in type(child).__name__.lower() and "emb" not in name:
                 child.requires_grad_(True)
         head = self.lm.get_output_embeddings()
         if head is not None and head.weight is not self.lm.get_input_embeddings().weight:
