@@ -226,9 +226,9 @@ def load(trainer, path: str) -> None:
 
 
 def load_weights(policy, path: str, device: torch.device) -> None:
-    """Put the trained weights of checkpoint `path` (adapters or model, value head) into `policy`."""
+    """Put the trained weights of checkpoint `path` (adapters or model, value head)
+    into `policy`, in place (an optimizer built on its parameters keeps them)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_model
 
     device = _file_device(device)
     saved_critic = os.path.isdir(os.path.join(path, "adapter", VALUE))
@@ -248,10 +248,48 @@ def load_weights(policy, path: str, device: torch.device) -> None:
                     raise ValueError(f"the adapter in {path}/{where} does not fit the run's config (unexpected "
                                      f"{result.unexpected_keys[:3]}); resume with the run's config")
         else:
-            load_model(policy.lm, os.path.join(path, "model", "model.safetensors"), strict=False, device=device)
+            load_model_weights(policy.lm, os.path.join(path, "model"), device)
         policy.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors"), device=device))
     except (OSError, RuntimeError) as err:
         raise ValueError(f"could not load the weights in {path} ({err}); is it a checkpoint of this config?") from err
+
+
+def load_model_weights(model, directory: str, device: str) -> None:
+    """Copy the weights `save_pretrained` wrote to `directory` into `model`'s own tensors, in place.
+
+    save_pretrained writes some tensors under their architecture's original checkpoint names
+    (transformers 5: GPT-NeoX's `lm_head` as `embed_out`); the names expected here come from the
+    same mapping (`revert_weight_conversion`), and a file written under the module's own names
+    loads too. Strict: a tensor of the file that fits none of the model's, a shape that differs,
+    or a trainable parameter that the file does not hold is a `ValueError`.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    own = model.state_dict()  # detached views of the parameters: copying into them loads in place
+    targets = {**own, **revert_weight_conversion(model, own)}  # file name -> the model's tensor
+    in_place = {t.data_ptr() for t in own.values()}
+    files = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors"))
+    loaded = set()
+    for file in files:
+        for name, tensor in load_file(os.path.join(directory, file), device=device).items():
+            target = targets.get(name)
+            if target is None or target.data_ptr() not in in_place:
+                reason = "fits no tensor of" if target is None else "is stored converted (fused or split) for"
+                raise ValueError(f"{directory}/{file} holds an unexpected tensor {name!r}: it {reason} this "
+                                 f"{type(model).__name__}; resume with the config and base model of the run that "
+                                 "wrote it")
+            if target.shape != tensor.shape:
+                raise ValueError(f"{directory}/{file}: tensor {name!r} has shape {tuple(tensor.shape)}, the model's "
+                                 f"{tuple(target.shape)}; resume with the config and base model of the run that "
+                                 "wrote it")
+            with torch.no_grad():
+                target.copy_(tensor)
+            loaded.add(target.data_ptr())
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.data_ptr() not in loaded]
+    if missing:
+        raise ValueError(f"{directory} holds no weights for trained parameters of this {type(model).__name__}: "
+                         f"{missing[:3]} ({len(missing)} missing); it is not a complete checkpoint of this run: "
+                         "resume from another checkpoint")
 
 
 def _file_device(device: torch.device) -> str:
