@@ -199,3 +199,32 @@ def test_a_model_checkpoint_that_does_not_fit_is_a_clear_error(perturbed_checkpo
     with pytest.raises(ValueError, match=match):
         checkpoint.load_weights(fresh.policy, path, fresh.accelerator.device)
 
+
+PROMPT_LEARNING = {
+    "prompt": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3},
+    "prefix": {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3},
+    "prefix+projection": {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "prefix_projection": True,
+                          "encoder_hidden_size": 16},
+}
+
+
+@pytest.mark.parametrize("kind", list(PROMPT_LEARNING))
+def test_prompt_and_prefix_tuning_resume_and_evaluate(tiny_model_dir, tmp_path, support_module, kind):
+    """peft saves prompt learning's virtual tokens as `prompt_embeddings` (with prefix_projection,
+    the projected prefix, not the embedding and MLP that train): the checkpoint restores those."""
+    model, peft = tiny_model_dir("gpt2"), {"peft_config": PROMPT_LEARNING[kind]}
+    reference = tmp_path / "uninterrupted"
+    rlora.train(config=config_for(model, reference, 8, model=peft), verbose=False)
+    run_dir = tmp_path / "resumed"
+    stopped = rlora.train(config=config_for(model, run_dir, 6, model=peft), verbose=False)
+    saved = trained(stopped.policy)
+    path = str(run_dir / "ckpts" / "step_6")
+    fresh = rlora.build_trainer(config=os.path.join(path, "config.yaml"), verbose=False)
+    checkpoint.load_weights(fresh.policy, path, fresh.accelerator.device)
+    assert trained(fresh.policy).keys() == saved.keys()
+    assert any("prompt_encoder" in name for name in saved)
+    for name, value in trained(fresh.policy).items():
+        assert torch.equal(value, saved[name]), name
+    assert "reward/mean" in rlora.evaluate(path, verbose=False)
+    rlora.train(config=config_for(model, run_dir, 8, model=peft, resume_from_checkpoint="latest"), verbose=False)
+    assert_same_run(str(reference), str(run_dir), 8, after=6)

@@ -4,6 +4,8 @@ Layout of a checkpoint directory:
   adapter/                 the policy adapter in peft's format (adapter and prompt modes);
                            adapter/value/ the critic adapter, when there is one
   model/                   the trained model, save_pretrained (hydra and full modes)
+  prompt_encoder.safetensors   prompt and prefix tuning: the trained prompt encoder (virtual-token
+                           embeddings, prefix MLP), which adapter/ holds only as its output
   tokenizer/               the tokenizer (with any pad token rlora added)
   value_head.safetensors   the value head
   optimizer.pt, scheduler.pt   their state dicts (tensors and plain data; loaded weights_only)
@@ -40,6 +42,7 @@ from rlora.rollout.store import Experience
 REQUIRED = ("trainer_state.json", "config.yaml", "value_head.safetensors", "rng.safetensors", "rank_0.json",
             "rank_0.safetensors")
 STEP_DIR = re.compile(r"^step_(\d+)$")
+PROMPT_ENCODER = "prompt_encoder.safetensors"
 
 
 def save(trainer, path: str) -> str:
@@ -116,6 +119,8 @@ def _write(trainer, directory: str) -> None:
                                   selected_adapters=[POLICY] + ([VALUE] if policy.has_value_adapter else []))
     else:
         policy.lm.save_pretrained(os.path.join(directory, "model"))
+    if policy.mode == "prompt":
+        save_file(_contiguous(policy.lm.prompt_encoder[POLICY].state_dict()), os.path.join(directory, PROMPT_ENCODER))
     trainer.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
     save_file(_contiguous(policy.value_head.state_dict()), os.path.join(directory, "value_head.safetensors"))
     if trainer.config.train.save_optimizer:
@@ -226,7 +231,7 @@ def load(trainer, path: str) -> None:
 
 
 def load_weights(policy, path: str, device: torch.device) -> None:
-    """Put the trained weights of checkpoint `path` (adapters or model, value head)
+    """Put the trained weights of checkpoint `path` (adapters, prompt encoder or model, value head)
     into `policy`, in place (an optimizer built on its parameters keeps them)."""
     from peft import set_peft_model_state_dict
 
@@ -237,7 +242,13 @@ def load_weights(policy, path: str, device: torch.device) -> None:
                          f"{VALUE}/) but this run has {'one' if policy.has_value_adapter else 'none'}: set "
                          "model.value_adapter as the run that wrote it did")
     try:
-        if policy.is_peft:
+        if policy.mode == "prompt":  # peft's adapter/ holds the prompt encoder's output, not what trains
+            if not os.path.isfile(os.path.join(path, PROMPT_ENCODER)):
+                raise ValueError(f"{path} has no {PROMPT_ENCODER} (the trained prompt encoder): it was written "
+                                 "by an older rlora; its adapter/ loads with PeftModel.from_pretrained, for inference")
+            encoder = load_file(os.path.join(path, PROMPT_ENCODER), device=device)
+            policy.lm.prompt_encoder[POLICY].load_state_dict(encoder, strict=True)
+        elif policy.is_peft:
             adapters = [(POLICY, "adapter")]
             if policy.has_value_adapter:
                 adapters.append((VALUE, os.path.join("adapter", VALUE)))
