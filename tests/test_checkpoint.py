@@ -16,13 +16,13 @@ from safetensors.torch import load_file
 
 import rlora
 from rlora import checkpoint
-from rlora.tiny import tiny_ppo_config
+from rlora.tiny import ARCHITECTURES, tiny_ppo_config
 
 PROMPTS = ["hello", "abc", "xyz", "the "]
-def config_for(model_dir, run_dir, total_steps, **train):
+def config_for(model_dir, run_dir, total_steps, model=None, **train):
     # 4 optimizer steps per phase; evals every 3 steps interleave with phases and checkpoints
     return tiny_ppo_config(model_dir, str(run_dir), train={"total_steps": total_steps, "eval_interval": 3, **train},
-                           task={"reward_fn": "tests_support:count_s", "prompts": PROMPTS})
+                           task={"reward_fn": "tests_support:count_s", "prompts": PROMPTS}, model=model or {})
 
 
 def final_state(run_dir, step):
@@ -142,3 +142,89 @@ def test_keep_checkpoints_and_best(tiny_model_dir, tmp_path, support_module):
     names = sorted(os.listdir(run_dir / "ckpts"))
     assert names == ["best", "step_6", "step_8"]
     checkpoint.check(str(run_dir / "ckpts" / "best"))
+
+
+def trained(policy) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
+
+
+WITHOUT_PEFT = {"hydra": {"peft_config": None, "num_layers_unfrozen": 1},
+                "full": {"peft_config": None, "num_layers_unfrozen": -1}}
+
+
+@pytest.fixture
+def perturbed_checkpoint(tiny_model_dir, tmp_path, support_module):
+    """`make(arch, mode)` -> (config, checkpoint path, the trained tensors saved in it): every
+    trainable tensor of a fresh trainer moved by noise, then saved as training saves."""
+
+    def make(arch, mode):
+        config = config_for(tiny_model_dir(arch), tmp_path / "run", 4, model=WITHOUT_PEFT[mode])
+        trainer = rlora.build_trainer(config=config, verbose=False)
+        with torch.no_grad():
+            for p in trainer.policy.trainable_parameters():
+                p.add_(torch.randn_like(p))
+        return config, checkpoint.save(trainer, str(tmp_path / "ckpt")), trained(trainer.policy)
+
+    return make
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("mode", list(WITHOUT_PEFT))
+def test_hydra_and_full_checkpoints_restore_every_trained_tensor(perturbed_checkpoint, arch, mode):
+    """transformers 5 saves GPT-NeoX's `lm_head` as `embed_out` (its original checkpoint name): the
+    load maps names as transformers does and refuses to leave any trained tensor behind."""
+    config, path, saved = perturbed_checkpoint(arch, mode)
+    fresh = rlora.build_trainer(config=config, verbose=False)
+    assert all(not torch.equal(p, saved[name]) for name, p in trained(fresh.policy).items())
+    checkpoint.load_weights(fresh.policy, path, fresh.accelerator.device)
+    loaded = trained(fresh.policy)
+    assert loaded.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(loaded[name], value), name
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda tensors: tensors.pop(sorted(tensors)[-1]), "no weights for trained parameters.*1 missing"),
+    (lambda tensors: tensors.update(extra=torch.zeros(2)), "unexpected tensor 'extra'"),
+], ids=["missing", "unexpected"])
+def test_a_model_checkpoint_that_does_not_fit_is_a_clear_error(perturbed_checkpoint, edit, match):
+    from safetensors.torch import save_file
+
+    config, path, _ = perturbed_checkpoint("llama", "hydra")
+    file = os.path.join(path, "model", "model.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file)
+    fresh = rlora.build_trainer(config=config, verbose=False)
+    with pytest.raises(ValueError, match=match):
+        checkpoint.load_weights(fresh.policy, path, fresh.accelerator.device)
+
+
+PROMPT_LEARNING = {
+    "prompt": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3},
+    "prefix": {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3},
+    "prefix+projection": {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "prefix_projection": True,
+                          "encoder_hidden_size": 16},
+}
+
+
+@pytest.mark.parametrize("kind", list(PROMPT_LEARNING))
+def test_prompt_and_prefix_tuning_resume_and_evaluate(tiny_model_dir, tmp_path, support_module, kind):
+    """peft saves prompt learning's virtual tokens as `prompt_embeddings` (with prefix_projection,
+    the projected prefix, not the embedding and MLP that train): the checkpoint restores those."""
+    model, peft = tiny_model_dir("gpt2"), {"peft_config": PROMPT_LEARNING[kind]}
+    reference = tmp_path / "uninterrupted"
+    rlora.train(config=config_for(model, reference, 8, model=peft), verbose=False)
+    run_dir = tmp_path / "resumed"
+    stopped = rlora.train(config=config_for(model, run_dir, 6, model=peft), verbose=False)
+    saved = trained(stopped.policy)
+    path = str(run_dir / "ckpts" / "step_6")
+    fresh = rlora.build_trainer(config=os.path.join(path, "config.yaml"), verbose=False)
+    checkpoint.load_weights(fresh.policy, path, fresh.accelerator.device)
+    assert trained(fresh.policy).keys() == saved.keys()
+    assert any("prompt_encoder" in name for name in saved)
+    for name, value in trained(fresh.policy).items():
+        assert torch.equal(value, saved[name]), name
+    assert "reward/mean" in rlora.evaluate(path, verbose=False)
+    rlora.train(config=config_for(model, run_dir, 8, model=peft, resume_from_checkpoint="latest"), verbose=False)
+    assert_same_run(str(reference), str(run_dir), 8, after=6)

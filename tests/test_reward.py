@@ -147,3 +147,21 @@ def test_toy_rlhf_pipeline_raises_the_preferred_property(tmp_path):
     assert evals[0]["metrics/a_fraction"] < 0.15  # letters are uniform over 8 after SFT
     assert evals[-1]["metrics/a_fraction"] > evals[0]["metrics/a_fraction"] + 0.15
     assert evals[-1]["reward/mean"] > evals[0]["reward/mean"]
+
+
+def test_rlora_rm_and_its_reward_adapter_on_opt_with_a_projected_hidden_state(tiny_model_dir, tmp_path, capsys):
+    """opt-350m's shape: the score head reads the last hidden state after `project_out`
+    (`word_embed_proj_dim` 16), not `hidden_size` (32)."""
+    from rlora.config import ModelConfig
+    from rlora.models import build_policy
+    from rlora.tiny import char_tokenizer
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "x", "chosen": "aaa", "rejected": "bcd"}) + "\n")
+    out, model = str(tmp_path / "rm"), tiny_model_dir("opt_proj")
+    assert main(["rm", "--model", model, "--data", str(pairs), "--out", out, "--eval-fraction", "0"]) == 0
+    assert json.load(open(os.path.join(out, "reward_model.json")))["hidden_size"] == 16
+    policy = build_policy(ModelConfig(model_path=model, peft_config={"peft_type": "LORA", "r": 2}, reward_adapter=out),
+                          char_tokenizer())
+    ids, mask = encode_scored(char_tokenizer(), ["x", "x"], ["aaa", "bcd"], 16)
+    assert policy.reward_scores(ids, mask).shape == (2,)

@@ -172,3 +172,12 @@ def test_gen_experience_kwargs_drive_rollouts_and_gen_kwargs_drive_eval(tiny_mod
     phase = [r for r in trainer.history if "phase" in r][0]
     assert phase["response_length/mean"] <= 3
     assert max(len(o) for o in trainer.generate(PROMPTS)) > 3
+
+
+@pytest.mark.parametrize("mode", ["lora", "hydra", "full"])
+def test_ppo_runs_on_opt_with_a_projected_hidden_state(tiny_model_dir, tmp_path, mode):
+    """opt-350m's shape: `word_embed_proj_dim` (16) != `hidden_size` (32), project_in/project_out."""
+    config = tiny_run_config(tiny_model_dir("opt_proj"), str(tmp_path), model=MODES[mode])
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    losses = steps_of(trainer, "losses/total_loss")
+    assert trainer.step == 4 and len(losses) == 4 and all(math.isfinite(x) for x in losses)

@@ -4,6 +4,8 @@ Layout of a checkpoint directory:
   adapter/                 the policy adapter in peft's format (adapter and prompt modes);
                            adapter/value/ the critic adapter, when there is one
   model/                   the trained model, save_pretrained (hydra and full modes)
+  prompt_encoder.safetensors   prompt and prefix tuning: the trained prompt encoder (virtual-token
+                           embeddings, prefix MLP), which adapter/ holds only as its output
   tokenizer/               the tokenizer (with any pad token rlora added)
   value_head.safetensors   the value head
   optimizer.pt, scheduler.pt   their state dicts (tensors and plain data; loaded weights_only)
@@ -40,6 +42,7 @@ from rlora.rollout.store import Experience
 REQUIRED = ("trainer_state.json", "config.yaml", "value_head.safetensors", "rng.safetensors", "rank_0.json",
             "rank_0.safetensors")
 STEP_DIR = re.compile(r"^step_(\d+)$")
+PROMPT_ENCODER = "prompt_encoder.safetensors"
 
 
 def save(trainer, path: str) -> str:
@@ -116,6 +119,8 @@ def _write(trainer, directory: str) -> None:
                                   selected_adapters=[POLICY] + ([VALUE] if policy.has_value_adapter else []))
     else:
         policy.lm.save_pretrained(os.path.join(directory, "model"))
+    if policy.mode == "prompt":
+        save_file(_contiguous(policy.lm.prompt_encoder[POLICY].state_dict()), os.path.join(directory, PROMPT_ENCODER))
     trainer.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
     save_file(_contiguous(policy.value_head.state_dict()), os.path.join(directory, "value_head.safetensors"))
     if trainer.config.train.save_optimizer:
@@ -226,9 +231,9 @@ def load(trainer, path: str) -> None:
 
 
 def load_weights(policy, path: str, device: torch.device) -> None:
-    """Put the trained weights of checkpoint `path` (adapters or model, value head) into `policy`."""
+    """Put the trained weights of checkpoint `path` (adapters, prompt encoder or model, value head)
+    into `policy`, in place (an optimizer built on its parameters keeps them)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_model
 
     device = _file_device(device)
     saved_critic = os.path.isdir(os.path.join(path, "adapter", VALUE))
@@ -237,7 +242,13 @@ def load_weights(policy, path: str, device: torch.device) -> None:
                          f"{VALUE}/) but this run has {'one' if policy.has_value_adapter else 'none'}: set "
                          "model.value_adapter as the run that wrote it did")
     try:
-        if policy.is_peft:
+        if policy.mode == "prompt":  # peft's adapter/ holds the prompt encoder's output, not what trains
+            if not os.path.isfile(os.path.join(path, PROMPT_ENCODER)):
+                raise ValueError(f"{path} has no {PROMPT_ENCODER} (the trained prompt encoder): it was written "
+                                 "by an older rlora; its adapter/ loads with PeftModel.from_pretrained, for inference")
+            encoder = load_file(os.path.join(path, PROMPT_ENCODER), device=device)
+            policy.lm.prompt_encoder[POLICY].load_state_dict(encoder, strict=True)
+        elif policy.is_peft:
             adapters = [(POLICY, "adapter")]
             if policy.has_value_adapter:
                 adapters.append((VALUE, os.path.join("adapter", VALUE)))
@@ -248,10 +259,48 @@ def load_weights(policy, path: str, device: torch.device) -> None:
                     raise ValueError(f"the adapter in {path}/{where} does not fit the run's config (unexpected "
                                      f"{result.unexpected_keys[:3]}); resume with the run's config")
         else:
-            load_model(policy.lm, os.path.join(path, "model", "model.safetensors"), strict=False, device=device)
+            load_model_weights(policy.lm, os.path.join(path, "model"), device)
         policy.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors"), device=device))
     except (OSError, RuntimeError) as err:
         raise ValueError(f"could not load the weights in {path} ({err}); is it a checkpoint of this config?") from err
+
+
+def load_model_weights(model, directory: str, device: str) -> None:
+    """Copy the weights `save_pretrained` wrote to `directory` into `model`'s own tensors, in place.
+
+    save_pretrained writes some tensors under their architecture's original checkpoint names
+    (transformers 5: GPT-NeoX's `lm_head` as `embed_out`); the names expected here come from the
+    same mapping (`revert_weight_conversion`), and a file written under the module's own names
+    loads too. Strict: a tensor of the file that fits none of the model's, a shape that differs,
+    or a trainable parameter that the file does not hold is a `ValueError`.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    own = model.state_dict()  # detached views of the parameters: copying into them loads in place
+    targets = {**own, **revert_weight_conversion(model, own)}  # file name -> the model's tensor
+    in_place = {t.data_ptr() for t in own.values()}
+    files = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors"))
+    loaded = set()
+    for file in files:
+        for name, tensor in load_file(os.path.join(directory, file), device=device).items():
+            target = targets.get(name)
+            if target is None or target.data_ptr() not in in_place:
+                reason = "fits no tensor of" if target is None else "is stored converted (fused or split) for"
+                raise ValueError(f"{directory}/{file} holds an unexpected tensor {name!r}: it {reason} this "
+                                 f"{type(model).__name__}; resume with the config and base model of the run that "
+                                 "wrote it")
+            if target.shape != tensor.shape:
+                raise ValueError(f"{directory}/{file}: tensor {name!r} has shape {tuple(tensor.shape)}, the model's "
+                                 f"{tuple(target.shape)}; resume with the config and base model of the run that "
+                                 "wrote it")
+            with torch.no_grad():
+                target.copy_(tensor)
+            loaded.add(target.data_ptr())
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.data_ptr() not in loaded]
+    if missing:
+        raise ValueError(f"{directory} holds no weights for trained parameters of this {type(model).__name__}: "
+                         f"{missing[:3]} ({len(missing)} missing); it is not a complete checkpoint of this run: "
+                         "resume from another checkpoint")
 
 
 def _file_device(device: torch.device) -> str:

@@ -203,7 +203,8 @@ def save_reward_adapter(model, head: ScoreHead, tokenizer, out: str, info: dict)
 
 
 def load_score_head(path: str, hidden_size: int, device: torch.device | str = "cpu") -> ScoreHead:
-    """The score head saved in the reward adapter directory `path`, frozen."""
+    """The score head saved in the reward adapter directory `path`, frozen; `hidden_size` is the
+    width of the base's last hidden state (`rlora.models.policy.hidden_width`)."""
     file = os.path.join(path, SCORE_HEAD)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"model.reward_adapter={path!r} has no {SCORE_HEAD}: give a directory written by "
@@ -212,7 +213,8 @@ def load_score_head(path: str, hidden_size: int, device: torch.device | str = "c
     width = state["linear.weight"].shape[1] if "linear.weight" in state else None
     if width != hidden_size:
         raise ValueError(f"model.reward_adapter={path!r}: its score head reads hidden size {width}, but the base "
-                         f"model's is {hidden_size}; train the reward adapter on this base (rlora rm --model ...)")
+                         f"model's last hidden state has {hidden_size}; train the reward adapter on this base "
+                         "(rlora rm --model ...)")
     head = ScoreHead(hidden_size)
     head.load_state_dict(state)
     return head.to(device).requires_grad_(False).eval()
@@ -278,6 +280,7 @@ def rm_main(argv: Sequence[str] | None = None) -> int:
     from peft import LoraConfig, get_peft_model
 
     from rlora.models.loading import fit_to_tokenizer, load_base_model, load_tokenizer
+    from rlora.models.policy import hidden_width
     from rlora.config import ModelConfig, TokenizerConfig
 
     torch.manual_seed(args.seed)
@@ -294,7 +297,7 @@ def rm_main(argv: Sequence[str] | None = None) -> int:
         model = get_peft_model(base, lora)
     except ValueError as err:  # no default target modules for this architecture, or a bad name
         parser.error(f"cannot attach a LoRA adapter to {args.model}: {err}; name them with --target-modules")
-    head = ScoreHead(base.config.get_text_config().hidden_size).to(base.device)
+    head = ScoreHead(hidden_width(base)).to(base.device)
     print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held out", flush=True)
     if eval_pairs:
         model.eval()

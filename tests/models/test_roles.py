@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from rlora.config import ModelConfig
 from rlora.models import Policy, build_policy, find_decoder_blocks, position_ids_from_mask
+from rlora.tiny import ARCHITECTURES
 
 ARCHES = ["gpt2", "llama"]
 
@@ -68,11 +69,21 @@ def test_peft_reference_equals_base_bitwise(tiny_model_dir, batch, arch, kind):
     assert not torch.allclose(out.logits[real], expected[real])  # the adapter is active outside the block
 
 
-@pytest.mark.parametrize("arch", ARCHES)
-def test_hydra_reference_equals_base_at_init(tiny_model_dir, batch, arch):
+@pytest.fixture(params=["left", "right"], ids=["left-padded", "right-padded"])
+def padded_batch(tokenizer, request):
+    """`(input_ids, attention_mask)` of two prompts of different lengths, padded on either side."""
+    enc = tokenizer(["hello there", "abc"], padding=True, return_tensors="pt", add_special_tokens=False,
+                    padding_side=request.param)
+    return enc.input_ids, enc.attention_mask
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_hydra_reference_equals_base_at_init(tiny_model_dir, padded_batch, arch):
+    """Bloom normalises its input embeddings (`word_embeddings_layernorm`) inside the model's forward: a
+    branch fed the hidden state through `inputs_embeds` must not apply that again."""
     path = tiny_model_dir(arch)
     policy = make_policy(path, num_layers_unfrozen=1)
-    input_ids, attention_mask = batch
+    input_ids, attention_mask = padded_batch
     expected = base_logits(path, input_ids, attention_mask)
     with torch.no_grad():
         out = policy(input_ids, attention_mask)
@@ -117,11 +128,11 @@ def test_only_adapter_and_value_head_change(tiny_model_dir, batch, arch, kind):
     assert changed == trainable
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "opt"])
-def test_hydra_reference_stays_base_after_top_blocks_train(tiny_model_dir, batch, arch):
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_hydra_reference_stays_base_after_top_blocks_train(tiny_model_dir, padded_batch, arch):
     path = tiny_model_dir(arch)
     policy = make_policy(path, num_layers_unfrozen=1)
-    input_ids, attention_mask = batch
+    input_ids, attention_mask = padded_batch
     expected = base_logits(path, input_ids, attention_mask)
     before = snapshot(policy.lm)
     train_steps(policy, input_ids, attention_mask)
@@ -209,3 +220,22 @@ def test_recomputed_activations_give_the_same_gradients_and_keep_less(tiny_model
     assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
     # gelu_new is five elementwise ops; GPT-NeoX's GELU one kernel that keeps only its input anyway
     assert kept < plain_kept if arch == "gpt2" else kept == plain_kept
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("mode, model_kwargs", [
+    ("adapter", {"peft_config": {"peft_type": "LORA", "r": 2}}),
+    ("hydra", {"num_layers_unfrozen": 1}),
+    ("full", {"num_layers_unfrozen": -1}),
+], ids=["adapter", "hydra", "full"])
+def test_value_head_reads_the_last_hidden_state_of_every_architecture(tiny_model_dir, batch, arch, mode,
+                                                                      model_kwargs):
+    """OPT with `word_embed_proj_dim != hidden_size` (opt-350m) projects its last hidden state down
+    (`project_out`) before the LM head: the value head reads that width, not `hidden_size`."""
+    policy = make_policy(tiny_model_dir(arch), **model_kwargs)
+    assert policy.mode == mode
+    input_ids, attention_mask = batch
+    with torch.no_grad():
+        out = policy(input_ids, attention_mask)
+    assert out.values.shape == input_ids.shape
+    assert policy.value_head.net[0].in_features == out.hidden_states[-1].shape[-1]

@@ -7,10 +7,13 @@ block `L - N`, identical in both since the bottom is frozen) and runs only a fro
 the top, so the reference costs N blocks, not L, and one copy of the bottom is kept.
 
 The branch is the Hugging Face model itself, structurally copied with its block list cut to
-the top N: its own `forward` runs, fed through `inputs_embeds`, so no forward code is copied
-here. Absolute position embeddings (GPT-2 `wpe`, OPT `embed_positions`) are zeroed in the
-copy, because the hidden state fed in already carries them; the input projection of OPT
-(`project_in`) is dropped for the same reason. Rotary models need nothing.
+the top N: its own `forward` runs, so no forward code is copied here. That forward transforms
+its input embeddings before the first block in ways that differ by architecture (GPT-2 and OPT
+add position embeddings, OPT projects them up with `project_in`, Bloom normalises them with
+`word_embeddings_layernorm`), while the hidden state `-(N+1)` has had all of that already. So the
+branch is fed zeros of the input embeddings' shape through `inputs_embeds` (the model derives
+masks and positions as usual), and a forward pre-hook hands the first kept block the hidden
+state itself as its input: the top blocks see exactly what they see in the base model.
 
 Notation: `b` batch, `t` time, `h` hidden size, `v` vocabulary.
 """
@@ -18,6 +21,7 @@ Notation: `b` batch, `t` time, `h` hidden size, `v` vocabulary.
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -63,14 +67,12 @@ class HydraBranch(nn.Module):
             branch = copy.deepcopy(model, memo=shared)
         finally:
             parent._modules[attr] = blocks
-        for module in branch.modules():
-            if isinstance(module, nn.Embedding) and module is not input_embeddings:
-                module.weight = nn.Parameter(torch.zeros_like(module.weight))  # positions already in h
-            if getattr(module, "project_in", None) is not None:
-                module.project_in = None  # OPT: the hidden state fed in is already projected
         branch.requires_grad_(False)
         branch.eval()
         self.model = branch
+        parent_name = next(name for name, module in model.named_modules() if module is parent)
+        self.first_block = f"{parent_name}.{attr}.0".lstrip(".")  # its path in the branch
+        self.embedding_dim = input_embeddings.embedding_dim  # OPT's project_in: not the hidden size
 
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
@@ -80,6 +82,19 @@ class HydraBranch(nn.Module):
         Shape: hidden (b, t, h), attention_mask (b, t), position_ids (b, t) -> logits (b, t or k, v).
         """
         keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
-        out = self.model(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False, **keep)
+        placeholder = hidden.new_zeros(*hidden.shape[:-1], self.embedding_dim)  # (b, t, e), replaced below
+        block = self.model.get_submodule(self.first_block)
+        handle = block.register_forward_pre_hook(functools.partial(_as_block_input, hidden), with_kwargs=True)
+        try:
+            out = self.model(inputs_embeds=placeholder, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False, **keep)
+        finally:
+            handle.remove()
         return out.logits
+
+
+def _as_block_input(hidden: torch.Tensor, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: `hidden` replaces the block's input hidden states (its first argument)."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}

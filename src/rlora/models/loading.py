@@ -17,7 +17,7 @@ from typing import Any
 from peft import PeftConfig, PeftModel, get_peft_config, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from rlora.models.policy import POLICY, REWARD, VALUE, Policy
+from rlora.models.policy import POLICY, REWARD, VALUE, Policy, hidden_width
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -228,8 +228,7 @@ def add_role_adapters(policy: Policy, model_config) -> None:
         if path is None:
             raise FileNotFoundError(f"model.reward_adapter={model_config.reward_adapter!r} is not a directory "
                                     f"holding {ADAPTER_CONFIG}; give the --out directory of `rlora rm`")
-        policy.reward_head = load_score_head(path, lm.get_base_model().config.get_text_config().hidden_size,
-                                             lm.get_base_model().device)
+        policy.reward_head = load_score_head(path, hidden_width(lm.get_base_model()), lm.get_base_model().device)
         _load_adapter(lm, path, REWARD, "model.reward_adapter", trainable=False)
     value = model_config.value_adapter
     if isinstance(value, str):

@@ -12,7 +12,7 @@ roles can share the base as named peft adapters beside the policy's ("default"):
 - a critic adapter (`VALUE`): the value head reads the trunk run with only that adapter on;
 - a reward adapter (`REWARD`) with a score head: frozen, it scores finished rollouts.
 
-Notation: `b` batch, `t` time, `h` hidden size, `v` vocabulary.
+Notation: `b` batch, `t` time, `h` width of the hidden states (`hidden_width`), `v` vocabulary.
 """
 
 from __future__ import annotations
@@ -110,6 +110,20 @@ def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask:
                  use_cache=False).last_hidden_state
 
 
+def hidden_width(model: nn.Module) -> int:
+    """The width of the trunk's last hidden state (what `last_hidden_state` returns), read from the
+    input width of the language-model head, which consumes it.
+
+    Mostly `hidden_size`, but not always: OPT with `word_embed_proj_dim != hidden_size` (opt-350m:
+    512 and 1024) projects its last hidden state down (`project_out`) before the head.
+    """
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} has no language-model head whose input width gives the width of "
+                         "its last hidden state; rlora needs a causal LM (AutoModelForCausalLM)")
+    return head.weight.shape[-1]  # (v, h): also through peft's LoRA and modules_to_save wrappers
+
+
 class Policy(nn.Module):
     """A causal LM plus value head with a reference view, all on one base.
 
@@ -122,8 +136,7 @@ class Policy(nn.Module):
             raise ValueError(f"unknown policy mode {mode!r}; expected one of {MODES}")
         self.lm = lm
         self.mode = mode
-        hidden_size = self.base_model.config.get_text_config().hidden_size
-        self.value_head = ValueHead(hidden_size).to(self.base_model.device)
+        self.value_head = ValueHead(hidden_width(self.base_model)).to(self.base_model.device)
         self.reward_head: nn.Module | None = None  # set with a reward adapter (`rlora.reward`)
         self.hydra: HydraBranch | None = None
         self.ref_model: nn.Module | None = None
@@ -187,8 +200,10 @@ class Policy(nn.Module):
         self.lm.requires_grad_(False)
         decoder, _, blocks = find_decoder_blocks(self.lm)
         blocks[-n:].requires_grad_(True)
-        for child in decoder.children():
-            if "norm" in type(child).__name__.lower():  # LayerNorm, LlamaRMSNorm, ...
+        for name, child in decoder.named_children():
+            # LayerNorm, LlamaRMSNorm, ...; not one on the input embeddings (Bloom's
+            # word_embeddings_layernorm), which acts below the frozen bottom
+            if "norm" in type(child).__name__.lower() and "emb" not in name:
                 child.requires_grad_(True)
         head = self.lm.get_output_embeddings()
         if head is not None and head.weight is not self.lm.get_input_embeddings().weight:
