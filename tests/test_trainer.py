@@ -181,3 +181,13 @@ def test_ppo_runs_on_opt_with_a_projected_hidden_state(tiny_model_dir, tmp_path,
     trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
     losses = steps_of(trainer, "losses/total_loss")
     assert trainer.step == 4 and len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
+def test_eval_variants_with_more_new_tokens_stay_within_seq_length(tiny_model_dir, tmp_path):
+    """Eval prompts leave room for the longest eval variant, not only for gen_kwargs' length."""
+    config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path), train={"seq_length": 32},
+                             method={"eval_gen_kwargs": {"long": {"max_new_tokens": 20, "min_new_tokens": 20}}})
+    trainer = rlora.build_trainer(lambda samples, **_: [0.0] * len(samples), ["a" * 30], eval_prompts=["b" * 30],
+                                  config=config, verbose=False)
+    assert max(len(ids) for ids in trainer.eval_prompt_ids) + 20 <= 32
+    assert max(len(ids) for ids in trainer.prompt_ids) + 6 <= 32

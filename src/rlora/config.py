@@ -590,6 +590,8 @@ def _check_gen_kwargs(kwargs: dict, key: str, seq_length: int) -> None:
     for name in kwargs:
         if name not in valid:
             raise _unknown_key(f"{key}.{name}", valid)
+    _check(kwargs.get("num_return_sequences", 1) == 1, f"{key}.num_return_sequences", kwargs.get("num_return_sequences"),
+           "rlora samples one response per prompt; drop it and list a prompt several times for several samples")
     n = kwargs.get("max_new_tokens")
     _check(n is not None, f"{key}.max_new_tokens", n, f"set {key}.max_new_tokens (rlora sizes prompts from it)")
     _check(isinstance(n, int) and not isinstance(n, bool) and 1 <= n < seq_length, f"{key}.max_new_tokens", n,

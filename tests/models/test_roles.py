@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 from rlora.config import ModelConfig
 from rlora.models import Policy, build_policy, find_decoder_blocks, position_ids_from_mask
 from rlora.tiny import ARCHITECTURES
+from rlora.tiny import ARCHITECTURES
 
-ARCHES = ["gpt2", "llama"]
+ARCHES = list(ARCHITECTURES)  # every tiny shape: GPT-2, Llama, GPT-NeoX, OPT (+ project_out), Bloom, Qwen2, Gemma
 
 PEFT_CONFIGS = {
     # init_lora_weights=False: lora_B is random, so the adapter changes the output from the start

@@ -170,6 +170,8 @@ def build_policy(model_config, tokenizer) -> Policy:
             warnings.warn(f"model.num_layers_unfrozen={n_unfrozen} is ignored with a peft adapter: the base stays "
                           "frozen. To train extra modules, list them in LoraConfig.modules_to_save.", stacklevel=2)
         base.requires_grad_(False)
+        if peft_config is not None:
+            size_virtual_tokens(peft_config, base)
         lm = load_trainable_adapter(base, adapter) if adapter is not None else get_peft_model(base, peft_config)
         policy = Policy(lm, "prompt" if lm.active_peft_config.is_prompt_learning else "adapter")
         add_role_adapters(policy, model_config)
@@ -182,6 +184,18 @@ def build_policy(model_config, tokenizer) -> Policy:
     if n_unfrozen > 0:
         return Policy(base, "hydra", num_layers_unfrozen=n_unfrozen)
     return Policy(base, "full")
+
+
+def size_virtual_tokens(peft_config: PeftConfig, base: PreTrainedModel) -> None:
+    """Prompt tuning / p-tuning: virtual tokens as wide as the input embeddings they sit beside.
+
+    peft sizes them to `hidden_size`, which is not the embedding width when a model projects its
+    embeddings (OPT's `word_embed_proj_dim`, as opt-350m); prefix tuning's width is the attention's
+    and stays as peft sets it.
+    """
+    if peft_config.is_prompt_learning and getattr(peft_config, "peft_type", None) != "PREFIX_TUNING" \
+            and getattr(peft_config, "token_dim", None) is None:
+        peft_config.token_dim = base.get_input_embeddings().embedding_dim
 
 
 def load_trainable_adapter(base: PreTrainedModel, path: str) -> PeftModel:
