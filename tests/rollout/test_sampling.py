@@ -62,8 +62,11 @@ def make_trainer(model_dir, tmp_path, setting, peft_config=None, prompts=PROMPTS
     sections = {"method": {"num_rollouts": 4, "chunk_size": 4, "ppo_epochs": 1, "gen_kwargs": gen},
                 "train": {"batch_size": 4, "minibatch_size": 4}}
     config = tiny_ppo_config(model_dir, str(tmp_path / "run"), **sections)
-    config["model"]["peft_config"] = peft_config or {"peft_type": "LORA", "r": 4, "lora_alpha": 16,
-                                                     "target_modules": "all-linear"}
+    if peft_config == "hydra":  # no PEFT: the top block trains, the reference is its frozen copy
+        config["model"].update(peft_config=None, num_layers_unfrozen=1)
+    else:
+        config["model"]["peft_config"] = peft_config or {"peft_type": "LORA", "r": 4, "lora_alpha": 16,
+                                                         "target_modules": "all-linear"}
     config = load_config(config)
     tokenizer = load_tokenizer(config.tokenizer, config.model.model_path)
     policy = build_policy(config.model, tokenizer)
@@ -116,6 +119,33 @@ def test_scored_distribution_is_the_sampled_one(tiny_model_dir, tmp_path, arch, 
     exp.returns = torch.randn_like(exp.logprobs) * mask
     stats = trainer.train_step(exp, torch.arange(len(exp)))
     assert float(stats["policy/ratio_max_abs_dev"]) == 0.0
+
+
+@pytest.mark.parametrize("setting", ["plain", "bf16_autocast"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bloom"])
+def test_hydra_reference_runs_in_the_policy_precision(tiny_model_dir, tmp_path, arch, setting):
+    trainer = make_trainer(tiny_model_dir(arch), tmp_path, setting, peft_config="hydra")
+    _, exp, ref, sampled = rollout_phase(trainer)
+    mask = exp.response_mask
+    assert torch.equal(exp.logprobs[mask], ref[mask])  # top block untrained yet: policy == its frozen copy
+    torch.testing.assert_close(exp.logprobs[mask], sampled[mask], atol=0.05 if setting == "bf16_autocast" else 1e-5,
+                               rtol=0)
+
+
+def test_reward_fn_gets_the_prompts_as_given(tiny_model_dir, tmp_path):
+    seen = []
+
+    def reward_fn(samples, prompts, outputs, **_):
+        seen.extend(prompts)
+        assert samples == [p + o for p, o in zip(prompts, outputs)]
+        return [0.0] * len(samples)
+
+    given = ["<|bos|>system: be brief\nuser: hi", "<|eos|>ab", "the cat sat", "x"]  # special tokens in the text
+    trainer = make_trainer(tiny_model_dir("gpt2"), tmp_path, "plain", prompts=given)
+    trainer.reward_fn = reward_fn
+    trainer.total_steps = 1
+    trainer.learn()
+    assert seen and set(seen) <= set(given) and "<|bos|>system: be brief\nuser: hi" in seen
 
 
 @pytest.mark.parametrize("setting", ["several_eos", "plain"])
