@@ -138,3 +138,24 @@ def test_concat_and_select_drop_all_padding_columns(tokenizer):
     assert second.query_ids.tolist() == [[7]] and second.response_ids.shape == (1, 4)
     first = exp.select(torch.tensor([0]))
     assert first.query_ids.shape == (1, 3) and first.response_ids.tolist() == [[5, eos]]
+
+
+def test_pad_equal_to_eos_keeps_a_generated_eos_real(gpt2_bpe_dir):
+    """GPT-2's tokenizer pads with EOS: the first EOS is a real, rewarded response token; the
+    EOS ids after it (transformers' padding of a finished row) are padding."""
+    from transformers import AutoTokenizer
+
+    from rlora.algo import token_rewards
+
+    tok = AutoTokenizer.from_pretrained(gpt2_bpe_dir)
+    tok.pad_token = tok.eos_token
+    eos = tok.eos_token_id
+    conts = [ids(tok, " Hello") + [eos, eos, eos], ids(tok, " a b c d")]
+    out = rollouts_for(tok, conts, ["Q:", "R:"], {"max_new_tokens": 5})
+    assert tok("Q:").input_ids == ids(tok, "Q:")  # GPT-2 adds no BOS
+    n = len(ids(tok, " Hello"))
+    assert out.response_mask.sum(1).tolist() == [n + 1, 4]
+    assert out.response_ids[0, n] == eos and out.outputs == [" Hello", " a b c d"]
+    zeros = torch.zeros(out.response_ids.shape)
+    rewards, _ = token_rewards(zeros, zeros, out.response_mask, 0.1, torch.tensor([1.0, 2.0]))
+    assert rewards[0, n] == 1.0 and rewards[0].sum() == 1.0  # the score lands on the generated EOS
