@@ -86,6 +86,22 @@ def test_ranks_hold_identical_weights_after_training(tiny_model_dir, tmp_path):
     assert sorted(r["step"] for r in records if "losses/total_loss" in r) == list(range(1, 9))  # one writer
 
 
+def logged_rates(run_dir):
+    return [r["learning_rate"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "learning_rate" in r]
+
+
+def test_learning_rate_schedule_advances_once_per_step_whatever_the_process_count(tiny_model_dir, tmp_path):
+    # train.batch_size is global, so an optimizer step is the same unit of work on 1 or 2 processes
+    rates = {}
+    for nproc in (1, 2):
+        config = small_config(tiny_model_dir("gpt2"), tmp_path / f"run{nproc}", total_steps=4)
+        config["scheduler"] = {"name": "linear", "kwargs": {"start_factor": 1.0, "end_factor": 0.0}}
+        launch(tmp_path, "train", config, nproc)
+        rates[nproc] = logged_rates(tmp_path / f"run{nproc}")
+    assert rates[2] == rates[1]
+    assert len(rates[1]) == 4 and rates[1] == sorted(set(rates[1]), reverse=True)  # it decays, step by step
+
+
 @pytest.mark.parametrize("roles", ["policy", "policy+critic"])
 def test_two_processes_half_batch_step_equals_one_process_full_batch(tiny_model_dir, tmp_path, roles):
     config = small_config(tiny_model_dir("gpt2"), tmp_path / "run", batch_size=8, minibatch_size=4)

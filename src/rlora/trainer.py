@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -106,7 +107,10 @@ class PPOTrainer:
         if self.dist.world > 1:  # DDP syncs gradients of the trainable parameters only, never the frozen base
             frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(policy, frozen)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, self.optimizer, self.scheduler)
+        self.model, self.optimizer = self.accelerator.prepare(policy, self.optimizer)
+        # train.batch_size is global, so the schedule advances once per optimizer step on any number of
+        # processes; prepare() would wrap it with split_batches=False and step it once per process
+        self.scheduler = AcceleratedScheduler(self.scheduler, self.optimizer, split_batches=True)
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
         # ZeRO-3 shards the weights: every process must join each generation step
         self.gen_extra = {"synced_gpus": True} if deepspeed is not None and deepspeed.zero_stage == 3 else {}
