@@ -172,3 +172,12 @@ def test_gen_experience_kwargs_drive_rollouts_and_gen_kwargs_drive_eval(tiny_mod
     phase = [r for r in trainer.history if "phase" in r][0]
     assert phase["response_length/mean"] <= 3
     assert max(len(o) for o in trainer.generate(PROMPTS)) > 3
+
+
+def test_logged_learning_rate_is_the_rate_each_step_used(tiny_model_dir, tmp_path):
+    config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 4},
+                             scheduler={"name": "linear", "kwargs": {"start_factor": 0.5, "end_factor": 0.0}})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    # LinearLR over total_iters = total_steps = 4 from lr 1e-2: step k uses 1e-2 * (0.5 - 0.5 * k / 4)
+    assert steps_of(trainer, "learning_rate") == pytest.approx([5e-3, 3.75e-3, 2.5e-3, 1.25e-3], rel=1e-12)
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.0  # the schedule's end, for a step never taken

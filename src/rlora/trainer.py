@@ -339,6 +339,7 @@ class PPOTrainer:
         grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
         check = torch.stack([s["losses/total_loss"] for s in stats]).sum() + sum(g.float().norm() for g in grads)
         finite = bool(self.dist.max((~torch.isfinite(check)).float().reshape(1)).item() == 0)  # all agree
+        learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step uses, before the schedule moves on
         if finite:
             self.optimizer.step()
             self.scheduler.step()
@@ -356,7 +357,7 @@ class PPOTrainer:
         out = {key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]}
         out["skipped"] = float(not finite)
         out["policy/ratio_max_abs_dev"] = torch.stack([s["policy/ratio_max_abs_dev"] for s in stats]).max()
-        out["learning_rate"] = self.scheduler.get_last_lr()[0]
+        out["learning_rate"] = learning_rate
         return out
 
     def _record(self, stats: dict[str, torch.Tensor | float], **extra: Any) -> dict[str, Any]:
