@@ -153,8 +153,8 @@ class PPOTrainer:
     def learn(self) -> "PPOTrainer":
         """Run PPO until `train.total_steps` optimizer steps or `train.epochs` rollout phases.
 
-        SIGINT / SIGTERM save a checkpoint at the next step boundary, then raise
-        `TrainingInterrupted`; `train.resume_from_checkpoint` continues from it exactly.
+        SIGINT / SIGTERM (to any one process or to all) save a checkpoint at the next step boundary,
+        then raise `TrainingInterrupted`; `train.resume_from_checkpoint` continues from it exactly.
         """
         train, method = self.config.train, self.config.method
         self.model.eval()  # dropout off in every PPO pass, so the ratio starts at 1 (SPEC §1)
@@ -243,8 +243,8 @@ class PPOTrainer:
                         self.evaluate()
                     if self.step % train.checkpoint_interval == 0 and self.step < self.total_steps:
                         self.save()
-                    if self._stop_signal is not None:
-                        raise TrainingInterrupted(self._stop_signal, self.save())
+                    if (signum := self._agreed_stop_signal()) is not None:
+                        raise TrainingInterrupted(signum, self.save())
 
                 # 8. KL controller: once per completed phase, on its mean KL, n = num_rollouts
                 if phase.cursor == len(phase.batches):
@@ -479,6 +479,13 @@ class PPOTrainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _agreed_stop_signal(self) -> int | None:
+        """The signal any process has received, the same on every process: each checks at its own step
+        boundary, and one stopping to save while another goes on to the next step's all-reduce would
+        hang them both. With several processes, one small all-reduce a step."""
+        signum = int(self.dist.max(torch.tensor([self._stop_signal or 0])).item())
+        return signum or None
 
     def _log_rollouts(self, rollouts, scores: torch.Tensor) -> None:
         """With `train.rollout_logging_dir`: one JSON line per sample of each phase."""
