@@ -228,3 +228,16 @@ def test_prompt_and_prefix_tuning_resume_and_evaluate(tiny_model_dir, tmp_path, 
     assert "reward/mean" in rlora.evaluate(path, verbose=False)
     rlora.train(config=config_for(model, run_dir, 8, model=peft, resume_from_checkpoint="latest"), verbose=False)
     assert_same_run(str(reference), str(run_dir), 8, after=6)
+
+
+def test_resume_with_a_larger_total_steps_keeps_the_linear_schedule_and_says_so(tiny_model_dir, tmp_path,
+                                                                                 support_module):
+    run_dir, model = tmp_path / "run", tiny_model_dir("gpt2")
+    scheduler = {"name": "linear", "kwargs": {"start_factor": 1.0, "end_factor": 0.5}}  # total_iters: total_steps
+    rlora.train(config={**config_for(model, run_dir, 4), "scheduler": scheduler}, verbose=False)
+    with pytest.warns(UserWarning, match=r"total_iters=4 .* total_iters=8 \(from train.total_steps\).* kept"):
+        trainer = rlora.train(config={**config_for(model, run_dir, 8, resume_from_checkpoint="latest"),
+                                      "scheduler": scheduler}, verbose=False)
+    rates = [r["learning_rate"] for r in trainer.history if "learning_rate" in r]
+    # the first run's 4-step decay from 1e-2 to 5e-3, then its end rate: exactly as that run would go on
+    assert rates == pytest.approx([1e-2, 8.75e-3, 7.5e-3, 6.25e-3] + [5e-3] * 4, rel=1e-12)

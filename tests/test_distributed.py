@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -86,6 +88,22 @@ def test_ranks_hold_identical_weights_after_training(tiny_model_dir, tmp_path):
     assert sorted(r["step"] for r in records if "losses/total_loss" in r) == list(range(1, 9))  # one writer
 
 
+def logged_rates(run_dir):
+    return [r["learning_rate"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "learning_rate" in r]
+
+
+def test_learning_rate_schedule_advances_once_per_step_whatever_the_process_count(tiny_model_dir, tmp_path):
+    # train.batch_size is global, so an optimizer step is the same unit of work on 1 or 2 processes
+    rates = {}
+    for nproc in (1, 2):
+        config = small_config(tiny_model_dir("gpt2"), tmp_path / f"run{nproc}", total_steps=4)
+        config["scheduler"] = {"name": "linear", "kwargs": {"start_factor": 1.0, "end_factor": 0.0}}
+        launch(tmp_path, "train", config, nproc)
+        rates[nproc] = logged_rates(tmp_path / f"run{nproc}")
+    assert rates[2] == rates[1]
+    assert len(rates[1]) == 4 and rates[1] == sorted(set(rates[1]), reverse=True)  # it decays, step by step
+
+
 @pytest.mark.parametrize("roles", ["policy", "policy+critic"])
 def test_two_processes_half_batch_step_equals_one_process_full_batch(tiny_model_dir, tmp_path, roles):
     config = small_config(tiny_model_dir("gpt2"), tmp_path / "run", batch_size=8, minibatch_size=4)
@@ -138,3 +156,101 @@ def test_two_process_randomwalks_learns_and_resumes(tmp_path):
     steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")]
     assert max(steps) == 96 and steps == sorted(steps)
     assert "step_96" in os.listdir(run_dir / "ckpts")
+
+
+def children(pid):
+    """{child pid: its environment} of process `pid`, from /proc."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    found[int(entry)] = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def kill_tree(proc):
+    """SIGKILL `proc` and its children: torchrun starts each worker in a session of its own."""
+    for pid in [*children(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.communicate(timeout=30)[1]
+
+
+def finish(proc, timeout):
+    """`proc`'s exit code and stderr; killed with its workers if it runs past `timeout` seconds,
+    which fails the test instead of hanging it."""
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{proc.args} still ran after {timeout} s (hung?); killed. stderr: {kill_tree(proc)[-3000:]}")
+    return proc.returncode, stderr
+
+
+def adapter_and_optimizer(checkpoint_dir):
+    tensors = load_file(checkpoint_dir / "adapter" / "adapter_model.safetensors")
+    tensors.update({f"value_head.{k}": v for k, v in load_file(checkpoint_dir / "value_head.safetensors").items()})
+    optimizer = torch.load(checkpoint_dir / "optimizer.pt", weights_only=True)
+    for i, state in optimizer["state"].items():
+        tensors.update({f"optimizer.{i}.{k}": v for k, v in state.items() if torch.is_tensor(v)})
+    return tensors
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's worker processes through /proc")
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_is_exact(tiny_model_dir, tmp_path):
+    (tmp_path / "support.py").write_text(
+        "def count_s(samples, prompts, outputs, tokenizer, **_):\n"
+        "    return [o.count('s') / max(1, len(o)) for o in outputs]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rlora",
+                "train"]
+
+    def config_file(name):
+        config = small_config(tiny_model_dir("gpt2"), tmp_path / name, total_steps=8, checkpoint_interval=2,
+                              keep_checkpoints=10)
+        config["scheduler"] = {"name": "linear", "kwargs": {"start_factor": 1.0, "end_factor": 0.1}}  # state matters
+        config["task"] = {"reward_fn": "support:count_s", "prompts": ["hello", "abc", "xyz", "the "]}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return str(path)
+
+    def rlora_train(name, *args):
+        return subprocess.Popen([*torchrun, config_file(name), *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env)
+
+    code, stderr = finish(rlora_train("uninterrupted"), 120)
+    assert code == 0, stderr[-3000:]
+
+    run_dir = tmp_path / "stopped"
+    proc = rlora_train("stopped")
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "ckpts" / "step_2").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rank1 = [pid for pid, env in children(proc.pid).items() if b"RANK=1" in env]
+        assert rank1, "rank 1 was not running when step_2 appeared"
+        os.kill(rank1[0], signal.SIGTERM)  # one rank only: the other must stop at the same step boundary
+        _, stderr = finish(proc, 120)  # torchrun exits non-zero: its workers stopped with 128 + 15
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert stderr.count("stopped by signal 15") == 2, stderr[-3000:]  # each rank saved and stopped itself
+    stopped_at = max(int(name.split("_")[1]) for name in os.listdir(run_dir / "ckpts") if name.startswith("step_"))
+    assert 2 <= stopped_at < 8, stderr[-3000:]
+
+    code, stderr = finish(rlora_train("stopped", "--resume", "latest"), 120)
+    assert code == 0, stderr[-3000:]
+    a = adapter_and_optimizer(tmp_path / "uninterrupted" / "ckpts" / "step_8")
+    b = adapter_and_optimizer(run_dir / "ckpts" / "step_8")
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [r for r in map(json.loads, open(tmp_path / "uninterrupted" / "metrics.jsonl")) if "learning_rate" in r]
+    resumed = [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "learning_rate" in r]
+    assert [r["learning_rate"] for r in resumed] == [r["learning_rate"] for r in steps]

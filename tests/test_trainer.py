@@ -191,3 +191,12 @@ def test_eval_variants_with_more_new_tokens_stay_within_seq_length(tiny_model_di
                                   config=config, verbose=False)
     assert max(len(ids) for ids in trainer.eval_prompt_ids) + 20 <= 32
     assert max(len(ids) for ids in trainer.prompt_ids) + 6 <= 32
+
+
+def test_logged_learning_rate_is_the_rate_each_step_used(tiny_model_dir, tmp_path):
+    config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 4},
+                             scheduler={"name": "linear", "kwargs": {"start_factor": 0.5, "end_factor": 0.0}})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    # LinearLR over total_iters = total_steps = 4 from lr 1e-2: step k uses 1e-2 * (0.5 - 0.5 * k / 4)
+    assert steps_of(trainer, "learning_rate") == pytest.approx([5e-3, 3.75e-3, 2.5e-3, 1.25e-3], rel=1e-12)
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.0  # the schedule's end, for a step never taken

@@ -30,6 +30,7 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -199,7 +200,10 @@ def load(trainer, path: str) -> None:
     device = _file_device(trainer.accelerator.device)
     if os.path.exists(os.path.join(path, "optimizer.pt")):
         trainer.optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt"), device))
-        trainer.scheduler.load_state_dict(_torch_load(os.path.join(path, "scheduler.pt"), "cpu"))
+        schedule = _torch_load(os.path.join(path, "scheduler.pt"), "cpu")
+        if trainer.dist.is_main:
+            _warn_if_schedule_length_differs(schedule, trainer.scheduler.state_dict(), trainer.config, path)
+        trainer.scheduler.load_state_dict(schedule)
     rng = load_file(os.path.join(path, "rng.safetensors"))
     trainer.shuffle.set_state(rng["shuffle"])
     mine = load_file(os.path.join(path, f"rank_{trainer.dist.rank}.safetensors"))
@@ -228,6 +232,23 @@ def load(trainer, path: str) -> None:
         exp = Experience(**{k[len("exp."):]: v for k, v in mine.items() if k.startswith("exp.")})
         batches = [rng[f"batch.{i}"] for i in range(pending["n_batches"])]
         trainer.pending = PhaseState(exp, batches, pending["cursor"], pending["stats"], 0.0)
+
+
+def _warn_if_schedule_length_differs(saved: dict, built: dict, config, path: str) -> None:
+    """The schedule's length is part of its saved state, so a resume keeps the checkpoint's (an exact
+    continuation); say so when this run's config asks for another length."""
+    key = {"linear": "total_iters", "cosine_annealing": "T_max"}.get(config.scheduler.name)
+    if key is None or key not in saved or saved[key] == built[key]:
+        return
+    source = f"scheduler.kwargs.{key}" if key in config.scheduler.kwargs else "train.total_steps"
+    then = ""
+    if key == "total_iters":
+        then = (f", so after step {saved[key]} the rate stays at end_factor x lr = "
+                f"{saved['end_factor'] * saved['base_lrs'][0]:g}")
+    warnings.warn(f"{path} holds a {config.scheduler.name} learning-rate schedule of {key}={saved[key]} steps, but "
+                  f"this run's config gives {key}={built[key]} (from {source}). The checkpoint's schedule is kept, "
+                  f"as the run that wrote it would have continued{then}. To schedule over {built[key]} steps, start "
+                  f"a new run with that length (a schedule cannot be stretched mid-run).")
 
 
 def load_weights(policy, path: str, device: torch.device) -> None:

@@ -42,8 +42,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"train.resume_from_checkpoint={args.resume}"] if args.resume else [])
     try:
         trainer = rlora.train(config=args.config, overrides=overrides)
-    except TrainingInterrupted as stop:
+    except TrainingInterrupted as stop:  # every process stopped at the same step
         print(stop, file=sys.stderr)
+        _end_processes()
         return 128 + stop.signum
     _end_processes()
     print(f"run directory: {trainer.run_dir}")

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -106,7 +107,10 @@ class PPOTrainer:
         if self.dist.world > 1:  # DDP syncs gradients of the trainable parameters only, never the frozen base
             frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(policy, frozen)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, self.optimizer, self.scheduler)
+        self.model, self.optimizer = self.accelerator.prepare(policy, self.optimizer)
+        # train.batch_size is global, so the schedule advances once per optimizer step on any number of
+        # processes; prepare() would wrap it with split_batches=False and step it once per process
+        self.scheduler = AcceleratedScheduler(self.scheduler, self.optimizer, split_batches=True)
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
         # ZeRO-3 shards the weights: every process must join each generation step
         self.gen_extra = {"synced_gpus": True} if deepspeed is not None and deepspeed.zero_stage == 3 else {}
@@ -153,8 +157,8 @@ class PPOTrainer:
     def learn(self) -> "PPOTrainer":
         """Run PPO until `train.total_steps` optimizer steps or `train.epochs` rollout phases.
 
-        SIGINT / SIGTERM save a checkpoint at the next step boundary, then raise
-        `TrainingInterrupted`; `train.resume_from_checkpoint` continues from it exactly.
+        SIGINT / SIGTERM (to any one process or to all) save a checkpoint at the next step boundary,
+        then raise `TrainingInterrupted`; `train.resume_from_checkpoint` continues from it exactly.
         """
         train, method = self.config.train, self.config.method
         self.model.eval()  # dropout off in every PPO pass, so the ratio starts at 1 (SPEC §1)
@@ -241,8 +245,8 @@ class PPOTrainer:
                         self.evaluate()
                     if self.step % train.checkpoint_interval == 0 and self.step < self.total_steps:
                         self.save()
-                    if self._stop_signal is not None:
-                        raise TrainingInterrupted(self._stop_signal, self.save())
+                    if (signum := self._agreed_stop_signal()) is not None:
+                        raise TrainingInterrupted(signum, self.save())
 
                 # 8. KL controller: once per completed phase, on its mean KL, n = num_rollouts
                 if phase.cursor == len(phase.batches):
@@ -349,6 +353,7 @@ class PPOTrainer:
         grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
         check = torch.stack([s["losses/total_loss"] for s in stats]).sum() + sum(g.float().norm() for g in grads)
         finite = bool(self.dist.max((~torch.isfinite(check)).float().reshape(1)).item() == 0)  # all agree
+        learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step uses, before the schedule moves on
         if finite:
             self.optimizer.step()
             self.scheduler.step()
@@ -366,7 +371,7 @@ class PPOTrainer:
         out = {key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]}
         out["skipped"] = float(not finite)
         out["policy/ratio_max_abs_dev"] = torch.stack([s["policy/ratio_max_abs_dev"] for s in stats]).max()
-        out["learning_rate"] = self.scheduler.get_last_lr()[0]
+        out["learning_rate"] = learning_rate
         return out
 
     def _record(self, stats: dict[str, torch.Tensor | float], **extra: Any) -> dict[str, Any]:
@@ -488,6 +493,13 @@ class PPOTrainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _agreed_stop_signal(self) -> int | None:
+        """The signal any process has received, the same on every process: each checks at its own step
+        boundary, and one stopping to save while another goes on to the next step's all-reduce would
+        hang them both. With several processes, one small all-reduce a step."""
+        signum = int(self.dist.max(torch.tensor([self._stop_signal or 0])).item())
+        return signum or None
 
     def _log_rollouts(self, rollouts, scores: torch.Tensor) -> None:
         """With `train.rollout_logging_dir`: one JSON line per sample of each phase."""
