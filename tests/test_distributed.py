@@ -53,6 +53,8 @@ WORKER = textwrap.dedent('''
         trainer.train_step(mine, torch.arange(share))
     params = {name: p.detach().clone() for name, p in trainer.policy.named_parameters() if p.requires_grad}
     save_file(params, os.path.join(out, f"params_rank{rank}.safetensors"))
+    from rlora.distributed import leave_process_group
+    leave_process_group()
 ''')
 
 

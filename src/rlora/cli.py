@@ -24,18 +24,9 @@ def _quiet_hf() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def _end_processes() -> None:
-    """Leave the process group together before the interpreter exits: a gloo group torn down at
-    exit while another process still runs aborts ("terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     import rlora
+    from rlora.distributed import leave_process_group
     from rlora.trainer import TrainingInterrupted
 
     _quiet_hf()
@@ -44,9 +35,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = rlora.train(config=args.config, overrides=overrides)
     except TrainingInterrupted as stop:  # every process stopped at the same step
         print(stop, file=sys.stderr)
-        _end_processes()
+        leave_process_group()
         return 128 + stop.signum
-    _end_processes()
+    leave_process_group()
     print(f"run directory: {trainer.run_dir}")
     return 0
 
@@ -55,10 +46,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     import rlora
+    from rlora.distributed import leave_process_group
 
     _quiet_hf()
     record = rlora.evaluate(args.checkpoint, overrides=list(args.overrides))
-    _end_processes()
+    leave_process_group()
     print(json.dumps({k: v for k, v in record.items() if k != "eval"}))
     return 0
 

@@ -18,6 +18,15 @@ from rlora.rollout.generation import Rollouts
 from rlora.rollout.scoring import call_reward_fn
 
 
+def leave_process_group() -> None:
+    """Leave the process group together; call it at the end of a multi-process script (`rlora
+    train` does). A gloo group torn down at interpreter exit while another process still runs
+    aborts that process ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 class Processes:
     """This process's place in the run and the collectives PPO uses."""
 
