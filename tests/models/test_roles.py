@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 from rlora.config import ModelConfig
 from rlora.models import Policy, build_policy, find_decoder_blocks, position_ids_from_mask
 from rlora.tiny import ARCHITECTURES
-from rlora.tiny import ARCHITECTURES
 
 ARCHES = list(ARCHITECTURES)  # every tiny shape: GPT-2, Llama, GPT-NeoX, OPT (+ project_out), Bloom, Qwen2, Gemma
 

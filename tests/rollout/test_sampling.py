@@ -20,7 +20,6 @@ from transformers import GenerationConfig
 
 from rlora.config import load_config
 from rlora.models import build_policy, load_tokenizer
-from rlora.rollout.generation import generate_rollouts
 from rlora.rollout.prompts import normalize_prompts
 from rlora.tiny import ARCHITECTURES, tiny_ppo_config
 from rlora.trainer import PPOTrainer

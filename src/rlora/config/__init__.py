@@ -1,0 +1,29 @@
+"""Configuration: plain typed dataclasses, YAML load/save, dotted overrides, validation.
+
+Sections and defaults follow trlx 0.7 (`train`, `model`, `tokenizer`, `optimizer`, `scheduler`,
+`method`), so a trlx PPO YAML loads unchanged. Unlike trlx, an unknown key is an error at every
+depth (section, field, `gen_kwargs`, `peft_config`) and names the closest valid key, and
+cross-field checks run in `validate` before any model is loaded.
+
+- `sections`: the dataclasses;
+- `validation`: type and cross-field checks;
+- `io`: YAML and dicts in, overrides, plain data out.
+"""
+
+from rlora.config.io import config_to_dict, load_config, save_config
+from rlora.config.sections import (
+    Config,
+    ModelConfig,
+    OptimizerConfig,
+    PPOConfig,
+    SchedulerConfig,
+    TaskConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
+from rlora.config.validation import validate
+
+__all__ = [
+    "Config", "TrainConfig", "ModelConfig", "TokenizerConfig", "OptimizerConfig", "SchedulerConfig",
+    "PPOConfig", "TaskConfig", "load_config", "validate", "config_to_dict", "save_config",
+]

@@ -1,0 +1,130 @@
+"""Loading and saving configs: YAML or dicts to validated sections, dotted overrides, and back to
+plain data."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlora.config.sections import _SECTIONS, Config
+from rlora.config.validation import _PRETRAINED_KEY, _coerce, _from_dict, _is_instance, _unknown_key, validate
+
+_SCI_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # YAML 1.1 reads `1e-5` as a string
+
+
+def load_config(source: Config | dict | str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """A validated `Config` from a `Config` (deep-copied), a dict, or a YAML file path.
+
+    `overrides` are `"a.b.c=value"` strings applied in order; values are parsed with
+    `yaml.safe_load` (`method.gamma=0.99`, `train.tags=[a,b]`, `method.target=null`) and may reach
+    into dict fields (`method.gen_kwargs.max_new_tokens=9`, `model.peft_config.r=16`).
+    """
+    if source is None:
+        config = Config()
+    elif isinstance(source, Config):
+        config = copy.deepcopy(source)
+    elif isinstance(source, dict):
+        config = _from_dict(Config, copy.deepcopy(source), "")
+    elif isinstance(source, (str, os.PathLike)):
+        with open(source, encoding="utf-8") as f:
+            data = _fix_yaml_floats(yaml.safe_load(f))
+        config = _from_dict(Config, data if data is not None else {}, "")
+    else:
+        raise TypeError(f"config source must be a rlora.Config, a dict or a YAML path, got {type(source).__name__}")
+    for text in overrides or []:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {text!r} must look like 'section.key=value', e.g. 'method.gamma=0.99'")
+        _apply_override(config, key.strip().split("."), _fix_yaml_floats(yaml.safe_load(raw)), text)
+    validate(config)
+    return config
+
+
+def _apply_override(config: Config, parts: list[str], value: Any, text: str) -> None:
+    """Set the dotted key `parts` on `config` in place: dataclass fields, dict keys, or object attributes."""
+    obj, path = config, ""
+    for i, part in enumerate(parts):
+        full, last = f"{path}.{part}" if path else part, i == len(parts) - 1
+        if isinstance(obj, _SECTIONS):
+            hints = typing.get_type_hints(type(obj))
+            if part not in hints:
+                raise _unknown_key(full, hints)
+            if last:
+                setattr(obj, part, _coerce(hints[part], value, full))
+            else:
+                obj = getattr(obj, part)
+        elif isinstance(obj, dict):
+            if last:
+                obj[part] = value
+            else:
+                obj = obj.setdefault(part, {})
+        elif obj is None or isinstance(obj, (str, int, float, bool, list)):
+            raise ValueError(f"override {text!r}: {path}={obj!r} has no key {part!r}; "
+                             f"set {path} to a mapping first" + (" (it is null)" if obj is None else ""))
+        else:  # a PeftConfig / PretrainedConfig object: set its attribute
+            if not hasattr(obj, part):
+                raise _unknown_key(full, [k for k in vars(obj) if not k.startswith("_")])
+            if last:
+                setattr(obj, part, value)
+            else:
+                obj = getattr(obj, part)
+        path = full
+
+
+def _fix_yaml_floats(data: Any) -> Any:
+    """Turn strings like "1e-5" (floats in YAML 1.2, strings to PyYAML) into floats, recursively."""
+    if isinstance(data, str) and _SCI_FLOAT.match(data):
+        return float(data)
+    if isinstance(data, dict):
+        return {k: _fix_yaml_floats(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_fix_yaml_floats(v) for v in data]
+    return data
+
+
+def config_to_dict(config: Config) -> dict:
+    """Plain data (dicts, lists, str, numbers, bool, None) that `save_config` writes and `load_config` reads.
+
+    A peft `PeftConfig` becomes its `to_dict()` with enums as strings and sets as sorted lists;
+    a `PretrainedConfig` model_path becomes `{"pretrained_config": config.to_dict()}`.
+    """
+    return _plain(config)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _SECTIONS):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_plain(v) for v in value), key=str)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if _is_instance(value, "peft", "PeftConfig"):
+        return _plain(value.to_dict())
+    if _is_instance(value, "transformers", "PretrainedConfig"):
+        data = value.to_dict()
+        data.pop("transformers_version", None)
+        return {_PRETRAINED_KEY: _plain(data)}
+    if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+        return str(value).removeprefix("torch.")
+    return value
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write `config` as YAML; `load_config(path)` gives an equal config back."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)

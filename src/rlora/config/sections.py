@@ -1,0 +1,215 @@
+"""The config sections: plain typed dataclasses, one docstring per field (trlx 0.7's sections
+and PPO defaults, plus rlora's `task`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    seq_length: int = 1024
+    """Maximum tokens of prompt + response; prompts are cut to `seq_length - max_new_tokens`."""
+    epochs: int = 100
+    """Passes over the prompt set (training stops at `total_steps` first if it comes sooner)."""
+    total_steps: int = 10000
+    """Optimizer steps before training stops."""
+    batch_size: int = 128
+    """Experiences per optimizer step."""
+    minibatch_size: int | None = None
+    """Experiences per forward/backward microbatch (gradient accumulation); None = `batch_size`."""
+    checkpoint_interval: int = 10000
+    """Optimizer steps between checkpoints."""
+    eval_interval: int = 100
+    """Optimizer steps between evaluations."""
+    checkpoint_dir: str = "ckpts"
+    """Directory for checkpoints."""
+    logging_dir: str | None = None
+    """Directory for tracker logs (tensorboard); None = the tracker's default."""
+    run_dir: str | None = None
+    """Where metrics.jsonl and plots go; None = `runs/<timestamp>`."""
+    tracker: str | None = None
+    """Metrics tracker: None, "tensorboard" or "wandb"."""
+    project_name: str = "rlora"
+    """Tracker project name."""
+    entity_name: str | None = None
+    """Tracker entity (wandb team)."""
+    group_name: str | None = None
+    """Tracker run group."""
+    tags: list[str] = field(default_factory=list)
+    """Tracker run tags."""
+    seed: int = 1000
+    """Seed for torch, numpy and random."""
+    save_best: bool = True
+    """Also keep the checkpoint with the best mean eval reward under `checkpoint_dir/best`."""
+    save_optimizer: bool = True
+    """Store optimizer and scheduler state in checkpoints (needed to resume exactly)."""
+    resume_from_checkpoint: str | None = None
+    """Checkpoint directory to resume from, or "latest" (the newest complete one of `run_dir`)."""
+    keep_checkpoints: int = 2
+    """rlora: how many of the latest `step_N` checkpoints to keep (plus `best/` with `save_best`)."""
+    max_bad_steps: int = 3
+    """rlora: a step whose loss or gradient is not finite is skipped; this many in a row abort the run."""
+    reward_on_all_ranks: bool = False
+    """rlora: call reward_fn on every process with its own samples (a reward model per device)
+    instead of once on the main process with everyone's (trlx's way)."""
+    rollout_logging_dir: str | None = None
+    """Directory to dump every rollout batch to; None = no dumps."""
+    num_threads: int | None = None
+    """torch CPU threads; None = $RLORA_NUM_THREADS, else the cores divided among local processes."""
+    pipeline: str = "PromptPipeline"
+    """trlx compatibility: only "PromptPipeline"."""
+    trainer: str = "AcceleratePPOTrainer"
+    """trlx compatibility: "AcceleratePPOTrainer" or "PPOTrainer" (only PPO is implemented)."""
+
+
+@dataclass
+class ModelConfig:
+    model_path: str | Any = None
+    """Local directory or hub name, or a `transformers.PretrainedConfig` (random init)."""
+    model_arch_type: str = "causal"
+    """Only "causal" is supported."""
+    num_layers_unfrozen: int = -1
+    """Without PEFT: -1 = all trainable, 0 = none, N > 0 = top N blocks (hydra reference)."""
+    peft_config: dict | Any | None = None
+    """A peft `PeftConfig` or a plain dict such as {"peft_type": "LORA", "r": 8}; None = no PEFT."""
+    value_adapter: dict | Any | str | None = None
+    """The critic's own adapter on the same base (adapter mode): a peft LoRA config (dict or
+    object), or a reward-adapter directory (`rlora rm`) whose adapter it starts from. None = the
+    value head reads the policy's trunk (trlx)."""
+    reward_adapter: str | None = None
+    """A directory written by `rlora rm` (LoRA adapter + score head, trained on this base): its
+    score of each rollout is the reward, added to `reward_fn`'s when both are given."""
+    model_extra_configs: dict = field(default_factory=dict)
+    """Extra keyword arguments for `from_pretrained`."""
+    trust_remote_code: bool = False
+    """Passed to `from_pretrained` for the model and tokenizer."""
+
+
+@dataclass
+class TokenizerConfig:
+    tokenizer_path: str | None = None
+    """Local directory or hub name; None = `model.model_path`."""
+    padding_side: str = "left"
+    """"left" or "right"."""
+    truncation_side: str = "right"
+    """"left" or "right"."""
+    add_special_tokens: bool = True
+    """rlora: open each prompt with the tokenizer's own special tokens (a BOS for Llama / Mistral
+    tokenizers; GPT-2's adds none), as `tokenizer(text)` does; false = no special tokens (trlx)."""
+    tokenizer_extra_configs: dict = field(default_factory=dict)
+    """Extra keyword arguments for `AutoTokenizer.from_pretrained`."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    """One of "adamw", "adam", "sgd"."""
+    kwargs: dict = field(default_factory=lambda: {"lr": 3e-5, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": 1e-6})
+    """Keyword arguments of the torch optimizer (replaced as a whole when given)."""
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine_annealing"
+    """One of "cosine_annealing", "linear", "constant"."""
+    kwargs: dict = field(default_factory=lambda: {"T_max": 1e12, "eta_min": 3e-5})
+    """Keyword arguments of the torch scheduler (trlx's default is effectively constant)."""
+
+
+@dataclass
+class PPOConfig:
+    name: str = "PPOConfig"
+    """trlx compatibility: the method name, only "PPOConfig"."""
+    ppo_epochs: int = 4
+    """Passes over each rollout store."""
+    num_rollouts: int = 128
+    """Experiences collected per PPO phase."""
+    chunk_size: int = 128
+    """Prompts generated for at once."""
+    init_kl_coef: float = 0.001
+    """Initial KL penalty coefficient beta."""
+    target: float | None = None
+    """Target KL for the adaptive controller; None = fixed coefficient."""
+    horizon: int = 10000
+    """Adaptive KL controller horizon."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Policy ratio clip."""
+    cliprange_value: float = 0.2
+    """Value prediction clip."""
+    vf_coef: float = 1.0
+    """Value loss weight."""
+    scale_reward: str | None = "ignored"
+    """Score scaling: "ignored" (or None), "running" or "ref"."""
+    ref_mean: float | None = None
+    """Reference score mean for `scale_reward="ref"`; None = measured on the first rollouts."""
+    ref_std: float | None = None
+    """Reference score std for `scale_reward="ref"`; None = measured on the first rollouts."""
+    cliprange_reward: float = 10.0
+    """Scores are clipped to [-cliprange_reward, cliprange_reward]."""
+    gen_kwargs: dict = field(default_factory=lambda: {"max_new_tokens": 40, "top_k": 0, "top_p": 1.0,
+                                                      "do_sample": True})
+    """`generate` arguments for evaluation (and rollouts unless `gen_experience_kwargs` is set)."""
+    gen_experience_kwargs: dict | None = None
+    """`generate` arguments for rollouts; None = `gen_kwargs`."""
+    eval_gen_kwargs: dict = field(default_factory=dict)
+    """rlora: extra named eval settings, each over `gen_kwargs` (`{greedy: {do_sample: false}}`);
+    logged as `reward/<name>/mean` and `metrics/<name>/<metric>`."""
+    merge_adapter_for_generation: bool = False
+    """rlora: generate rollouts with the adapter merged into the base (restored exactly after);
+    pays off for small-batch decoding on GPUs, not measurably on CPU (see BENCHMARKS.md)."""
+    num_value_layers_unfrozen: int = 0
+    """trlx compatibility: blocks of a separate value branch; rlora's value head is on the trunk."""
+
+
+@dataclass
+class TaskConfig:
+    """rlora: what `rlora train` trains on; the Python API's arguments take precedence."""
+
+    reward_fn: str | None = None
+    """The reward function: `package.module:function` or `path/to/file.py:function`."""
+    metric_fn: str | None = None
+    """Optional eval metric function, named as `reward_fn`."""
+    prompts: str | list | None = None
+    """A list; a .txt (one prompt per line) or .jsonl file; `module:attribute` (a list or a function
+    returning one); or `datasets:NAME[:SPLIT]` (a hub name or a save_to_disk directory)."""
+    eval_prompts: str | list | None = None
+    """Eval prompts, given as `prompts`; None = the first `train.batch_size` prompts."""
+    prompt_field: str = "prompt"
+    """The prompt's key in .jsonl rows and dataset records; the other keys become metadata."""
+    stop_sequences: list[str] = field(default_factory=list)
+    """Outputs are cut at the first of these strings and given an EOS."""
+
+
+@dataclass
+class Config:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop, logging and checkpointing."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Base model and adapter."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate scheduler."""
+    method: PPOConfig = field(default_factory=PPOConfig)
+    """PPO hyperparameters."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """rlora: reward function and prompts for the `rlora train` command."""
+
+    def to_dict(self) -> dict:
+        """Plain YAML-ready data; see `config_to_dict`."""
+        from rlora.config.io import config_to_dict
+
+        return config_to_dict(self)
+
+
+_SECTIONS = (Config, TrainConfig, ModelConfig, TokenizerConfig, OptimizerConfig, SchedulerConfig, PPOConfig,
+             TaskConfig)

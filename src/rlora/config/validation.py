@@ -1,0 +1,261 @@
+"""Validation: types at every depth, unknown keys with a suggestion, and cross-field checks that
+run before any model is loaded and name the key to change."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import sys
+import types
+import typing
+from typing import Any
+
+from rlora.config.sections import Config, ModelConfig, PPOConfig, TrainConfig
+
+_PRETRAINED_KEY = "pretrained_config"  # model_path saved as {pretrained_config: {...}} means a config object
+
+# `generate` arguments that are not GenerationConfig attributes.
+_GENERATE_ONLY_KWARGS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
+                         "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
+                         "tokenizer", "use_model_defaults"}
+
+
+def _from_dict(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{path or 'config'}={data!r} must be a mapping of {cls.__name__} keys")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            raise _unknown_key(full, hints)
+        if cls is ModelConfig and key == "model_path" and isinstance(value, dict) and set(value) == {_PRETRAINED_KEY}:
+            from transformers import AutoConfig
+            value = AutoConfig.for_model(**value[_PRETRAINED_KEY])
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """`value` checked against annotation `tp`; int widens to float, tuple becomes list."""
+    if tp is Any:
+        return value
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args or Any in args:
+            return value
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(arg, value, path)
+                except TypeError:
+                    pass
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return _from_dict(tp, value, path)
+    elif typing.get_origin(tp) is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(tp)
+            return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    expected = str(tp).replace("typing.", "") if typing.get_origin(tp) else getattr(tp, "__name__", str(tp))
+    raise TypeError(f"{path}={value!r} has type {type(value).__name__}, expected {expected}; "
+                    f"give {path} a value of type {expected}")
+
+
+def _unknown_key(full: str, valid: typing.Iterable[str]) -> ValueError:
+    parent, _, key = full.rpartition(".")
+    valid = sorted(str(v) for v in valid)
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = (f"did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close
+            else f"valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}")
+    return ValueError(f"unknown config key '{full}'; {hint}")
+
+
+def _is_instance(value: Any, module: str, name: str) -> bool:
+    """isinstance against `module.name` without importing the (slow) module when nothing uses it."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(value, getattr(loaded, name))
+
+
+def validate(config: Config) -> None:
+    """Type and cross-field checks, run before any model is loaded; raise ValueError/TypeError naming the fix."""
+    for name, section_cls in typing.get_type_hints(Config).items():
+        section = getattr(config, name)
+        if not isinstance(section, section_cls):
+            raise TypeError(f"config.{name} is a {type(section).__name__}, expected {section_cls.__name__}; "
+                            "build configs from dicts or YAML with rlora.config.load_config")
+        for key, tp in typing.get_type_hints(section_cls).items():
+            _coerce(tp, getattr(section, key), f"{name}.{key}")
+    _validate_train(config.train)
+    _validate_model(config.model)
+    _validate_method(config.method, config.train.seq_length)
+    _check(config.tokenizer.padding_side in ("left", "right"), "tokenizer.padding_side",
+           config.tokenizer.padding_side, "set it to 'left' or 'right'")
+    _check(config.tokenizer.truncation_side in ("left", "right"), "tokenizer.truncation_side",
+           config.tokenizer.truncation_side, "set it to 'left' or 'right'")
+    opt = config.optimizer
+    _check(opt.name != "adamw_8bit_bnb", "optimizer.name", opt.name,
+           "bitsandbytes optimizers are not supported; use 'adamw' (LoRA adapters keep optimizer state small)")
+    _check(opt.name in ("adamw", "adam", "sgd"), "optimizer.name", opt.name, "use one of 'adamw', 'adam', 'sgd'")
+    lr = opt.kwargs.get("lr")
+    _check(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0, "optimizer.kwargs.lr", lr,
+           "set a positive learning rate, e.g. optimizer.kwargs.lr=3.0e-5")
+    _check(config.scheduler.name in ("cosine_annealing", "linear", "constant"), "scheduler.name",
+           config.scheduler.name, "use one of 'cosine_annealing', 'linear', 'constant'")
+
+
+def _check(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} is invalid: {fix}")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _check(t.trainer in ("AcceleratePPOTrainer", "PPOTrainer"), "train.trainer", t.trainer,
+           "only PPO is implemented in rlora; set train.trainer to 'AcceleratePPOTrainer'")
+    _check(t.pipeline == "PromptPipeline", "train.pipeline", t.pipeline, "only 'PromptPipeline' is supported")
+    for key in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval",
+                "keep_checkpoints", "max_bad_steps"):
+        _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "it must be at least 1")
+    mb = t.minibatch_size
+    _check(mb is None or 1 <= mb <= t.batch_size and t.batch_size % mb == 0, "train.minibatch_size", mb,
+           f"it must divide train.batch_size={t.batch_size}; set it to a divisor of {t.batch_size} or null")
+    _check(t.tracker in (None, "tensorboard", "wandb"), "train.tracker", t.tracker,
+           "use null, 'tensorboard' or 'wandb'")
+    _check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads,
+           "set at least 1, or null for the cores divided among local processes")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    path_ok = isinstance(m.model_path, str) and m.model_path != ""
+    _check(path_ok or _is_instance(m.model_path, "transformers", "PretrainedConfig"), "model.model_path",
+           m.model_path, "set model.model_path to a model directory or hub name, or to a transformers "
+           "PretrainedConfig for a randomly initialised model")
+    _check(m.model_arch_type == "causal", "model.model_arch_type", m.model_arch_type,
+           "only 'causal' language models are supported (seq2seq is not); set it to 'causal'")
+    _check(m.num_layers_unfrozen >= -1, "model.num_layers_unfrozen", m.num_layers_unfrozen,
+           "use -1 (all trainable), 0 (none) or N > 0 (top N blocks)")
+    _check(m.peft_config is not None or m.num_layers_unfrozen != 0, "model.num_layers_unfrozen", 0,
+           "without model.peft_config nothing but the value head would train; set a peft_config, -1 or N > 0")
+    if m.peft_config is not None:
+        _check_peft_config(m.peft_config)
+    roles = [key for key in ("value_adapter", "reward_adapter") if getattr(m, key) is not None]
+    for key in roles:
+        _check(m.peft_config is not None or isinstance(m.model_path, str), f"model.{key}", getattr(m, key),
+               "a critic or reward adapter sits beside the policy's LoRA adapter on the one base; set "
+               "model.peft_config to a LoRA config (or model.model_path to a saved adapter)")
+        if m.peft_config is not None:
+            _check(_peft_type(m.peft_config) == "LORA", f"model.{key}", getattr(m, key),
+                   f"it needs a LoRA policy adapter, not peft_type={_peft_type(m.peft_config)!r}: peft combines "
+                   "adapters of one type on a model, and `rlora rm` writes LoRA; use a LoRA model.peft_config")
+    if isinstance(m.value_adapter, dict) or _is_instance(m.value_adapter, "peft", "PeftConfig"):
+        _check_peft_config(m.value_adapter, "model.value_adapter")
+        _check(_peft_type(m.value_adapter) == "LORA", "model.value_adapter.peft_type", _peft_type(m.value_adapter),
+               "the critic adapter sits beside the policy's LoRA adapter; use peft_type: LORA")
+        for name, default in (("modules_to_save", None), ("bias", "none"), ("trainable_token_indices", None)):
+            value = (m.value_adapter.get(name, default) if isinstance(m.value_adapter, dict)
+                     else getattr(m.value_adapter, name, default))
+            _check(value == default, f"model.value_adapter.{name}", value,
+                   f"the critic trains its LoRA weights and the value head only; leave {name} at {default!r}")
+    elif m.value_adapter is not None:
+        _check(isinstance(m.value_adapter, str) and m.value_adapter != "", "model.value_adapter", m.value_adapter,
+               "give a LoRA config (e.g. {peft_type: LORA, r: 8}) or a reward-adapter directory")
+    _check(m.reward_adapter is None or isinstance(m.reward_adapter, str) and m.reward_adapter != "",
+           "model.reward_adapter", m.reward_adapter, "give the directory written by `rlora rm --out DIR`")
+
+
+def _peft_type(value: Any) -> str | None:
+    ptype = value.get("peft_type") if isinstance(value, dict) else getattr(value, "peft_type", None)
+    return getattr(ptype, "value", ptype)
+
+
+def _check_peft_config(value: Any, key: str = "model.peft_config") -> None:
+    import peft
+
+    if isinstance(value, dict):
+        _check("peft_type" in value, key, value, "add a 'peft_type', e.g. peft_type: LORA")
+        mapping = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
+        ptype = getattr(value["peft_type"], "value", value["peft_type"])
+        names = sorted(getattr(t, "value", t) for t in mapping)
+        if ptype not in names:
+            close = difflib.get_close_matches(str(ptype).upper(), names, n=1)
+            raise ValueError(f"{key}.peft_type={ptype!r} is not a peft type; "
+                             + (f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(names)}"))
+        config_cls = mapping[ptype]
+        fields = [f.name for f in dataclasses.fields(config_cls)]
+        for name in value:
+            if name not in fields:
+                raise _unknown_key(f"{key}.{name}", fields)
+        try:
+            value = peft.get_peft_config(dict(value))
+        except (TypeError, ValueError) as err:  # unknown keys were caught above; this is peft's own check
+            raise ValueError(f"{key} does not build a {config_cls.__name__}: {err}") from err
+    if not isinstance(value, peft.PeftConfig):
+        raise TypeError(f"{key} is a {type(value).__name__}; use a peft PeftConfig or a dict "
+                        "such as {'peft_type': 'LORA', 'r': 8}")
+    task_type = getattr(value, "task_type", None)
+    task_type = getattr(task_type, "value", task_type)
+    _check(task_type in (None, "CAUSAL_LM"), f"{key}.task_type", task_type,
+           "rlora trains causal LMs; set task_type to 'CAUSAL_LM' (or leave it out)")
+
+
+def _validate_method(p: PPOConfig, seq_length: int) -> None:
+    _check(p.name.lower() == "ppoconfig", "method.name", p.name, "only PPO is implemented; set it to 'PPOConfig'")
+    for key in ("ppo_epochs", "num_rollouts", "chunk_size"):
+        _check(getattr(p, key) >= 1, f"method.{key}", getattr(p, key), "it must be at least 1")
+    for key in ("gamma", "lam"):
+        _check(0.0 <= getattr(p, key) <= 1.0, f"method.{key}", getattr(p, key), "it must be in [0, 1]")
+    for key in ("cliprange", "cliprange_value", "cliprange_reward", "horizon"):
+        _check(getattr(p, key) > 0, f"method.{key}", getattr(p, key), "it must be > 0")
+    _check(p.target is None or p.target > 0, "method.target", p.target,
+           "set a positive target KL for the adaptive controller, or null for a fixed coefficient")
+    _check(p.init_kl_coef >= 0, "method.init_kl_coef", p.init_kl_coef, "it must be >= 0 (0 turns the KL off)")
+    _check(p.vf_coef >= 0, "method.vf_coef", p.vf_coef, "it must be >= 0")
+    _check(p.scale_reward in ("ignored", "running", "ref", None), "method.scale_reward", p.scale_reward,
+           "use 'ignored', 'running', 'ref' or null")
+    _check(p.ref_std is None or p.ref_std > 0, "method.ref_std", p.ref_std, "it must be > 0, or null")
+    _check(p.num_value_layers_unfrozen == 0, "method.num_value_layers_unfrozen", p.num_value_layers_unfrozen,
+           "a value branch with its own unfrozen layers is not supported: the value head sits on the shared "
+           "trunk; set it to 0")
+    _check_gen_kwargs(p.gen_kwargs, "method.gen_kwargs", seq_length)
+    if p.gen_experience_kwargs is not None:
+        _check_gen_kwargs(p.gen_experience_kwargs, "method.gen_experience_kwargs", seq_length)
+    for name, kwargs in p.eval_gen_kwargs.items():
+        _check(isinstance(name, str) and name.isidentifier() and isinstance(kwargs, dict),
+               f"method.eval_gen_kwargs.{name}", kwargs, "map names (like 'greedy') to dicts of generate arguments")
+        _check_gen_kwargs({**p.gen_kwargs, **kwargs}, f"method.eval_gen_kwargs.{name}", seq_length)
+
+
+@functools.lru_cache(maxsize=1)
+def _generation_keys() -> frozenset[str]:
+    from transformers import GenerationConfig
+
+    keys = {k for k in GenerationConfig().to_dict() if not k.startswith("_") and k != "transformers_version"}
+    return frozenset(keys | _GENERATE_ONLY_KWARGS)
+
+
+def _check_gen_kwargs(kwargs: dict, key: str, seq_length: int) -> None:
+    valid = _generation_keys()
+    for name in kwargs:
+        if name not in valid:
+            raise _unknown_key(f"{key}.{name}", valid)
+    _check(kwargs.get("num_return_sequences", 1) == 1, f"{key}.num_return_sequences", kwargs.get("num_return_sequences"),
+           "rlora samples one response per prompt; drop it and list a prompt several times for several samples")
+    n = kwargs.get("max_new_tokens")
+    _check(n is not None, f"{key}.max_new_tokens", n, f"set {key}.max_new_tokens (rlora sizes prompts from it)")
+    _check(isinstance(n, int) and not isinstance(n, bool) and 1 <= n < seq_length, f"{key}.max_new_tokens", n,
+           f"it must be an integer in [1, train.seq_length={seq_length}); lower it or raise train.seq_length")
