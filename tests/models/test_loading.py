@@ -179,3 +179,25 @@ def test_saved_adapter_with_a_missing_base_names_the_fix(trained, tokenizer, tmp
     with pytest.raises(FileNotFoundError, match=r"base_model_name_or_path \(in .*adapter_config.json\)="
                                                 r"'/no/such/base': no such directory"):
         build_policy(ModelConfig(model_path=str(path)), tokenizer)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "auto"])
+def test_model_dtype_loads_the_frozen_base_in_that_precision(tiny_model_dir, tmp_path, dtype):
+    """The base in bf16 (or the checkpoint's own precision), the adapter and value head in fp32; PPO steps run."""
+    import rlora
+
+    config = tiny_ppo_config(tiny_model_dir("llama"), str(tmp_path), model={"dtype": dtype}, train={"total_steps": 2})
+    trainer = rlora.build_trainer(lambda samples, **_: [float(len(s)) for s in samples], ["ab", "cd"], config=config,
+                                  verbose=False)
+    base = {p.dtype for n, p in trainer.policy.named_parameters() if not p.requires_grad}
+    trained = {p.dtype for p in trainer.policy.trainable_parameters()}
+    assert base == ({torch.bfloat16} if dtype == "bfloat16" else {torch.float32}) and trained == {torch.float32}
+    before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+    trainer.learn()
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.policy.trainable_parameters()))
+
+
+def test_low_precision_base_without_an_adapter_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"model.dtype='bfloat16' loads the base in torch.bfloat16, but without a peft"):
+        build_policy(ModelConfig(model_path=tiny_model_dir("gpt2"), dtype="bfloat16"), load_tokenizer(
+            TokenizerConfig(), tiny_model_dir("gpt2")))

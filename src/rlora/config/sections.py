@@ -81,6 +81,9 @@ class ModelConfig:
     reward_adapter: str | None = None
     """A directory written by `rlora rm` (LoRA adapter + score head, trained on this base): its
     score of each rollout is the reward, added to `reward_fn`'s when both are given."""
+    dtype: str = "float32"
+    """rlora: the precision the base is loaded in: "float32", "bfloat16" or "auto" (the checkpoint's
+    own); adapters and the value head stay float32."""
     model_extra_configs: dict = field(default_factory=dict)
     """Extra keyword arguments for `from_pretrained`."""
     trust_remote_code: bool = False

@@ -147,6 +147,8 @@ def _validate_model(m: ModelConfig) -> None:
            "PretrainedConfig for a randomly initialised model")
     _check(m.model_arch_type == "causal", "model.model_arch_type", m.model_arch_type,
            "only 'causal' language models are supported (seq2seq is not); set it to 'causal'")
+    _check(m.dtype in ("float32", "bfloat16", "auto"), "model.dtype", m.dtype,
+           "use 'float32', 'bfloat16' or 'auto' (the checkpoint's own precision)")
     _check(m.num_layers_unfrozen >= -1, "model.num_layers_unfrozen", m.num_layers_unfrozen,
            "use -1 (all trainable), 0 (none) or N > 0 (top N blocks)")
     _check(m.peft_config is not None or m.num_layers_unfrozen != 0, "model.num_layers_unfrozen", 0,

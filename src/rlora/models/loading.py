@@ -14,6 +14,7 @@ import os
 import warnings
 from typing import Any
 
+import torch
 from peft import PeftConfig, PeftModel, get_peft_config, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
@@ -108,8 +109,10 @@ def load_base_model(model_config) -> PreTrainedModel:
         raise ValueError(f"model.model_arch_type={model_config.model_arch_type!r} is not supported; "
                          "rlora trains causal LMs (set it to 'causal')")
     path = model_config.model_path
-    extra = dict(model_config.model_extra_configs)
+    extra = {"dtype": _torch_dtype(model_config.dtype), **model_config.model_extra_configs}
     if isinstance(path, PretrainedConfig):
+        if extra["dtype"] == "auto":  # a config object has no checkpoint precision of its own
+            extra["dtype"] = torch.float32
         return AutoModelForCausalLM.from_config(path, trust_remote_code=model_config.trust_remote_code, **extra)
     if not isinstance(path, str) or not path:
         raise ValueError(f"model.model_path={path!r}: set it to a model directory, a hub name, "
@@ -120,6 +123,11 @@ def load_base_model(model_config) -> PreTrainedModel:
         path, key = adapter_base_path(adapter), f"base_model_name_or_path (in {adapter}/{ADAPTER_CONFIG})"
     return _from_pretrained(AutoModelForCausalLM, path, "model", key,
                             trust_remote_code=model_config.trust_remote_code, **extra)
+
+
+def _torch_dtype(name: str):
+    """`model.dtype` as `from_pretrained` takes it: a torch dtype, or "auto"."""
+    return name if name == "auto" else getattr(torch, name)
 
 
 def resolve_peft_config(peft_config: PeftConfig | dict | None, key: str = "model.peft_config") -> PeftConfig | None:
@@ -176,6 +184,10 @@ def build_policy(model_config, tokenizer) -> Policy:
         policy = Policy(lm, "prompt" if lm.active_peft_config.is_prompt_learning else "adapter")
         add_role_adapters(policy, model_config)
         return policy
+    if base.dtype != torch.float32:
+        raise ValueError(f"model.dtype={model_config.dtype!r} loads the base in {base.dtype}, but without a peft "
+                         "adapter its own weights train; train those in float32 (model.dtype: float32) or train an "
+                         "adapter on the low-precision frozen base (model.peft_config)")
     for key in ("value_adapter", "reward_adapter"):
         if getattr(model_config, key) is not None:
             raise ValueError(f"model.{key} is set but the policy has no peft adapter (it trains "
