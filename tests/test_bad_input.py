@@ -39,7 +39,7 @@ def test_bad_reward_fn(tiny_model_dir, tmp_path, reward_fn, error, match):
 @pytest.mark.parametrize("prompts, error, match", [
     ([], ValueError, "prompts is empty"),
     ("hello", TypeError, "wrap a single prompt in a list"),
-    ([{"text": "x"}], TypeError, r"prompts\[0\].*dict with a 'prompt' string"),
+    ([{"text": "x"}], TypeError, r"prompts\[0\].*nor a dict whose 'prompt' is one of those"),
     ([""], ValueError, r"prompts\[0\] is empty after tokenisation"),
 ], ids=["empty", "bare-string", "dict-without-prompt", "empty-prompt"])
 def test_bad_prompts(tiny_model_dir, tmp_path, prompts, error, match):

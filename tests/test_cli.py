@@ -64,7 +64,7 @@ def test_prompt_sources(tmp_path):
     rows = load_prompts(str(tmp_path / "prompts.jsonl"), field="text")
     assert rows[1] == {"prompt": "abc", "topic": 1}
     assert load_prompts("rlora.tasks.randomwalks:default_prompts")[:3] == ["b", "c", "d"]
-    with pytest.raises(ValueError, match="needs a string 'prompt' field"):
+    with pytest.raises(ValueError, match="needs a 'prompt' field holding text or a list of chat messages"):
         load_prompts(str(tmp_path / "prompts.jsonl"))
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_prompts(str(tmp_path / "missing.txt"))

@@ -13,6 +13,7 @@ from rlora.config import Config, load_config
 from rlora.data import load_prompts, resolve_function
 from rlora.models import build_policy, load_tokenizer
 from rlora.rollout.prompts import normalize_prompts
+from rlora.rollout.reward_fns import RewardFunctions
 from rlora.trainer import PPOTrainer
 
 
@@ -28,7 +29,7 @@ def set_threads(num_threads: int | None) -> int:
     return num_threads
 
 
-def train(reward_fn: Callable | None = None, prompts: list[str | dict] | None = None,
+def train(reward_fn: Callable | list[Callable] | None = None, prompts: list[str | list | dict] | None = None,
           eval_prompts: list[str | dict] | None = None, metric_fn: Callable | None = None,
           config: Config | dict | str | None = None, stop_sequences: list[str] | None = None,
           overrides: list[str] | None = None, verbose: bool = True) -> PPOTrainer:
@@ -40,7 +41,7 @@ def train(reward_fn: Callable | None = None, prompts: list[str | dict] | None = 
                          verbose).learn()
 
 
-def build_trainer(reward_fn: Callable | None = None, prompts: list[str | dict] | None = None,
+def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: list[str | list | dict] | None = None,
                   eval_prompts: list[str | dict] | None = None, metric_fn: Callable | None = None,
                   config: Config | dict | str | None = None, stop_sequences: list[str] | None = None,
                   overrides: list[str] | None = None, verbose: bool = True) -> PPOTrainer:
@@ -48,9 +49,12 @@ def build_trainer(reward_fn: Callable | None = None, prompts: list[str | dict] |
 
     - `reward_fn(samples, prompts, outputs, tokenizer, **metadata)` returns one float per sample
       (a terminal reward) or a list of floats per sample (per-token rewards from the first
-      response token).
-    - `prompts`: strings, or dicts with a "prompt" key whose other keys are metadata passed per
-      sample to `reward_fn` and `metric_fn`. Default: the tokenizer's BOS, `batch_size` times.
+      response token). A function with a `completions` parameter is called as TRL's
+      `GRPOTrainer` calls it; a list of functions is summed with `task.reward_weights`
+      (`rlora.rollout.reward_fns` has the details).
+    - `prompts`: strings, lists of chat messages, or dicts whose "prompt" is either and whose
+      other keys are metadata passed per sample to `reward_fn` and `metric_fn`. Default: the
+      tokenizer's BOS, `batch_size` times.
     - `eval_prompts`: default `prompts[:batch_size]`.
     - `metric_fn(samples, prompts, outputs, **metadata)` returns `{name: [float per sample]}`.
     - `config`: an `rlora.Config`, a dict or a YAML path; `overrides` are `"a.b=value"` strings.
@@ -59,12 +63,16 @@ def build_trainer(reward_fn: Callable | None = None, prompts: list[str | dict] |
     """
     config = load_config(config, overrides)
     task = config.task  # what the config names, for arguments not given here
+    if reward_fn is None and isinstance(task.reward_fn, list):
+        reward_fn = [resolve_function(spec, f"task.reward_fn[{i}]") for i, spec in enumerate(task.reward_fn)]
     reward_fn = reward_fn or resolve_function(task.reward_fn, "task.reward_fn")
     metric_fn = metric_fn or resolve_function(task.metric_fn, "task.metric_fn")
     prompts = prompts if prompts is not None else load_prompts(task.prompts, task.prompt_field, "task.prompts")
     if eval_prompts is None:
         eval_prompts = load_prompts(task.eval_prompts, task.prompt_field, "task.eval_prompts")
     stop_sequences = stop_sequences if stop_sequences is not None else task.stop_sequences
+    if reward_fn is not None:  # checked (callables, one weight each) before any model is loaded
+        reward_fn = RewardFunctions(reward_fn, task.reward_weights)
     if reward_fn is None and config.model.reward_adapter is None:
         raise ValueError("no reward: pass reward_fn=..., set task.reward_fn to 'module:function', or set "
                          "model.reward_adapter to a reward adapter trained with `rlora rm`")

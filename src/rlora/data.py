@@ -97,10 +97,13 @@ def load_rows(source: str, key: str) -> list[Any]:
 
 
 def _record(row: Any, field: str, where: str) -> str | dict:
+    """A jsonl row or dataset record as a prompt: `field` is the prompt (text or chat messages),
+    the other keys its metadata."""
     if isinstance(row, str):
         return row
-    if not isinstance(row, dict) or not isinstance(row.get(field), str):
-        raise ValueError(f"{where}: each record needs a string {field!r} field (task.prompt_field names it)")
+    if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
+        raise ValueError(f"{where}: each record needs a {field!r} field holding text or a list of chat messages "
+                         "(task.prompt_field names it)")
     return {"prompt": row[field], **{k: v for k, v in row.items() if k != field}}
 
 

@@ -7,15 +7,14 @@ rlora train CONFIG.yaml`; on CPU the gloo backend is used.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from rlora.algo import masked_whiten
-from rlora.rollout.generation import Rollouts
-from rlora.rollout.scoring import call_reward_fn
+from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch
 
 
 def leave_process_group() -> None:
@@ -68,22 +67,24 @@ class Processes:
         """Every process's `x` (same shape on each), concatenated along dim 0."""
         return x if self.world == 1 else self.accelerator.gather(x.to(self.accelerator.device)).cpu()
 
-    def score(self, reward_fn: Callable, rollouts: Rollouts, tokenizer, metadata: list[dict],
-              on_all_ranks: bool) -> torch.Tensor:
-        """`reward_fn` on this process's rollouts: called once on the main process with every
-        process's samples (trlx's contract) and the scores sent back, or on each process when
-        `on_all_ranks` (a reward model per device)."""
-        lengths = rollouts.response_mask.sum(1).tolist()
+    def score(self, reward_fns: RewardFunctions, batch: ScoreBatch, tokenizer, on_all_ranks: bool
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The reward functions on this process's samples: called once on the main process with
+        every process's samples (trlx's contract) and the scores sent back, or on each process
+        when `on_all_ranks` (a reward model per device). Returns this process's (weighted reward,
+        per-function values), as `RewardFunctions` does."""
         if self.world == 1 or on_all_ranks:
-            return call_reward_fn(reward_fn, rollouts.prompts, rollouts.outputs, lengths, tokenizer, metadata)
-        parts = self.gather([(rollouts.prompts, rollouts.outputs, lengths, metadata)])
-        scores = None
+            return reward_fns(batch, tokenizer)
+        parts = self.gather([batch])
+        mine = None
         if self.is_main:
-            everything = call_reward_fn(reward_fn, *[[x for part in parts for x in part[k]] for k in range(3)],
-                                        tokenizer, [m for part in parts for m in part[3]])
-            scores = list(everything.split([len(part[0]) for part in parts]))
-        mine = self.broadcast(scores)[self.rank]
-        return mine[:, :rollouts.response_ids.shape[1]] if mine.dim() == 2 else mine
+            total, values = reward_fns(ScoreBatch.concat(parts), tokenizer)
+            sizes = [len(part) for part in parts]
+            mine = list(zip(total.split(sizes), *[v.split(sizes) for v in values.values()]))
+            mine = [(t, dict(zip(values, vs))) for t, *vs in mine]
+        total, values = self.broadcast(mine)[self.rank]
+        width = max(batch.lengths) if batch.lengths else 0
+        return (total[:, :width] if total.dim() == 2 else total), values
 
     def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`masked_whiten` with the mean and variance of the real tokens of every process."""

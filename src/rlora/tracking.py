@@ -77,7 +77,7 @@ class Tracker:
 
 
 def plot_history(history: list[dict[str, Any]], run_dir: str, extra_keys: tuple[str, ...] = ()) -> list[str]:
-    """PNG plots of reward, KL, losses and the eval metrics against optimizer steps."""
+    """PNG plots of reward, KL, losses, each reward function and the eval metrics against optimizer steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,6 +85,9 @@ def plot_history(history: list[dict[str, Any]], run_dir: str, extra_keys: tuple[
 
     metric_keys = sorted({k for r in history for k in r if k.startswith("metrics/")} | set(extra_keys))
     plots = dict(PLOTS, **({"metrics.png": tuple(metric_keys)} if metric_keys else {}))
+    function_keys = sorted({k for r in history for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    if function_keys:  # each reward function's mean, phase by phase
+        plots["reward_functions.png"] = tuple(function_keys)
     written = []
     for name, keys in plots.items():
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -33,6 +33,7 @@ from rlora.algo import (
     make_kl_controller,
     masked_mean,
     masked_var,
+    nan_moments,
     policy_loss,
     scale_and_clip_scores,
     token_rewards,
@@ -41,9 +42,11 @@ from rlora.algo import (
 from rlora.config import Config, config_to_dict
 from rlora.distributed import Processes
 from rlora.models import Policy
-from rlora.rollout.generation import Rollouts, generate_rollouts, sampling_temperature
-from rlora.rollout.prompts import Prompt, PromptLoader, normalize_prompts, tokenize_prompts
-from rlora.rollout.scoring import call_reward_fn, collate_metadata, forward_responses, validate_scores
+from rlora.rollout.generation import Rollouts, generate_rollouts, sampling_temperature, stop_token_ids
+from rlora.rollout.prompts import Prompt, PromptLoader, end_of_turn_id, normalize_prompts, render_prompt, \
+    tokenize_prompts
+from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch
+from rlora.rollout.scoring import collate_metadata, forward_responses, validate_scores
 from rlora.rollout.store import Experience, concat_rollouts
 from rlora.tracking import Tracker, console, eval_table, plot_history
 
@@ -82,7 +85,7 @@ def default_run_dir(config: Config) -> str:
 class PPOTrainer:
     """PPO on a `Policy` whose roles share one base. Compose it; do not subclass it."""
 
-    def __init__(self, config: Config, policy: Policy, tokenizer, reward_fn: Callable | None,
+    def __init__(self, config: Config, policy: Policy, tokenizer, reward_fn: Callable | list[Callable] | None,
                  prompts: list[Prompt], eval_prompts: list[Prompt], metric_fn: Callable | None = None,
                  stop_sequences: list[str] | None = None, accelerator: Accelerator | None = None,
                  verbose: bool = True):
@@ -90,7 +93,9 @@ class PPOTrainer:
             raise ValueError("PPO needs rewards: pass reward_fn(samples, prompts, outputs, tokenizer, **metadata), "
                              "or set model.reward_adapter to a reward adapter trained with `rlora rm`")
         self.config, self.tokenizer = config, tokenizer
-        self.reward_fn, self.metric_fn = reward_fn, metric_fn
+        self.reward_fn = reward_fn if reward_fn is None or isinstance(reward_fn, RewardFunctions) else \
+            RewardFunctions(reward_fn, config.task.reward_weights)
+        self.metric_fn = metric_fn
         self.stop_sequences = list(stop_sequences or [])
         self.verbose = verbose
         train, method = config.train, config.method
@@ -175,7 +180,7 @@ class PPOTrainer:
                     # 2. Score each chunk with reward_fn (validated: count, numbers, finite), once on
                     #    the main process for every process's samples unless train.reward_on_all_ranks,
                     #    plus the reward adapter's score (each process scores its own samples)
-                    chunks, chunk_scores = [], []
+                    chunks, chunk_scores, chunk_values = [], [], []
                     while (n := sum(len(c.prompts) for c in chunks)) < self.rollouts_per_rank:
                         size = min(method.chunk_size, self.rollouts_per_rank - n)
                         index = self.loader.next_chunk(size * self.dist.world)[self.dist.rank * size:][:size]
@@ -183,12 +188,16 @@ class PPOTrainer:
                                                   self.prompt_ids, self.prompts,
                                                   merged=method.merge_adapter_for_generation)
                         chunks.append(rollouts)
-                        fn_scores = None if self.reward_fn is None else self.dist.score(
-                            self.reward_fn, rollouts, self.tokenizer, [self.prompts[i].metadata for i in index],
-                            train.reward_on_all_ranks)
+                        fn_scores, values = (None, {}) if self.reward_fn is None else self.dist.score(
+                            self.reward_fn, ScoreBatch.of(rollouts, [self.prompts[i].metadata for i in index]),
+                            self.tokenizer, train.reward_on_all_ranks)
+                        chunk_values.append(values)
                         chunk_scores.append(add_scores(fn_scores, self._reward_adapter_scores(rollouts),
                                                        rollouts.response_mask.sum(1)))
                     rollouts = concat_rollouts(chunks, self.tokenizer.pad_token_id)
+                    per_function = {f"rewards/{name}/{stat}": value for name in chunk_values[0] for stat, value in
+                                    nan_moments(self.dist.all_values(torch.cat([v[name] for v in chunk_values])))
+                                    .items()}  # each reward function's own mean and std over the samples it judged
                     scores = concat_scores(chunk_scores, rollouts.response_ids.shape[1])
                     self._log_rollouts(rollouts, scores)
                     t_rollout = time.perf_counter()
@@ -226,7 +235,7 @@ class PPOTrainer:
                         "policy/kl_per_token": kl_stats["kl_per_token"],
                         "rewards/non_score": kl_stats["non_score_reward"], "kl_ctl_value": self.kl_ctl.value,
                         "response_length/mean": self.dist.mean(mask.sum(1).float().mean()),
-                        "time/rollout": t_rollout - t0, "time/rollout_pass": t_pass - t_rollout,
+                        "time/rollout": t_rollout - t0, "time/rollout_pass": t_pass - t_rollout, **per_function,
                     }
                     batches = [batch for order in orders for batch in order.split(self.batch_size)]
                     self.pending = PhaseState(exp, batches, 0, {k: float(v) for k, v in stats.items()},
@@ -271,11 +280,18 @@ class PPOTrainer:
     def _generate(self, index: list[int], gen_kwargs: dict, prompt_ids: list[list[int]], prompts: list[Prompt],
                   merged: bool = False) -> Rollouts:
         """Rollouts for the prompts at `index`, in the run's precision: under accelerate's
-        autocast, as the prepared policy's forward runs (bf16 sampling, bf16 scoring)."""
+        autocast, as the prepared policy's forward runs (bf16 sampling, bf16 scoring). A chat
+        prompt's response also ends at the template's end-of-turn token."""
+        chosen = [prompts[i] for i in index]
+        eot = end_of_turn_id(self.tokenizer) if any(p.is_chat for p in chosen) else None
+        if eot is not None and "eos_token_id" not in gen_kwargs:
+            stops = stop_token_ids(gen_kwargs, self.tokenizer, self.policy.base_model.generation_config)
+            gen_kwargs = {**gen_kwargs, "eos_token_id": stops + [eot] * (eot not in stops)}
         with self.accelerator.autocast():
-            return generate_rollouts(self.policy, self.tokenizer, [prompts[i].text for i in index],
+            return generate_rollouts(self.policy, self.tokenizer, [p.prompt for p in chosen],
                                      [prompt_ids[i] for i in index], {**gen_kwargs, **self.gen_extra},
-                                     self.stop_sequences, merged=merged)
+                                     self.stop_sequences, merged=merged,
+                                     prompt_texts=[render_prompt(p, self.tokenizer) for p in chosen])
 
     @torch.no_grad()
     def _reward_adapter_scores(self, rollouts) -> torch.Tensor | None:
@@ -417,25 +433,28 @@ class PPOTrainer:
         stats: dict[str, Any] = {}
         tables = []
         for prefix, gen_kwargs in variants.items():
-            prompts, outputs, lengths, metadata, scores = self._eval_samples(gen_kwargs)
+            batch, scores = self._eval_samples(gen_kwargs)
             if not self.dist.is_main:
                 continue
-            for start in range(0, len(prompts) if self.reward_fn is not None else 0, method.chunk_size):
-                part = slice(start, start + method.chunk_size)
-                s = call_reward_fn(self.reward_fn, prompts[part], outputs[part], lengths[part], self.tokenizer,
-                                   metadata[part])
-                for i, value in enumerate((s.sum(1) if s.dim() == 2 else s).tolist(), start):
+            by_function: dict[str, list[torch.Tensor]] = {}
+            for start in range(0, len(batch) if self.reward_fn is not None else 0, method.chunk_size):
+                total, values = self.reward_fn(batch[start:start + method.chunk_size], self.tokenizer)
+                for i, value in enumerate((total.sum(1) if total.dim() == 2 else total).tolist(), start):
                     scores[i] += value
+                for name, v in values.items():
+                    by_function.setdefault(name, []).append(v)
+            for name, values in by_function.items() if len(by_function) > 1 else ():
+                stats[f"reward/{prefix}{name}/mean"] = float(nan_moments(torch.cat(values))["mean"])
             stats[f"reward/{prefix}mean"] = sum(scores) / len(scores)
             if self.metric_fn is not None:
-                samples = [p + o for p, o in zip(prompts, outputs)]
-                metrics = self.metric_fn(samples=samples, prompts=prompts, outputs=outputs,
-                                         **collate_metadata(metadata))
+                samples = [p + o for p, o in zip(batch.prompt_texts, batch.outputs)]
+                metrics = self.metric_fn(samples=samples, prompts=batch.prompts, outputs=batch.outputs,
+                                         **collate_metadata(batch.metadata))
                 for name, values in metrics.items():
                     values = validate_scores(values, [1] * len(samples), what=f"metric_fn[{name!r}]")
                     stats[f"metrics/{prefix}{name}"] = values.mean().item()
             if not prefix:
-                tables.append(eval_table(prompts, outputs, scores, self.step))
+                tables.append(eval_table(batch.prompt_texts, batch.outputs, scores, self.step))
         stats = self.dist.broadcast(stats)
         record = self._record(stats, eval=True)
         if self.config.train.save_best and self.step > 0 and stats["reward/mean"] > self.best_reward:
@@ -448,23 +467,22 @@ class PPOTrainer:
         self.policy.train(was_training)
         return record
 
-    def _eval_samples(self, gen_kwargs: dict) -> tuple[list[str], list[str], list[int], list[dict], list[float]]:
-        """Prompts, outputs, response lengths, metadata and reward-adapter scores (0 without one)
-        of one pass over `eval_prompts`, each process generating (and scoring with the reward
-        adapter) every world-th prompt; gathered in the eval prompts' order."""
+    def _eval_samples(self, gen_kwargs: dict) -> tuple[ScoreBatch, list[float]]:
+        """The samples of one pass over `eval_prompts` and their reward-adapter scores (0 without
+        one), each process generating (and scoring with the reward adapter) every world-th prompt;
+        gathered in the eval prompts' order."""
         chunk, world, rank = self.config.method.chunk_size, self.dist.world, self.dist.rank
         mine = list(range(rank, len(self.eval_prompt_ids), world))
         rows = []
         for start in range(0, len(mine), chunk):
             index = mine[start:start + chunk]
             rollouts = self._generate(index, gen_kwargs, self.eval_prompt_ids, self.eval_prompts)
+            batch = ScoreBatch.of(rollouts, [self.eval_prompts[i].metadata for i in index])
             adapter_scores = self._reward_adapter_scores(rollouts)
             adapter_scores = [0.0] * len(index) if adapter_scores is None else adapter_scores.tolist()
-            rows += zip(index, rollouts.prompts, rollouts.outputs, rollouts.response_mask.sum(1).tolist(),
-                        adapter_scores)
-        rows = sorted(self.dist.gather(rows))
-        return ([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
-                [self.eval_prompts[r[0]].metadata for r in rows], [r[4] for r in rows])
+            rows += zip(index, (batch[k:k + 1] for k in range(len(batch))), adapter_scores)
+        rows = sorted(self.dist.gather(rows), key=lambda row: row[0])
+        return ScoreBatch.concat([r[1] for r in rows]), [r[2] for r in rows]
 
     def save(self, path: str | None = None) -> str:
         """Write a checkpoint directory atomically (default `checkpoint_dir/step_N`, keeping the

@@ -21,6 +21,7 @@ from transformers import GenerationConfig
 from rlora.config import load_config
 from rlora.models import build_policy, load_tokenizer
 from rlora.rollout.prompts import normalize_prompts
+from rlora.rollout.reward_fns import RewardFunctions
 from rlora.tiny import ARCHITECTURES, tiny_ppo_config
 from rlora.trainer import PPOTrainer
 
@@ -141,7 +142,7 @@ def test_reward_fn_gets_the_prompts_as_given(tiny_model_dir, tmp_path):
 
     given = ["<|bos|>system: be brief\nuser: hi", "<|eos|>ab", "the cat sat", "x"]  # special tokens in the text
     trainer = make_trainer(tiny_model_dir("gpt2"), tmp_path, "plain", prompts=given)
-    trainer.reward_fn = reward_fn
+    trainer.reward_fn = RewardFunctions(reward_fn)
     trainer.total_steps = 1
     trainer.learn()
     assert seen and set(seen) <= set(given) and "<|bos|>system: be brief\nuser: hi" in seen

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlora.rollout.scoring import call_reward_fn, validate_scores
+from rlora.rollout.scoring import validate_scores
 
 LENGTHS = [3, 2, 4]
 
@@ -49,24 +49,3 @@ def test_bad_scores_name_the_sample_and_value(scores, match):
 def test_non_list_is_a_type_error():
     with pytest.raises(TypeError, match="returned float; return a list"):
         validate_scores(1.0, LENGTHS)
-
-
-def test_reward_fn_gets_samples_prompts_outputs_tokenizer_and_metadata():
-    seen = {}
-
-    def reward_fn(samples, prompts, outputs, tokenizer, **metadata):
-        seen.update(samples=samples, prompts=prompts, outputs=outputs, tokenizer=tokenizer, **metadata)
-        return [len(s) for s in samples]
-
-    out = call_reward_fn(reward_fn, ["p0", "p1"], ["o0", "o1"], [2, 2], "TOK", [{"label": 1}, {"label": 0}])
-    assert out.tolist() == [4.0, 4.0]
-    assert seen == {"samples": ["p0o0", "p1o1"], "prompts": ["p0", "p1"], "outputs": ["o0", "o1"],
-                    "tokenizer": "TOK", "label": [1, 0]}
-
-
-def test_raising_reward_fn_reports_the_batch():
-    def reward_fn(samples, **_):
-        raise KeyError("missing")
-
-    with pytest.raises(RuntimeError, match=r"reward_fn raised KeyError.*batch of 2 samples \(first: 'p0o0'"):
-        call_reward_fn(reward_fn, ["p0", "p1"], ["o0", "o1"], [2, 2], None, [{}, {}])

@@ -23,6 +23,7 @@ from rlora.algo.masked import (
     masked_sum,
     masked_var,
     masked_whiten,
+    nan_moments,
     zero_padding,
 )
 from rlora.algo.rewards import scale_and_clip_scores, token_rewards
@@ -43,6 +44,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "nan_moments",
     "policy_loss",
     "scale_and_clip_scores",
     "token_rewards",

@@ -195,3 +195,14 @@ class RunningMoments:
         if missing or extra:
             raise ValueError(f"RunningMoments state has keys {sorted(state)}; expected mean, var, count")
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+def nan_moments(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean and (unbiased) std of the non-NaN entries of `x` (NaN marks a missing value: a sample a
+    reward function did not judge); both NaN when there are none. Shape: (n,) -> {"mean": (), "std": ()}."""
+    present = ~torch.isnan(x)
+    if not present.any():
+        return {"mean": torch.tensor(math.nan), "std": torch.tensor(math.nan)}
+    values = x[present].double()
+    std = values.std() if values.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+    return {"mean": values.mean().float(), "std": std.float()}

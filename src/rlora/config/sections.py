@@ -98,6 +98,8 @@ class TokenizerConfig:
     """"left" or "right"."""
     truncation_side: str = "right"
     """"left" or "right"."""
+    chat_template: str | None = None
+    """rlora: a Jinja chat template for chat-message prompts, instead of the tokenizer's own."""
     add_special_tokens: bool = True
     """rlora: open each prompt with the tokenizer's own special tokens (a BOS for Llama / Mistral
     tokenizers; GPT-2's adds none), as `tokenizer(text)` does; false = no special tokens (trlx)."""
@@ -175,8 +177,11 @@ class PPOConfig:
 class TaskConfig:
     """rlora: what `rlora train` trains on; the Python API's arguments take precedence."""
 
-    reward_fn: str | None = None
-    """The reward function: `package.module:function` or `path/to/file.py:function`."""
+    reward_fn: str | list[str] | None = None
+    """The reward function, `package.module:function` or `path/to/file.py:function`, or a list of
+    them (the reward is their weighted sum); rlora's or TRL's signature (see the README)."""
+    reward_weights: list[float] | None = None
+    """rlora: one weight per reward function; None = 1 each."""
     metric_fn: str | None = None
     """Optional eval metric function, named as `reward_fn`."""
     prompts: str | list | None = None

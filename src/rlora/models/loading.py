@@ -90,6 +90,8 @@ def load_tokenizer(tokenizer_config, model_path: Any, trust_remote_code: bool = 
     key = "tokenizer.tokenizer_path" if tokenizer_config.tokenizer_path else "model.model_path"
     tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", key,
                                  trust_remote_code=trust_remote_code, **tokenizer_config.tokenizer_extra_configs)
+    if tokenizer_config.chat_template is not None:
+        tokenizer.chat_template = tokenizer_config.chat_template
     tokenizer.padding_side = tokenizer_config.padding_side
     tokenizer.truncation_side = tokenizer_config.truncation_side
     if tokenizer.eos_token is None:

@@ -28,12 +28,14 @@ class Rollouts:
     query_mask: torch.Tensor  # (b, p) bool, True on prompt tokens
     response_ids: torch.Tensor  # (b, r) right-padded
     response_mask: torch.Tensor  # (b, r) bool, True on real response tokens (EOS included)
-    prompts: list  # each exactly as the user gave it
+    prompts: list  # each exactly as the user gave it: text or chat messages
     outputs: list[str]
+    prompt_texts: list[str]  # the text each prompt stands for (chat messages rendered by the template)
 
     @property
     def samples(self) -> list[str]:
-        return [p + o for p, o in zip(self.prompts, self.outputs)]
+        """Prompt text + output of each sample."""
+        return [p + o for p, o in zip(self.prompt_texts, self.outputs)]
 
 
 def stop_token_ids(gen_kwargs: dict, tokenizer, model_generation_config=None) -> list[int]:
@@ -136,7 +138,8 @@ def tokens_before_stop_sequence(tokens: list[int], decode, stop_sequences: Seque
 
 @torch.no_grad()
 def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[int]], gen_kwargs: dict,
-                      stop_sequences: Sequence[str] = (), merged: bool = False) -> Rollouts:
+                      stop_sequences: Sequence[str] = (), merged: bool = False,
+                      prompt_texts: list[str] | None = None) -> Rollouts:
     """Sample one response per prompt with the policy (adapters on, dropout as set by the caller).
 
     Sampling uses exactly `gen_kwargs` over neutral defaults (`rollout_generation_config`). A
@@ -144,7 +147,8 @@ def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[in
     the first of `gen_kwargs["stop_strings"]`; everything after is padding. With
     `stop_sequences` (trlx's), a response is cut at the token in which the first of them starts
     and given an EOS, so the scored tokens are the sampled ones. `prompts` are kept as given
-    (they reach reward_fn); `prompt_ids` are their tokens. Outputs are the decoded responses.
+    (they reach reward_fn); `prompt_texts` are the texts they stand for (default: the prompts
+    themselves) and `prompt_ids` their tokens. Outputs are the decoded responses.
     """
     device = next(policy.parameters()).device
     query_ids, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
@@ -171,4 +175,5 @@ def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[in
                 responses[i] = kept + [stops[0]]
     outputs = [decode(r) for r in responses]
     response_ids, response_mask = right_pad(responses, tokenizer.pad_token_id)
-    return Rollouts(query_ids.cpu(), query_mask.cpu(), response_ids, response_mask, list(prompts), outputs)
+    texts = list(prompts) if prompt_texts is None else list(prompt_texts)
+    return Rollouts(query_ids.cpu(), query_mask.cpu(), response_ids, response_mask, list(prompts), outputs, texts)

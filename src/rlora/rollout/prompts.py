@@ -1,4 +1,5 @@
-"""Prompts: normalisation, tokenisation with truncation, and a resumable shuffled loader."""
+"""Prompts: text or chat messages, normalisation, rendering with the chat template, tokenisation
+with truncation, and a resumable shuffled loader."""
 
 from __future__ import annotations
 
@@ -11,26 +12,46 @@ import torch
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt: its text and the metadata passed with it to `reward_fn` / `metric_fn`."""
+    """One prompt exactly as the user gave it, and the metadata passed with it to `reward_fn` /
+    `metric_fn`. `prompt` is text, or a list of chat messages (`{"role": ..., "content": ...}`)
+    that `render_prompt` turns into text with the tokenizer's chat template."""
 
-    text: str
+    prompt: str | list[dict[str, Any]]
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def is_chat(self) -> bool:
+        return not isinstance(self.prompt, str)
 
-def normalize_prompts(prompts: Sequence[str | dict], what: str = "prompts") -> list[Prompt]:
-    """Accept strings or dicts with a "prompt" key (other keys are metadata)."""
+
+def _check_messages(messages: list, where: str) -> list[dict[str, Any]]:
+    if not messages:
+        raise TypeError(f"{where} is an empty list of messages; give at least one {{'role': ..., 'content': ...}}")
+    for j, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise TypeError(f"{where}[{j}] = {m!r:.80} is not a chat message; give each message as "
+                            "{'role': 'user' | 'assistant' | 'system', 'content': text}")
+    return messages
+
+
+def normalize_prompts(prompts: Sequence[str | list | dict], what: str = "prompts") -> list[Prompt]:
+    """Accept strings, lists of chat messages, or dicts whose "prompt" is either (other keys are
+    metadata), as TRL's standard and conversational datasets."""
     if isinstance(prompts, (str, dict)) or prompts is None:
-        raise TypeError(f"{what} must be a list of strings or dicts, got {type(prompts).__name__}; "
-                        f"wrap a single prompt in a list")
+        raise TypeError(f"{what} must be a list of prompts (strings, message lists or dicts), got "
+                        f"{type(prompts).__name__}; wrap a single prompt in a list")
     out = []
     for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            out.append(Prompt(p))
-        elif isinstance(p, dict) and isinstance(p.get("prompt"), str):
-            out.append(Prompt(p["prompt"], {k: v for k, v in p.items() if k != "prompt"}))
+        value, metadata = (p.get("prompt"), {k: v for k, v in p.items() if k != "prompt"}) if isinstance(p, dict) \
+            else (p, {})
+        if isinstance(value, str):
+            out.append(Prompt(value, metadata))
+        elif isinstance(value, (list, tuple)):
+            out.append(Prompt(_check_messages(list(value), f"{what}[{i}]"), metadata))
         else:
-            raise TypeError(f"{what}[{i}] = {p!r:.80} is neither a string nor a dict with a 'prompt' string; "
-                            "give each prompt as text or as {'prompt': text, **metadata}")
+            raise TypeError(f"{what}[{i}] = {p!r:.80} is neither text, a list of chat messages, nor a dict whose "
+                            "'prompt' is one of those; give each prompt as text, [{'role': ..., 'content': ...}, "
+                            "...] or {'prompt': ..., **metadata}")
     if not out:
         raise ValueError(f"{what} is empty; give at least one prompt")
     keys = set(out[0].metadata)
@@ -39,6 +60,34 @@ def normalize_prompts(prompts: Sequence[str | dict], what: str = "prompts") -> l
             raise ValueError(f"{what}[{i}] has metadata keys {sorted(p.metadata)} but {what}[0] has {sorted(keys)}; "
                              "give every prompt the same metadata keys")
     return out
+
+
+def render_prompt(prompt: Prompt, tokenizer, where: str = "prompt") -> str:
+    """The text a prompt stands for: itself, or its messages through the tokenizer's chat template
+    with the generation prompt (`apply_chat_template(..., add_generation_prompt=True)`)."""
+    if not prompt.is_chat:
+        return prompt.prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where} is a list of chat messages, but the tokenizer has no chat template; set "
+                         "tokenizer.chat_template (a Jinja template) or give the prompt as text")
+    return tokenizer.apply_chat_template(prompt.prompt, tokenize=False, add_generation_prompt=True)
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the chat template ends an assistant turn with (ChatML's `<|im_end|>`, Llama 3's
+    `<|eot_id|>`): the first special token after an assistant message's text. None without a
+    template, or when the template puts no special token there."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    mark = "rlora-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant",
+                                              "content": mark}], tokenize=False)
+    except Exception:  # templates may insist on other conversations; then there is none to find
+        return None
+    tail = text[text.find(mark) + len(mark):] if mark in text else ""
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return next((i for i in tokenizer(tail, add_special_tokens=False).input_ids if i in special), None)
 
 
 def _encode_parts(tokenizer, texts: Sequence[str], add_special_tokens: bool) -> list[tuple[list[int], list[int]]]:
@@ -65,12 +114,18 @@ def encode(tokenizer, texts: Sequence[str], add_special_tokens: bool = True) -> 
 
 def tokenize_prompts(prompts: list[Prompt], tokenizer, max_length: int, what: str = "prompts",
                      add_special_tokens: bool = True) -> list[list[int]]:
-    """Token ids of each prompt (`encode`), truncated to `max_length` from the tokenizer's
-    truncation side; leading special tokens (a BOS) are kept either way.
+    """Token ids of each prompt, truncated to `max_length` from the tokenizer's truncation side.
 
-    Truncation is warned about once per call, naming how many prompts were cut.
+    Text is encoded with `encode`; chat messages are rendered with the chat template, which
+    places every special token itself (none is added). Leading special tokens (a BOS) are kept
+    through truncation. Truncation is warned about once per call, naming how many prompts were cut.
     """
-    parts = _encode_parts(tokenizer, [p.text for p in prompts], add_special_tokens)
+    texts = [render_prompt(p, tokenizer, f"{what}[{i}]") for i, p in enumerate(prompts)]
+    plain = [i for i, p in enumerate(prompts) if not p.is_chat]
+    parts = [([], ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]  # (lead, text tokens)
+    if plain and add_special_tokens:
+        for i, part in zip(plain, _encode_parts(tokenizer, [texts[i] for i in plain], True)):
+            parts[i] = part
     ids = [lead + x for lead, x in parts]
     too_long = [i for i, x in enumerate(ids) if len(x) > max_length]
     if too_long:

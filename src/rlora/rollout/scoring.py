@@ -1,4 +1,4 @@
-"""Scores from the user's `reward_fn`, validated; and the policy's per-token view of a batch.
+"""Scores from the user's reward functions, validated; and the policy's per-token view of a batch.
 
 Notation: `b` batch, `p` prompt length, `r` response length, `v` vocabulary.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -61,23 +61,6 @@ def validate_scores(scores: Any, response_lengths: list[int], what: str = "rewar
 def collate_metadata(metadata: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Per-sample dicts -> one list per key, aligned with the samples."""
     return {key: [m[key] for m in metadata] for key in (metadata[0] if metadata else {})}
-
-
-def call_reward_fn(reward_fn: Callable, prompts: list[str], outputs: list[str], response_lengths: list[int],
-                   tokenizer, metadata: list[dict[str, Any]]) -> torch.Tensor:
-    """Call `reward_fn(samples, prompts, outputs, tokenizer, **metadata)` and validate its scores.
-
-    Shape: -> (b,) or (b, max(response_lengths)).
-    """
-    samples = [p + o for p, o in zip(prompts, outputs)]
-    try:
-        scores = reward_fn(samples=samples, prompts=prompts, outputs=outputs, tokenizer=tokenizer,
-                           **collate_metadata(metadata))
-    except Exception as err:
-        shown = ", ".join(repr(s[:40]) for s in samples[:3])
-        raise RuntimeError(f"reward_fn raised {type(err).__name__}: {err} while scoring a batch of {len(samples)} "
-                           f"samples (first: {shown}); fix reward_fn for these inputs") from err
-    return validate_scores(scores, response_lengths)
 
 
 def pack_sequences(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,

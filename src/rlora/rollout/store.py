@@ -31,6 +31,7 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
         response_mask=torch.cat([pad(x.response_mask, r, False, False) for x in parts]),
         prompts=[s for x in parts for s in x.prompts],
         outputs=[s for x in parts for s in x.outputs],
+        prompt_texts=[s for x in parts for s in x.prompt_texts],
     )
 
 

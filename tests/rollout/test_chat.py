@@ -1,0 +1,109 @@
+"""Chat prompts: lists of messages rendered with the tokenizer's chat template, alone or as the
+`prompt` of a dict with metadata; generation stops at the template's end-of-turn token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlora.config import TokenizerConfig, load_config
+from rlora.data import load_prompts
+from rlora.models import build_policy, load_tokenizer
+from rlora.rollout.prompts import end_of_turn_id, normalize_prompts, render_prompt, tokenize_prompts
+from rlora.tiny import char_tokenizer, tiny_model, tiny_ppo_config
+from rlora.trainer import PPOTrainer
+
+# a ChatML-like template over the character tokenizer: "<|bos|>" opens a turn, "<|end|>" ends it
+TEMPLATE = ("{% for m in messages %}<|bos|>{{ m['role'][0] }}:{{ m['content'] }}<|end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|bos|>a:{% endif %}")
+CHAT = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi there"}]
+
+
+@pytest.fixture
+def chat_tokenizer():
+    tok = char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def test_messages_are_rendered_exactly_as_apply_chat_template(chat_tokenizer):
+    prompts = normalize_prompts([{"prompt": CHAT, "answer": "y"}, {"prompt": CHAT[1:], "answer": "x"},
+                                 {"prompt": "plain text", "answer": "z"}])
+    assert [p.is_chat for p in prompts] == [True, True, False]
+    assert prompts[1].metadata == {"answer": "x"} and prompts[0].prompt == CHAT
+    expected = chat_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # a BatchEncoding in transformers 5
+    assert tokenize_prompts(prompts[:1], chat_tokenizer, 100)[0] == list(expected)
+    assert render_prompt(prompts[0], chat_tokenizer) == "<|bos|>s:be kind<|end|><|bos|>u:hi there<|end|><|bos|>a:"
+    assert render_prompt(prompts[2], chat_tokenizer) == "plain text"
+
+
+def test_end_of_turn_is_the_first_special_token_after_the_assistant_text(chat_tokenizer):
+    assert end_of_turn_id(chat_tokenizer) == chat_tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end_of_turn_id(char_tokenizer()) is None  # no template
+    plain_end = char_tokenizer()
+    plain_end.chat_template = TEMPLATE.replace("<|end|>", "!")
+    assert end_of_turn_id(plain_end) is None  # a turn that ends in ordinary text has no such token
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([{"role": "user"}], r"prompts\[0\]\[0\] = \{'role': 'user'\} is not a chat message"),
+    ([{"content": "hi"}], r"prompts\[0\]\[0\] = \{'content': 'hi'\} is not a chat message"),
+    ([{"role": "user", "content": 3}], r"prompts\[0\]\[0\]"),
+    ([], r"prompts\[0\] is an empty list of messages"),
+    (["hi"], r"prompts\[0\]\[0\] = 'hi' is not a chat message"),
+], ids=["no-content", "no-role", "content-not-text", "empty", "string-in-list"])
+def test_malformed_messages_name_the_prompt_and_message(bad, match):
+    with pytest.raises(TypeError, match=match):
+        normalize_prompts([bad])
+
+
+def test_messages_without_a_chat_template_name_the_prompt_and_the_fix():
+    prompts = normalize_prompts(["fine", CHAT])
+    with pytest.raises(ValueError, match=r"prompts\[1\] is a list of chat messages, but the tokenizer has no chat "
+                                         r"template; set tokenizer.chat_template"):
+        tokenize_prompts(prompts, char_tokenizer(), 100)
+
+
+def test_chat_template_override_from_the_config(tiny_model_dir):
+    tokenizer = load_tokenizer(TokenizerConfig(chat_template=TEMPLATE), tiny_model_dir("gpt2"))
+    assert render_prompt(normalize_prompts([CHAT])[0], tokenizer).endswith("<|bos|>a:")
+
+
+def test_jsonl_with_a_messages_column_loads_as_chat_prompts(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": CHAT, "answer": str(i)}) for i in range(3)) + "\n")
+    prompts = normalize_prompts(load_prompts(str(path)))
+    assert [p.prompt for p in prompts] == [CHAT] * 3 and [p.metadata["answer"] for p in prompts] == ["0", "1", "2"]
+
+
+def test_a_chat_run_stops_at_end_of_turn_and_gives_reward_fn_the_messages(tmp_path, chat_tokenizer):
+    model_dir = tmp_path / "model"
+    tiny_model("gpt2", chat_tokenizer).save_pretrained(model_dir)
+    chat_tokenizer.save_pretrained(model_dir)
+    config = load_config(tiny_ppo_config(str(model_dir), str(tmp_path / "run"), train={"seq_length": 64},
+                                         method={"gen_kwargs": {"max_new_tokens": 12, "do_sample": True, "top_k": 0}}))
+    tokenizer = load_tokenizer(config.tokenizer, config.model.model_path)
+    seen = []
+
+    def reward_fn(samples, prompts, outputs, **meta):
+        seen.append((samples, prompts, outputs, meta))
+        return [0.0] * len(samples)
+
+    items = normalize_prompts([{"prompt": CHAT, "tag": i} for i in range(8)])
+    trainer = PPOTrainer(config, build_policy(config.model, tokenizer), tokenizer, reward_fn, items, items,
+                         verbose=False)
+    rollouts = trainer._generate(list(range(8)), {**config.method.gen_kwargs, "max_new_tokens": 40},
+                                 trainer.prompt_ids, trainer.prompts)
+    bang = tokenizer.convert_tokens_to_ids("<|end|>")
+    for ids, n in zip(rollouts.response_ids.tolist(), rollouts.response_mask.sum(1).tolist()):
+        assert bang not in ids[:n - 1]  # the turn's end is where a response ends
+    assert any(ids[n - 1] == bang for ids, n in zip(rollouts.response_ids.tolist(),
+                                                    rollouts.response_mask.sum(1).tolist()))
+    trainer.total_steps = 1
+    trainer.learn()
+    samples, prompts, outputs, meta = seen[-1]
+    assert all(p == CHAT for p in prompts) and sorted(meta["tag"]) == sorted(meta["tag"])
+    assert all(s == render_prompt(items[0], tokenizer) + o for s, o in zip(samples, outputs))
