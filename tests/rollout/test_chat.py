@@ -107,3 +107,13 @@ def test_a_chat_run_stops_at_end_of_turn_and_gives_reward_fn_the_messages(tmp_pa
     samples, prompts, outputs, meta = seen[-1]
     assert all(p == CHAT for p in prompts) and sorted(meta["tag"]) == sorted(meta["tag"])
     assert all(s == render_prompt(items[0], tokenizer) + o for s, o in zip(samples, outputs))
+
+
+def test_a_saved_datasets_dataset_with_a_messages_column_loads_as_chat_prompts(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": CHAT, "answer": str(i)} for i in range(3)]).save_to_disk(tmp_path / "d")
+    prompts = normalize_prompts(load_prompts(f"datasets:{tmp_path / 'd'}"))
+    assert [p.prompt for p in prompts] == [CHAT] * 3 and [p.metadata for p in prompts] == [{"answer": "0"},
+                                                                                          {"answer": "1"},
+                                                                                          {"answer": "2"}]
