@@ -177,9 +177,10 @@ class PPOTrainer:
                     t0 = time.perf_counter()
                     # 1. Rollouts: chunk_size prompts at a time until this process has its share of
                     #    num_rollouts (each process takes its slice of the same prompt chunks)
-                    # 2. Score each chunk with reward_fn (validated: count, numbers, finite), once on
-                    #    the main process for every process's samples unless train.reward_on_all_ranks,
-                    #    plus the reward adapter's score (each process scores its own samples)
+                    # 2. Score each chunk with the reward function(s) (validated: count, numbers, finite;
+                    #    several: their weighted sum), once on the main process for every process's
+                    #    samples unless train.reward_on_all_ranks, plus the reward adapter's score
+                    #    (each process scores its own samples)
                     chunks, chunk_scores, chunk_values = [], [], []
                     while (n := sum(len(c.prompts) for c in chunks)) < self.rollouts_per_rank:
                         size = min(method.chunk_size, self.rollouts_per_rank - n)
@@ -195,9 +196,10 @@ class PPOTrainer:
                         chunk_scores.append(add_scores(fn_scores, self._reward_adapter_scores(rollouts),
                                                        rollouts.response_mask.sum(1)))
                     rollouts = concat_rollouts(chunks, self.tokenizer.pad_token_id)
-                    per_function = {f"rewards/{name}/{stat}": value for name in chunk_values[0] for stat, value in
-                                    nan_moments(self.dist.all_values(torch.cat([v[name] for v in chunk_values])))
-                                    .items()}  # each reward function's own mean and std over the samples it judged
+                    per_function = {}  # each reward function's own mean and std over the samples it judged
+                    for name in chunk_values[0]:
+                        moments = nan_moments(self.dist.all_values(torch.cat([v[name] for v in chunk_values])))
+                        per_function.update({f"rewards/{name}/{k}": v for k, v in moments.items()})
                     scores = concat_scores(chunk_scores, rollouts.response_ids.shape[1])
                     self._log_rollouts(rollouts, scores)
                     t_rollout = time.perf_counter()
