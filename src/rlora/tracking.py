@@ -22,7 +22,8 @@ class Tracker:
 
     def __init__(self, run_dir: str, tracker: str | None = None, config: dict | None = None,
                  project_name: str = "rlora", entity_name: str | None = None, group_name: str | None = None,
-                 tags: list[str] | None = None, enabled: bool = True, history: list[dict] | None = None):
+                 tags: list[str] | None = None, enabled: bool = True, history: list[dict] | None = None,
+                 run_name: str | None = None):
         """`history`: a resumed run's records; `metrics.jsonl` is rewritten to hold exactly them, so
         records a killed run wrote after its last checkpoint do not stay."""
         self.run_dir, self.enabled = run_dir, enabled
@@ -51,7 +52,7 @@ class Tracker:
             if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
                 os.environ["WANDB_MODE"] = "offline"  # no key, no network: log locally, sync later
             self._wandb = wandb.init(project=project_name, entity=entity_name, group=group_name, tags=tags,
-                                     config=config, dir=run_dir)
+                                     config=config, dir=run_dir, name=run_name)
 
     def log(self, record: dict[str, Any]) -> None:
         """One record: a dict with a `step` key and float statistics."""

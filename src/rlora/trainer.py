@@ -153,7 +153,8 @@ class PPOTrainer:
             checkpoint.load(self, resumed)  # restores run_dir too, unless train.run_dir names one
         self.tracker = Tracker(self.run_dir, train.tracker, config_to_dict(config), train.project_name,
                                train.entity_name, train.group_name, train.tags,
-                               enabled=self.accelerator.is_main_process, history=self.history if resumed else None)
+                               enabled=self.accelerator.is_main_process, history=self.history if resumed else None,
+                               run_name=train.run_name)
         steps_per_phase = method.ppo_epochs * math.ceil(method.num_rollouts / train.batch_size)
         self.total_steps = min(train.total_steps, train.epochs * steps_per_phase)
         self._stop_signal: int | None = None

@@ -62,6 +62,10 @@ class TrainConfig:
     """trlx compatibility: only "PromptPipeline"."""
     trainer: str = "AcceleratePPOTrainer"
     """trlx compatibility: "AcceleratePPOTrainer" or "PPOTrainer" (only PPO is implemented)."""
+    trainer_kwargs: dict = field(default_factory=dict)
+    """trlx compatibility: extra trainer arguments; rlora's trainer takes none, so only {}."""
+    run_name: str | None = None
+    """Tracker run name (wandb's `name`); None = the tracker's own."""
 
 
 @dataclass

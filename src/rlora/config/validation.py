@@ -128,6 +128,8 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.trainer in ("AcceleratePPOTrainer", "PPOTrainer"), "train.trainer", t.trainer,
            "only PPO is implemented in rlora; set train.trainer to 'AcceleratePPOTrainer'")
     _check(t.pipeline == "PromptPipeline", "train.pipeline", t.pipeline, "only 'PromptPipeline' is supported")
+    _check(not t.trainer_kwargs, "train.trainer_kwargs", t.trainer_kwargs,
+           "rlora's PPO trainer takes no extra arguments (trlx passed these to its trainer class); set it to {}")
     for key in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval",
                 "keep_checkpoints", "max_bad_steps"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "it must be at least 1")
@@ -257,6 +259,10 @@ def _check_gen_kwargs(kwargs: dict, key: str, seq_length: int) -> None:
             raise _unknown_key(f"{key}.{name}", valid)
     _check(kwargs.get("num_return_sequences", 1) == 1, f"{key}.num_return_sequences", kwargs.get("num_return_sequences"),
            "rlora samples one response per prompt; drop it and list a prompt several times for several samples")
+    for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        _check(total not in kwargs, f"{key}.{total}", kwargs.get(total),
+               f"it counts prompt + response tokens (transformers' meaning), which depends on how prompts are "
+               f"batched; set {key}.{new} instead (rlora.trlx.train converts a trlx config's {total})")
     n = kwargs.get("max_new_tokens")
     _check(n is not None, f"{key}.max_new_tokens", n, f"set {key}.max_new_tokens (rlora sizes prompts from it)")
     _check(isinstance(n, int) and not isinstance(n, bool) and 1 <= n < seq_length, f"{key}.max_new_tokens", n,

@@ -1,0 +1,133 @@
+"""trlx's own script shapes through `import rlora.trlx as trlx`, trained on tiny local models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import types
+
+import pytest
+
+import rlora.trlx as trlx
+from rlora.trlx import api as trlx_api
+from rlora.trlx.data.default_configs import TRLConfig, default_ppo_config
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "trlx_scripts")
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"trlx_script_{name}", os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_randomwalks_script_trains(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANDOMWALKS_MODEL", tiny_model_dir("gpt2"))
+    monkeypatch.setattr(trlx_api, "_wandb_installed", lambda: False)  # the script keeps trlx's tracker: wandb
+    script = load_script("ppo_randomwalks")
+    hparams = json.dumps({"train.total_steps": 2, "train.batch_size": 8, "method.num_rollouts": 16,
+                          "method.chunk_size": 16, "method.ppo_epochs": 1, "train.run_dir": str(tmp_path)})
+    with pytest.warns(UserWarning, match="wandb is not installed"):
+        trainer = script.main(json.loads(hparams))
+    config = trainer.config
+    assert trainer.step == 2 and config.train.tracker is None
+    # the script's own values, kept through TRLConfig.update
+    assert (config.train.seq_length, config.method.vf_coef, config.method.cliprange_reward, config.method.init_kl_coef,
+            config.optimizer.kwargs["lr"], config.scheduler.kwargs["T_max"]) == (10, 1.2, 1.0, 0.0, 3e-4, 10000)
+    assert script.default_config.train.batch_size == 100  # update() left the module's config alone
+    evals = [r for r in trainer.history if "metrics/optimality" in r]
+    assert len(evals) == 2 and all(0.0 <= r["metrics/optimality"] <= 1.0 for r in evals)  # baseline and final
+    assert "reward/mean" in evals[-1]
+
+
+def test_peft_sentiment_script_trains(tiny_model_dir, tmp_path, monkeypatch):
+    model = tiny_model_dir("gpt2")
+    monkeypatch.setattr(trlx_api, "_wandb_installed", lambda: False)
+    script = load_script("ppo_sentiments_peft")
+    hparams = {"model.model_path": model, "tokenizer.tokenizer_path": model, "train.seq_length": 32,
+               "train.batch_size": 8, "train.total_steps": 2, "train.run_dir": str(tmp_path),
+               "method.num_rollouts": 8, "method.chunk_size": 8, "method.ppo_epochs": 2,
+               "method.gen_kwargs.max_new_tokens": 6}
+    with pytest.warns(UserWarning, match="num_layers_unfrozen"):  # trlx's default 2, beside a LoRA adapter
+        trainer = script.main(hparams)
+    assert trainer.step == 2
+    peft_config = trainer.policy.lm.peft_config["default"]
+    assert (peft_config.r, peft_config.lora_alpha, peft_config.lora_dropout) == (8, 32, 0.1)
+    assert (trainer.config.train.project_name, trainer.config.method.init_kl_coef) == ("trlx", 0.001)
+
+
+def test_trlx_yaml_with_every_section_trains(tiny_model_dir, tmp_path, monkeypatch):
+    wandb_init = {}
+
+    class Run:
+        def log(self, numbers, step):
+            pass
+
+        def finish(self):
+            pass
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: wandb_init.update(kwargs) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with open(os.path.join(SCRIPTS, "ppo_tiny.yml"), encoding="utf-8") as f:
+        text = f.read()
+    path = tmp_path / "ppo.yml"
+    path.write_text(text.replace("MODEL", tiny_model_dir("gpt2")))
+    config = TRLConfig.load_yaml(path).evolve(train=dict(run_dir=str(tmp_path / "run"), tracker="wandb"))
+
+    def reward_fn(samples, prompts, outputs, tokenizer, **kwargs):
+        return [float(o.count("a")) for o in outputs]
+
+    trainer = trlx.train(reward_fn=reward_fn, prompts=["ab", "hello", "xyz"], config=config)
+    assert trainer.step == 2
+    # max_length = min_length = 12 over a longest prompt of 5 tokens: 7 new tokens, EOS held back before the 7th
+    assert trainer.config.method.gen_kwargs == {"max_new_tokens": 7, "min_new_tokens": 7, "top_k": 0.0,
+                                                "top_p": 1.0, "do_sample": True}
+    phases = [r["response_length/mean"] for r in trainer.history if "response_length/mean" in r]
+    assert phases and set(phases) == {7.0}  # every response exactly 7 tokens: 5 + 7 fits max_length
+    assert trainer.config.method.scale_reward == "ignored"
+    assert (wandb_init["name"], wandb_init["project"]) == ("tiny-run", "trlx")  # train.run_name reaches wandb
+    assert config.method.gen_kwargs["max_length"] == 12  # the caller's config is left as it was
+
+
+def test_model_path_argument_and_trlx_s_reward_and_metric_arguments(tiny_model_dir, tmp_path):
+    seen = {}
+
+    def reward_fn(**kwargs):
+        seen.setdefault("reward", set(kwargs))
+        return [0.0] * len(kwargs["samples"])
+
+    def metric_fn(**kwargs):
+        seen.setdefault("metric", set(kwargs))
+        return {"n": [1.0] * len(kwargs["samples"])}
+
+    model = tiny_model_dir("gpt2")
+    config = default_ppo_config().evolve(
+        train=dict(seq_length=16, batch_size=4, total_steps=1, tracker=None, run_dir=str(tmp_path)),
+        model=dict(num_layers_unfrozen=-1, peft_config={"peft_type": "LORA", "r": 2}),  # lvwerra/gpt2-imdb
+        tokenizer=dict(tokenizer_path=model),
+        method=dict(num_rollouts=4, chunk_size=4, ppo_epochs=1, gen_kwargs=dict(max_new_tokens=3)))
+    trainer = trlx.train(model_path=model, reward_fn=reward_fn, metric_fn=metric_fn,
+                         prompts=[{"prompt": "ab", "topic": "x"}] * 4, config=config)
+    assert trainer.config.model.model_path == model and config.model.model_path == "lvwerra/gpt2-imdb"
+    assert seen == {"reward": {"samples", "prompts", "outputs", "tokenizer", "topic"},
+                    "metric": {"samples", "prompts", "outputs", "topic"}}
+
+
+def test_trlx_default_hub_names_fail_clearly_offline(tiny_model_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no retries against an absent network
+    config = default_ppo_config().evolve(train=dict(tracker=None, run_dir=str(tmp_path)))
+    # trlx's defaults name hub models; without network rlora's loader names the key and the fix
+    expected = "(?s)tokenizer.tokenizer_path='gpt2': could not load the tokenizer.*Give a local directory"
+    with pytest.raises(OSError, match=expected):
+        trlx.train(reward_fn=lambda samples, **kwargs: [0.0] * len(samples), config=config)
+    with pytest.warns(UserWarning, match="no config given; using default_ppo_config"), \
+            pytest.raises(OSError, match="gpt2"):
+        trlx.train(reward_fn=lambda samples, **kwargs: [0.0] * len(samples), model_path=tiny_model_dir("gpt2"))
