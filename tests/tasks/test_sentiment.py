@@ -127,8 +127,10 @@ def test_config_is_valid_and_uses_all_linear_lora(tmp_path):
 # PPO on SmolLM2-135M-Instruct (slow)
 # ---------------------------------------------------------------------------------------------
 
-# measured (2 threads, 48 steps = 12 phases of 64 rollouts): see the README; asserted with headroom
-SLOW_STEPS = 48
+# A smaller budget than the demo's 48 steps: 32 steps = 8 phases of 64 rollouts, 372 s on one
+# thread beside another job. Measured held-out mean compound: seed 1000 (this test) 0.150 -> 0.443
+# (+0.29), seed 1001 0.128 -> 0.390 (+0.26); asserted: +0.15.
+SLOW_STEPS = 32
 SLOW_MIN_RISE = 0.15
 
 
@@ -138,8 +140,11 @@ def test_ppo_makes_smollm2_continuations_of_held_out_openings_more_positive(tmp_
     from rlora.fetch import fetch
 
     summary = run_sentiment_demo(total_steps=SLOW_STEPS, run_dir=str(tmp_path / "run"), verbose=False,
-                                 model_dir=fetch(sentiment.MODEL), eval_interval=10**9, num_threads=2)
+                                 model_dir=fetch(sentiment.MODEL), eval_interval=SLOW_STEPS)
     (before, after), (positive_before, positive_after) = summary["compound"], summary["positive"]
+    print(f"held-out compound {before:+.3f} -> {after:+.3f}, positive {positive_before:.3f} -> {positive_after:.3f}, "
+          f"greedy compound {summary['greedy/compound'][0]:+.3f} -> {summary['greedy/compound'][1]:+.3f}, "
+          f"{summary['wall_seconds']:.0f} s")
     assert summary["optimizer_steps"] == SLOW_STEPS
     assert after - before >= SLOW_MIN_RISE, summary["curve"]
     assert positive_after > positive_before, summary["curve"]

@@ -103,27 +103,30 @@ def metric_fn(samples: Sequence[str], prompts: Sequence[str] = (), outputs: Sequ
 # ---------------------------------------------------------------------------------------------
 
 
-def make_config(model_path: str, run_dir: str | None = None, total_steps: int = 96, seed: int = 1000,
+def make_config(model_path: str, run_dir: str | None = None, total_steps: int = 48, seed: int = 1000,
                 eval_interval: int = 48, num_threads: int | None = None, lr: float = 1e-3,
                 **method: Any) -> dict:
     """PPO + LoRA settings for `model_path` (tuned on SmolLM2-135M-Instruct, 2 CPU cores).
 
-    - LoRA r=8, alpha=16 on every linear layer of the blocks (`all-linear`); no dropout
-      (PPO passes run with dropout off anyway). 1.7 % of the parameters train.
+    - LoRA r=8, alpha=16 on every linear layer of the blocks (`all-linear`), no dropout (PPO
+      passes run with dropout off anyway); the critic has its own adapter of the same shape
+      (`model.value_adapter`). Measured, same seed: with the value head on the policy's trunk
+      the held-out compound rose 0.15 -> 0.20 in 40 steps (with it: 0.15 -> 0.50 in 48) while
+      the KL to the base reached 1-2 nats, the value loss moving the shared adapter.
     - One phase: 64 rollouts of at most 16 new tokens, plain sampling (top_k 0, top_p 1);
       2 PPO epochs of batches of 32 = 4 optimizer steps; `total_steps` counts optimizer steps.
     - AdamW at `lr` (LoRA takes about 10x full fine-tuning's rate), constant schedule; a fixed
-      KL coefficient of 0.05 keeps the text close to the base model's.
+      KL coefficient of 0.05.
     - Evaluation adds a greedy variant (`metrics/greedy/...`).
     `method` overrides keys of the method section (e.g. `init_kl_coef=0.1`).
     """
+    lora = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+            "target_modules": "all-linear"}
     return {
         "train": {"seq_length": 48, "batch_size": 32, "minibatch_size": 32, "total_steps": total_steps,
                   "epochs": 10_000, "eval_interval": eval_interval, "checkpoint_interval": 10**9, "run_dir": run_dir,
                   "seed": seed, "num_threads": num_threads},
-        "model": {"model_path": model_path,
-                  "peft_config": {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16,
-                                  "lora_dropout": 0.0, "target_modules": "all-linear"}},
+        "model": {"model_path": model_path, "peft_config": lora, "value_adapter": dict(lora)},
         "tokenizer": {"tokenizer_path": model_path},
         "optimizer": {"name": "adamw", "kwargs": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 1e-6}},
         "scheduler": {"name": "constant", "kwargs": {}},
