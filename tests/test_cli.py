@@ -134,3 +134,18 @@ def test_rlora_eval_scores_a_checkpoint_without_writing_to_it(tiny_model_dir, tm
 def test_rlora_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["eval", str(tmp_path / "nope")])
+
+
+@pytest.mark.parametrize("rise, status", [(0.3, 0), (0.1, 1)], ids=["learned", "did-not-learn"])
+def test_demo_task_oneword_runs_the_task_with_its_seed_and_checks_the_rise(monkeypatch, rise, status):
+    from rlora.tasks import oneword
+
+    calls = []
+
+    def run(**kwargs):
+        calls.append(kwargs)
+        return {"correct": (0.4, 0.4 + rise)}
+
+    monkeypatch.setattr(oneword, "run", run)
+    assert main(["demo", "--task", "oneword", "--steps", "8", "--check"]) == status
+    assert calls == [{"run_dir": None, "model_path": None, "seed": 0, "total_steps": 8}]
