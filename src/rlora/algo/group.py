@@ -1,0 +1,131 @@
+"""Critic-free group methods as pure functions: group advantages, the clipped token loss (token or
+sequence ratio), the k3 KL penalty, DAPO's overlong shaping and the loss aggregations.
+
+Not yet wired into the trainer (issue #14); each formula cites its source at the line.
+
+Notation: `n` completions = `n / G` prompts × `G` completions each (groups contiguous), `t`
+response tokens, `A` advantages, `ρ = π_θ / π_old`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlora.algo.masked import masked_mean, masked_sum
+
+ESTIMATORS = ("grpo", "rloo", "reinforce++", "reinforce++_baseline")
+SCALE_REWARDS = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+STD_EPS = 1e-4  # TRL's grpo_trainer.py: (r - mean) / (std + 1e-4)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "grpo",
+                     scale_rewards: str = "group") -> torch.Tensor:
+    """One advantage per completion from its group's rewards.
+
+    - grpo (Shao et al. 2024, eq. 3; TRL): `(r_i − mean_G) / (std_G + 1e-4)` with `scale_rewards`
+      "group" (unbiased std within the group), "batch" (std over all `n` rewards) or "none"
+      (Dr.GRPO, Liu et al. 2025: `r_i − mean_G`).
+    - rloo (Ahmadian et al. 2024, eq. 6): `r_i − (1 / (G − 1)) Σ_{j≠i} r_j`, unscaled.
+    - reinforce++_baseline (Hu 2025; OpenRLHF): `r_i − mean_G`; the batch whitening of
+      REINFORCE++ follows over tokens (`rlora.algo.masked_whiten`), not here.
+    - reinforce++: `r_i` itself (no baseline; whitened over the batch afterwards).
+    A group of G equal rewards gets advantages 0 (never NaN).
+    Shape: rewards (n,) -> (n,).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"advantage_estimator={estimator!r} is not one of {ESTIMATORS}")
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {SCALE_REWARDS}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not make whole groups of num_generations={group_size}")
+    if estimator == "rloo" and group_size < 2:
+        raise ValueError("rloo needs num_generations >= 2: the baseline is the mean of the other completions")
+    grouped = rewards.reshape(-1, group_size).double()  # (n / G, G)
+    mean = grouped.mean(1, keepdim=True)
+    if estimator == "reinforce++":
+        return rewards.clone()
+    if estimator == "reinforce++_baseline":
+        return (grouped - mean).reshape(-1).to(rewards.dtype)
+    if estimator == "rloo":
+        others = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+        return (grouped - others).reshape(-1).to(rewards.dtype)
+    centred = grouped - mean
+    if scale_rewards == "group":
+        centred = centred / (grouped.std(1, keepdim=True) + STD_EPS) if group_size > 1 else centred
+    elif scale_rewards == "batch":
+        centred = centred / (grouped.std() + STD_EPS) if grouped.numel() > 1 else centred
+    return centred.reshape(-1).to(rewards.dtype)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to `max_length − buffer`
+    tokens, then falling linearly to `−factor` at `max_length`:
+    `min(−(L − (L_max − L_buf)) / L_buf · factor, 0)`. Shape: lengths (n,) -> (n,)."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong_buffer_len={buffer} must be in (0, max_new_tokens={max_length}]")
+    excess = lengths.double() - (max_length - buffer)
+    return torch.clamp(-excess / buffer * factor, max=0.0).float()
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π_θ ‖ π_ref) (Schulman 2020; GRPO eq. 4):
+    `e^(ref − logp) − (ref − logp) − 1` (≥ 0). Shape: (n, t) -> (n, t)."""
+    delta = ref_logprobs - logprobs
+    return torch.exp(delta) - delta - 1
+
+
+def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                       mask: torch.Tensor, epsilon: float = 0.2, epsilon_high: float | None = None,
+                       level: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`ℓ_t = −min(ρ A, clip(ρ, 1 − ε, 1 + ε_high) A)` per token (PPO's surrogate; clip-higher:
+    DAPO, Yu et al. 2025, eq. 10), with one advantage per completion broadcast over its tokens.
+
+    `level="sequence"` (GSPO, Zheng et al. 2025, eq. 7) uses the sequence ratio
+    `s_i = exp((1 / L_i) Σ_t log ρ_t)` for every token of completion i, clipped per sequence.
+    Returns ℓ (0 on padding; aggregate with `aggregate_loss`) and detached stats: the fraction of
+    real tokens clipped below and above.
+    Shape: logprobs, old_logprobs, mask (n, t), advantages (n,) -> ℓ (n, t).
+    """
+    if level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level={level!r} must be 'token' or 'sequence'")
+    high = epsilon if epsilon_high is None else epsilon_high
+    log_ratio = (logprobs - old_logprobs).masked_fill(~mask, 0.0)
+    if level == "sequence":
+        log_ratio = (masked_sum(log_ratio, mask, dim=1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logprobs)
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None].expand_as(ratio)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + high)
+    loss = -torch.minimum(ratio * adv, clipped * adv).masked_fill(~mask, 0.0)
+    with torch.no_grad():
+        low = (ratio < 1 - epsilon) & (adv < 0)  # the clip is active below (TRL's clip_ratio/low)
+        up = (ratio > 1 + high) & (adv > 0)
+        stats = {"clip_ratio/low_mean": masked_mean(low.float(), mask),
+                 "clip_ratio/high_mean": masked_mean(up.float(), mask)}
+    return loss, stats
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int,
+                   total_tokens: float | None = None) -> torch.Tensor:
+    """Reduce per-token losses to the microbatch's loss.
+
+    - grpo (Shao et al. 2024, eq. 3): `mean_i (1 / L_i) Σ_t ℓ_it`.
+    - bnpo: `Σ ℓ / (real tokens of this microbatch)`.
+    - dr_grpo (Liu et al. 2025): `Σ ℓ / (n · max_completion_length)`.
+    - dapo (Yu et al. 2025, eq. 8): `Σ ℓ / total_tokens`, the real tokens of the whole optimizer
+      step across its microbatches and processes, so the step's gradient does not depend on
+      how it is split (give `total_tokens`; the microbatch losses are then summed, not averaged).
+    Shape: per_token, mask (n, t) -> ().
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+    total = masked_sum(per_token, mask)
+    if loss_type == "grpo":
+        return (masked_sum(per_token, mask, dim=1) / mask.sum(1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return total / (per_token.shape[0] * max_completion_length)
+    if total_tokens is None or total_tokens <= 0:
+        raise ValueError("loss_type='dapo' needs total_tokens: the real tokens of the whole optimizer step")
+    return total / total_tokens
