@@ -9,6 +9,7 @@ Notation: `n` samples in a phase, `b` batch, `p` prompt length, `r` response len
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -286,7 +287,7 @@ class PPOTrainer:
         autocast, as the prepared policy's forward runs (bf16 sampling, bf16 scoring). A chat
         prompt's response also ends at the template's end-of-turn token."""
         chosen = [prompts[i] for i in index]
-        eot = end_of_turn_id(self.tokenizer) if any(p.is_chat for p in chosen) else None
+        eot = self._end_of_turn if any(p.is_chat for p in chosen) else None
         if eot is not None and "eos_token_id" not in gen_kwargs:
             stops = stop_token_ids(gen_kwargs, self.tokenizer, self.policy.base_model.generation_config)
             gen_kwargs = {**gen_kwargs, "eos_token_id": stops + [eot] * (eot not in stops)}
@@ -295,6 +296,11 @@ class PPOTrainer:
                                      [prompt_ids[i] for i in index], {**gen_kwargs, **self.gen_extra},
                                      self.stop_sequences, merged=merged,
                                      prompt_texts=[render_prompt(p, self.tokenizer) for p in chosen])
+
+    @functools.cached_property
+    def _end_of_turn(self) -> int | None:
+        """The chat template's end-of-turn token (found once, when a chat prompt first needs it)."""
+        return end_of_turn_id(self.tokenizer)
 
     @torch.no_grad()
     def _reward_adapter_scores(self, rollouts) -> torch.Tensor | None:

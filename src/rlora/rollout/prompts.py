@@ -121,11 +121,15 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, max_length: int, what: st
     through truncation. Truncation is warned about once per call, naming how many prompts were cut.
     """
     texts = [render_prompt(p, tokenizer, f"{what}[{i}]") for i, p in enumerate(prompts)]
+    chat = [i for i, p in enumerate(prompts) if p.is_chat]
     plain = [i for i, p in enumerate(prompts) if not p.is_chat]
-    parts = [([], ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]  # (lead, text tokens)
-    if plain and add_special_tokens:
-        for i, part in zip(plain, _encode_parts(tokenizer, [texts[i] for i in plain], True)):
+    parts: list = [None] * len(prompts)  # (leading special tokens, text tokens) of each prompt
+    if plain:
+        for i, part in zip(plain, _encode_parts(tokenizer, [texts[i] for i in plain], add_special_tokens)):
             parts[i] = part
+    if chat:
+        for i, ids in zip(chat, tokenizer([texts[i] for i in chat], add_special_tokens=False).input_ids):
+            parts[i] = ([], ids)
     ids = [lead + x for lead, x in parts]
     too_long = [i for i, x in enumerate(ids) if len(x) > max_length]
     if too_long:

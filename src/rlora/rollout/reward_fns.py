@@ -86,6 +86,7 @@ class RewardFunctions:
             raise ValueError(f"task.reward_weights has {len(weights)} weights for {len(self.functions)} reward "
                              f"functions ({', '.join(self.names)}); give one weight per function")
         self.weights = [1.0] * len(self.functions) if weights is None else [float(w) for w in weights]
+        self.trl_style = [is_trl_style(fn) for fn in self.functions]
 
     def __call__(self, batch: ScoreBatch, tokenizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted reward and each function's own values (NaN where it returned None).
@@ -96,9 +97,9 @@ class RewardFunctions:
         lengths = batch.lengths
         values: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(batch))
-        for fn, name, weight in zip(self.functions, self.names, self.weights):
+        for fn, name, weight, trl_style in zip(self.functions, self.names, self.weights, self.trl_style):
             what = "reward_fn" if len(self.functions) == 1 else f"reward function {name!r}"
-            raw = self._call(fn, batch, tokenizer, what)
+            raw = self._call(fn, trl_style, batch, tokenizer, what)
             judged = _without_none(raw)
             scores = validate_scores(judged, lengths, what=what)
             if scores.dim() == 2:
@@ -112,9 +113,9 @@ class RewardFunctions:
         return total, values
 
     @staticmethod
-    def _call(fn: Callable, batch: ScoreBatch, tokenizer, what: str) -> Any:
+    def _call(fn: Callable, trl_style: bool, batch: ScoreBatch, tokenizer, what: str) -> Any:
         try:
-            if is_trl_style(fn):
+            if trl_style:
                 completions = [[{"role": "assistant", "content": o}] if not isinstance(p, str) else o
                                for p, o in zip(batch.prompts, batch.outputs)]
                 return fn(prompts=batch.prompts, completions=completions, completion_ids=batch.completion_ids,
