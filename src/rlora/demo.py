@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlora.tasks.randomwalks import make_task, sft_model
+from rlora.tracking import mean_phase_seconds
 
 EVAL_SAMPLES_PER_PROMPT = 8  # as the peer harness: 20 start letters x 8 sampled walks
 
@@ -70,7 +71,6 @@ def run_demo(total_steps: int = 400, run_dir: str | None = None, cache_dir: str 
     trainer = rlora.train(task.reward_fn, prompts=task.prompts, eval_prompts=eval_prompts, metric_fn=task.metric_fn,
                           config=config, verbose=verbose)
     evals = [r for r in trainer.history if r.get("eval")]
-    phases = [r for r in trainer.history if "phase" in r]
     n_train = sum(p.numel() for p in trainer.policy.trainable_parameters())
     n_all = sum(p.numel() for p in trainer.policy.parameters())
     summary = {
@@ -79,8 +79,7 @@ def run_demo(total_steps: int = 400, run_dir: str | None = None, cache_dir: str 
         "curve": [(r["step"], round(r["metrics/optimality"], 4), round(r["metrics/greedy/optimality"], 4))
                   for r in evals],
         "optimizer_steps": trainer.step, "rollout_phases": trainer.phase,
-        "s_per_phase": sum(r["time/rollout"] + r["time/rollout_pass"] + r["time/update"] for r in phases)
-        / max(1, len(phases)),
+        "s_per_phase": sum(mean_phase_seconds(trainer.history).values()),
         "sft_seconds": t_sft, "wall_seconds": time.perf_counter() - t0,
         "trainable_params": n_train, "total_params": n_all, "run_dir": trainer.run_dir, "model_dir": model_dir,
         "checkpoint": os.path.join(trainer.run_dir, trainer.config.train.checkpoint_dir, f"step_{trainer.step}"),
@@ -145,9 +144,7 @@ def run_sentiment_demo(total_steps: int = 48, run_dir: str | None = None, seed: 
     t_train = time.perf_counter() - t_train
     after = trainer.generate(shown, do_sample=False)
     evals = [r for r in trainer.history if r.get("eval")]
-    phases = [r for r in trainer.history if "phase" in r]
-    per_phase = {name: sum(r[f"time/{name}"] for r in phases) / max(1, len(phases))
-                 for name in ("rollout", "rollout_pass", "update")}
+    per_phase = mean_phase_seconds(trainer.history)
     summary = {
         **{key: [evals[0][f"metrics/{key}"], evals[-1][f"metrics/{key}"]]
            for key in ("compound", "positive", "sample_compound", "greedy/compound", "greedy/positive")},

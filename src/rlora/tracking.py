@@ -77,6 +77,14 @@ class Tracker:
             self._wandb.finish()
 
 
+def mean_phase_seconds(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds per rollout phase, averaged over the phases of `history`: generation and scoring
+    (`rollout`), the no-grad rollout pass (`rollout_pass`) and the PPO epochs (`update`)."""
+    phases = [r for r in history if "phase" in r]
+    return {name: sum(r[f"time/{name}"] for r in phases) / max(1, len(phases))
+            for name in ("rollout", "rollout_pass", "update")}
+
+
 def plot_history(history: list[dict[str, Any]], run_dir: str, extra_keys: tuple[str, ...] = ()) -> list[str]:
     """PNG plots of reward, KL, losses, each reward function and the eval metrics against optimizer steps."""
     import matplotlib

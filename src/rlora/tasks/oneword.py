@@ -239,6 +239,7 @@ def run(total_steps: int = 40, run_dir: str | None = None, model_path: str | Non
     (`rlora.fetch`)."""
     import rlora
     from rlora.fetch import fetch
+    from rlora.tracking import mean_phase_seconds
 
     t0 = time.perf_counter()
     model_path = model_path or fetch("smollm2-135m-instruct")
@@ -254,8 +255,7 @@ def run(total_steps: int = 40, run_dir: str | None = None, model_path: str | Non
         "one_word": [evals[0]["metrics/one_word"], evals[-1]["metrics/one_word"]],
         "curve": [(r["step"], round(r["metrics/correct"], 4)) for r in evals],
         "held_out_prompts": len(held_out), "optimizer_steps": trainer.step, "rollout_phases": trainer.phase,
-        "s_per_phase": sum(r["time/rollout"] + r["time/rollout_pass"] + r["time/update"] for r in phases)
-        / max(1, len(phases)),
+        "s_per_phase": sum(mean_phase_seconds(trainer.history).values()),
         "s_rollout": [round(r["time/rollout"], 2) for r in phases],
         "s_update": [round(r["time/rollout_pass"] + r["time/update"], 2) for r in phases],
         "wall_seconds": time.perf_counter() - t0, "run_dir": trainer.run_dir,
