@@ -7,7 +7,7 @@ Layout of a checkpoint directory:
   prompt_encoder.safetensors   prompt and prefix tuning: the trained prompt encoder (virtual-token
                            embeddings, prefix MLP), which adapter/ holds only as its output
   tokenizer/               the tokenizer (with any pad token rlora added)
-  value_head.safetensors   the value head
+  value_head.safetensors   the value head (PPO; group methods have none)
   optimizer.pt, scheduler.pt   their state dicts (tensors and plain data; loaded weights_only)
   rng.safetensors          the PPO shuffle generator (the same on every process)
   rank_R.safetensors       process R's torch RNG states and, for a phase stopped between its
@@ -40,7 +40,7 @@ from rlora.config import save_config
 from rlora.models.policy import POLICY, VALUE
 from rlora.rollout.store import Experience
 
-REQUIRED = ("trainer_state.json", "config.yaml", "value_head.safetensors", "rng.safetensors", "rank_0.json",
+REQUIRED = ("trainer_state.json", "config.yaml", "rng.safetensors", "rank_0.json",
             "rank_0.safetensors")
 STEP_DIR = re.compile(r"^step_(\d+)$")
 PROMPT_ENCODER = "prompt_encoder.safetensors"
@@ -123,7 +123,8 @@ def _write(trainer, directory: str) -> None:
     if policy.mode == "prompt":
         save_file(_contiguous(policy.lm.prompt_encoder[POLICY].state_dict()), os.path.join(directory, PROMPT_ENCODER))
     trainer.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
-    save_file(_contiguous(policy.value_head.state_dict()), os.path.join(directory, "value_head.safetensors"))
+    if policy.value_head is not None:
+        save_file(_contiguous(policy.value_head.state_dict()), os.path.join(directory, "value_head.safetensors"))
     if trainer.config.train.save_optimizer:
         torch.save(trainer.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
         torch.save(trainer.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
@@ -281,7 +282,14 @@ def load_weights(policy, path: str, device: torch.device) -> None:
                                      f"{result.unexpected_keys[:3]}); resume with the run's config")
         else:
             load_model_weights(policy.lm, os.path.join(path, "model"), device)
-        policy.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors"), device=device))
+        head = os.path.join(path, "value_head.safetensors")
+        if (policy.value_head is None) == os.path.isfile(head):
+            raise ValueError(f"{path} was written {'with' if os.path.isfile(head) else 'without'} a value head (PPO "
+                             "has one, the group methods none) but this run has "
+                             f"{'none' if policy.value_head is None else 'one'}: resume with the method.name that "
+                             "wrote it")
+        if policy.value_head is not None:
+            policy.value_head.load_state_dict(load_file(head, device=device))
     except (OSError, RuntimeError) as err:
         raise ValueError(f"could not load the weights in {path} ({err}); is it a checkpoint of this config?") from err
 

@@ -334,7 +334,7 @@ class PPOTrainer:
         for index in order.split(self.minibatch_size):
             mb = exp.select(index).to(device)
             with self.accelerator.autocast():  # the reference in the policy's precision, as the update's forward
-                logprobs, values, ref_logprobs = forward_responses(
+                logprobs, values, ref_logprobs, _ = forward_responses(
                     self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, with_reference=True,
                     temperature=self.temperature)
             width = mb.response_ids.shape[1]
@@ -356,7 +356,7 @@ class PPOTrainer:
             mb = exp.select(index).to(self.accelerator.device)
             last = i == len(micro) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.model):  # one gradient all-reduce a step
-                logprobs, values, _ = forward_responses(self.model, mb.query_ids, mb.query_mask, mb.response_ids,
+                logprobs, values, _, _ = forward_responses(self.model, mb.query_ids, mb.query_mask, mb.response_ids,
                                                         mb.response_mask, temperature=self.temperature)
                 pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
                                                 method.cliprange)

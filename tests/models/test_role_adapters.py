@@ -98,7 +98,7 @@ def test_both_trainable_adapters_get_gradients_in_one_step_and_nothing_flips(tin
     forward_responses(policy, exp.query_ids, exp.query_mask, exp.response_ids, exp.response_mask,
                       with_reference=True)  # the rollout pass, reference included, comes first in a phase
     assert {name: p.requires_grad for name, p in policy.named_parameters()} == flags
-    logprobs, values, _ = forward_responses(policy, exp.query_ids, exp.query_mask, exp.response_ids,
+    logprobs, values, _, _ = forward_responses(policy, exp.query_ids, exp.query_mask, exp.response_ids,
                                             exp.response_mask)
     (logprobs.sum() + values.sum()).backward()
     for role in (POLICY, VALUE):

@@ -25,7 +25,7 @@ def test_lean_scoring_equals_full_logits(tiny_model_dir, mode):
     query_ids, query_mask = left_pad([[5, 6, 7], [8], [9, 10]], tokenizer.pad_token_id)
     response_ids, response_mask = right_pad([[11, 12, 2], [13, 14, 15, 16], [17]], tokenizer.pad_token_id)
     with torch.no_grad():
-        logprobs, values, ref_logprobs = forward_responses(policy, query_ids, query_mask, response_ids, response_mask,
+        logprobs, values, ref_logprobs, _ = forward_responses(policy, query_ids, query_mask, response_ids, response_mask,
                                                            with_reference=True)
         ids, mask, starts = pack_sequences(query_ids, query_mask, response_ids, response_mask)
         full = policy(ids, mask.long())

@@ -14,7 +14,7 @@ from rlora.algo.kl import (
     kl_k3,
     make_kl_controller,
 )
-from rlora.algo.logprobs import entropy_from_logits, logprobs_of_labels
+from rlora.algo.logprobs import entropy_from_logits, logprobs_of_labels, token_entropy
 from rlora.algo.losses import policy_loss, value_loss
 from rlora.algo.masked import (
     RunningMoments,
@@ -47,6 +47,7 @@ __all__ = [
     "nan_moments",
     "policy_loss",
     "scale_and_clip_scores",
+    "token_entropy",
     "token_rewards",
     "value_loss",
     "zero_padding",

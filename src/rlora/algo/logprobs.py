@@ -10,7 +10,7 @@ import torch
 
 from rlora.algo.masked import masked_mean
 
-__all__ = ["logprobs_of_labels", "entropy_from_logits"]
+__all__ = ["logprobs_of_labels", "entropy_from_logits", "token_entropy"]
 
 
 # Rows of (t, v) logits handled at once: ~16 MiB of float32 temporaries per chunk.
@@ -113,3 +113,20 @@ def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     p_z = torch.where(probs > 0, probs * logits, torch.zeros((), dtype=probs.dtype, device=probs.device))  # 0·(−inf) := 0
     entropy = torch.logsumexp(logits, dim=-1) - p_z.sum(-1)  # (b, t)
     return masked_mean(entropy, mask)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The entropy of `softmax(logits / temperature)` at each position, for logging (no graph),
+    a chunk of rows at a time in float32 so no full-size temporary is made.
+
+    Shape: logits (b, t, v) -> (b, t) float32.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    rows = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
+    for start in range(0, flat.shape[0], rows):
+        z = _tempered(flat[start:start + rows], torch.float32, temperature)
+        logp = torch.log_softmax(z, -1)
+        out[start:start + rows] = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+    return out.reshape(logits.shape[:2])

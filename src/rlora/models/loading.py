@@ -162,8 +162,9 @@ def fit_to_tokenizer(base: PreTrainedModel, tokenizer) -> PreTrainedModel:
     return base
 
 
-def build_policy(model_config, tokenizer) -> Policy:
-    """Load the base once and build the policy, reference and value roles on it (SPEC §1)."""
+def build_policy(model_config, tokenizer, value_head: bool = True) -> Policy:
+    """Load the base once and build the policy, reference and value roles on it (SPEC §1);
+    `value_head=False` for the critic-free group methods."""
     adapter = adapter_dir(model_config.model_path)
     if adapter is not None and model_config.peft_config is not None:
         raise ValueError(f"model.model_path={model_config.model_path!r} is a saved peft adapter, whose training "
@@ -183,7 +184,7 @@ def build_policy(model_config, tokenizer) -> Policy:
         if peft_config is not None:
             size_virtual_tokens(peft_config, base)
         lm = load_trainable_adapter(base, adapter) if adapter is not None else get_peft_model(base, peft_config)
-        policy = Policy(lm, "prompt" if lm.active_peft_config.is_prompt_learning else "adapter")
+        policy = Policy(lm, "prompt" if lm.active_peft_config.is_prompt_learning else "adapter", value_head=value_head)
         add_role_adapters(policy, model_config)
         return policy
     if base.dtype != torch.float32:
@@ -196,8 +197,8 @@ def build_policy(model_config, tokenizer) -> Policy:
                              f"{'its top blocks' if n_unfrozen > 0 else 'the whole model'}); a critic or reward "
                              "adapter shares the frozen base with a LoRA policy: set model.peft_config")
     if n_unfrozen > 0:
-        return Policy(base, "hydra", num_layers_unfrozen=n_unfrozen)
-    return Policy(base, "full")
+        return Policy(base, "hydra", num_layers_unfrozen=n_unfrozen, value_head=value_head)
+    return Policy(base, "full", value_head=value_head)
 
 
 def size_virtual_tokens(peft_config: PeftConfig, base: PreTrainedModel) -> None:

@@ -38,7 +38,7 @@ class PolicyOutput:
     """What one policy forward gives: logits, values and the trunk's hidden states."""
 
     logits: torch.Tensor  # (b, t, v), virtual-token positions removed; (b, k, v) with `logits_to_keep`
-    values: torch.Tensor  # (b, t), fp32
+    values: torch.Tensor | None  # (b, t), fp32; None without a value head (group methods)
     hidden_states: tuple[torch.Tensor, ...]  # each (b, t, h) of the policy's pass
 
 
@@ -130,13 +130,14 @@ class Policy(nn.Module):
     Build it with `rlora.models.build_policy` from a config; this class only wires roles.
     """
 
-    def __init__(self, lm: nn.Module, mode: str, num_layers_unfrozen: int = -1):
+    def __init__(self, lm: nn.Module, mode: str, num_layers_unfrozen: int = -1, value_head: bool = True):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown policy mode {mode!r}; expected one of {MODES}")
         self.lm = lm
         self.mode = mode
-        self.value_head = ValueHead(hidden_width(self.base_model)).to(self.base_model.device)
+        # group methods have no critic: no value head, and `values` is None
+        self.value_head = ValueHead(hidden_width(self.base_model)).to(self.base_model.device) if value_head else None
         self.reward_head: nn.Module | None = None  # set with a reward adapter (`rlora.reward`)
         self.hydra: HydraBranch | None = None
         self.ref_model: nn.Module | None = None
@@ -231,6 +232,8 @@ class Policy(nn.Module):
         logits = out.logits
         if self.mode == "prompt":
             logits = logits[:, n_virtual:] if logits_to_keep is None else logits[:, n_virtual + logits_to_keep]
+        if self.value_head is None:
+            return PolicyOutput(logits=logits, values=None, hidden_states=hidden_states)
         if self.has_value_adapter:  # the critic's own pass: only the value adapter on, no LM head
             with self.use_adapter(VALUE):
                 value_hidden = last_hidden_state(self.lm, input_ids, attention_mask, position_ids)

@@ -31,6 +31,7 @@ class Rollouts:
     prompts: list  # each exactly as the user gave it: text or chat messages
     outputs: list[str]
     prompt_texts: list[str]  # the text each prompt stands for (chat messages rendered by the template)
+    truncated: torch.Tensor  # (b,) bool, True where the response reached max_new_tokens without a stop
 
     @property
     def samples(self) -> list[str]:
@@ -139,8 +140,9 @@ def tokens_before_stop_sequence(tokens: list[int], decode, stop_sequences: Seque
 @torch.no_grad()
 def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[int]], gen_kwargs: dict,
                       stop_sequences: Sequence[str] = (), merged: bool = False,
-                      prompt_texts: list[str] | None = None) -> Rollouts:
-    """Sample one response per prompt with the policy (adapters on, dropout as set by the caller).
+                      prompt_texts: list[str] | None = None, num_generations: int = 1) -> Rollouts:
+    """Sample `num_generations` responses per prompt with the policy (adapters on, dropout as set
+    by the caller); the rows of one prompt are contiguous (a group).
 
     Sampling uses exactly `gen_kwargs` over neutral defaults (`rollout_generation_config`). A
     response is its tokens up to and including the first stop id (`stop_token_ids`), or through
@@ -151,6 +153,9 @@ def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[in
     themselves) and `prompt_ids` their tokens. Outputs are the decoded responses.
     """
     device = next(policy.parameters()).device
+    if num_generations > 1:
+        prompts, prompt_ids = _repeat(prompts, num_generations), _repeat(prompt_ids, num_generations)
+        prompt_texts = None if prompt_texts is None else _repeat(prompt_texts, num_generations)
     query_ids, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
     base = getattr(policy, "base_model", None)
@@ -160,20 +165,35 @@ def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[in
         arguments["merged"] = True
     sequences = policy.generate(query_ids, query_mask.long(), generation_config=config, **arguments)
     responses = [cut_at_eos(tokens, stops) for tokens in sequences[:, query_ids.shape[1]:].tolist()]
+    ended = [bool(r) and r[-1] in stops for r in responses]
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     if gen_kwargs.get("stop_strings"):
         strings = gen_kwargs["stop_strings"]
-        responses = [tokens_through_stop_string(r, decode, [strings] if isinstance(strings, str) else strings)
-                     for r in responses]
+        cut = [tokens_through_stop_string(r, decode, [strings] if isinstance(strings, str) else strings)
+               for r in responses]
+        ended = [e or _holds(decode(c), strings) for e, c in zip(ended, cut)]
+        responses = cut
     if stop_sequences:
         for i, response in enumerate(responses):
             kept = tokens_before_stop_sequence(response, decode, stop_sequences)
             if kept is not None:
                 responses[i] = kept + [stops[0]]
+                ended[i] = True
     outputs = [decode(r) for r in responses]
     response_ids, response_mask = right_pad(responses, tokenizer.pad_token_id)
     texts = list(prompts) if prompt_texts is None else list(prompt_texts)
-    return Rollouts(query_ids.cpu(), query_mask.cpu(), response_ids, response_mask, list(prompts), outputs, texts)
+    return Rollouts(query_ids.cpu(), query_mask.cpu(), response_ids, response_mask, list(prompts), outputs, texts,
+                    truncated=torch.tensor([not e for e in ended], dtype=torch.bool))
+
+
+def _repeat(items: Sequence, n: int) -> list:
+    """Each item `n` times in a row: [a, b] -> [a, a, b, b] for n = 2."""
+    return [item for item in items for _ in range(n)]
+
+
+def _holds(text: str, strings: str | Sequence[str]) -> bool:
+    """Whether `text` holds one of the stop strings (then generation stopped there)."""
+    return any(s in text for s in ([strings] if isinstance(strings, str) else strings) if s)

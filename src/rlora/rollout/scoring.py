@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from rlora.algo import logprobs_of_labels
+from rlora.algo import logprobs_of_labels, token_entropy
 
 
 def _bad_number(x: Any) -> bool:
@@ -82,14 +82,25 @@ def pack_sequences(query_ids: torch.Tensor, query_mask: torch.Tensor, response_i
     return ids.gather(1, roll), mask.gather(1, roll), query_mask.sum(1)
 
 
+class ResponseScores(NamedTuple):
+    """What one pass over a batch of responses gives, each (b, r) aligned with `response_ids`."""
+
+    logprobs: torch.Tensor | None  # the policy's; None with `with_policy=False`
+    values: torch.Tensor | None  # the value head's; None without one (group methods)
+    ref_logprobs: torch.Tensor | None  # the reference's, with `with_reference=True`
+    entropy: torch.Tensor | None  # the policy's token entropy (no gradient), with `with_entropy=True`
+
+
 def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                      response_mask: torch.Tensor, with_reference: bool = False, temperature: float = 1.0):
-    """Policy logprobs and values of each response token, and optionally the reference's logprobs,
-    all of `softmax(logits / temperature)`: the sampling temperature of the responses.
+                      response_mask: torch.Tensor, with_reference: bool = False, temperature: float = 1.0,
+                      with_policy: bool = True, with_entropy: bool = False) -> ResponseScores:
+    """Policy logprobs and values of each response token, and optionally the reference's logprobs
+    and the policy's entropy, all of `softmax(logits / temperature)`: the sampling temperature of
+    the responses. `with_policy=False` runs the reference only (the rollout pass of a one-epoch
+    group method with a KL term).
 
     The value at a response token is the one predicted at the position before it (the state
-    the token was sampled from), as trlx. Shape: query (b, p), response (b, r) ->
-    logprobs (b, r), values (b, r), ref_logprobs (b, r) or None.
+    the token was sampled from), as trlx. Shape: query (b, p), response (b, r) -> each (b, r).
     """
     input_ids, attention_mask, starts = pack_sequences(query_ids, query_mask, response_ids, response_mask)
     attention_mask = attention_mask.long()
@@ -97,7 +108,6 @@ def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor,
     before = starts[:, None] - 1 + torch.arange(r, device=starts.device)[None, :]  # (b, r) positions predicting
     first = int(starts.min()) - 1
     keep = torch.arange(first, int(starts.max()) - 1 + r, device=starts.device)  # the LM head runs here only
-    out = policy(input_ids, attention_mask, logits_to_keep=keep)
 
     def at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # (b, t, ...) -> (b, r, ...)
         index = positions.reshape(*positions.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
@@ -108,10 +118,14 @@ def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor,
     # Kept positions that predict no response token get label 0 and are dropped by `at`.
     labels = torch.zeros(len(keep), dtype=response_ids.dtype, device=response_ids.device).expand(
         response_ids.shape[0], -1).scatter(1, before - first, response_ids)  # (b, k)
-    logprobs = at(logprobs_of_labels(out.logits, labels, temperature), before - first)
-    values = at(out.values, before)
-    ref_logprobs = None
+    out = logprobs = values = entropy = ref_logprobs = None
+    if with_policy:
+        out = policy(input_ids, attention_mask, logits_to_keep=keep)
+        logprobs = at(logprobs_of_labels(out.logits, labels, temperature), before - first)
+        values = None if out.values is None else at(out.values, before)
+        if with_entropy:
+            entropy = at(token_entropy(out.logits, temperature), before - first)
     if with_reference:
         ref_logits = policy.reference_logits(input_ids, attention_mask, policy_output=out, logits_to_keep=keep)
         ref_logprobs = at(logprobs_of_labels(ref_logits, labels, temperature), before - first)
-    return logprobs, values, ref_logprobs
+    return ResponseScores(logprobs, values, ref_logprobs, entropy)

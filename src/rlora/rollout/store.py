@@ -32,6 +32,7 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
         prompts=[s for x in parts for s in x.prompts],
         outputs=[s for x in parts for s in x.outputs],
         prompt_texts=[s for x in parts for s in x.prompt_texts],
+        truncated=torch.cat([x.truncated for x in parts]),
     )
 
 
