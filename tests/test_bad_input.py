@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import rlora
+import rlora.trainer
 from rlora import checkpoint
 from rlora.tiny import tiny_ppo_config
 
@@ -135,7 +136,7 @@ def test_checkpoint_with_a_pickled_object_is_refused_not_run(tiny_model_dir, tmp
 
 
 def test_non_finite_step_is_skipped_then_repeated_ones_abort(tiny_model_dir, tmp_path, monkeypatch):
-    import rlora.trainer as trainer_module
+    import rlora.methods as trainer_module
 
     real = trainer_module.policy_loss
     calls = {"n": 0}
@@ -156,7 +157,7 @@ def test_non_finite_step_is_skipped_then_repeated_ones_abort(tiny_model_dir, tmp
     before = None
     with pytest.raises(FloatingPointError, match=r"3 optimizer steps in a row .*train.max_bad_steps"):
         trainer_ref = {}
-        original_step = trainer_module.PPOTrainer.train_step
+        original_step = rlora.trainer.PPOTrainer.train_step
 
         def spy(self, exp, batch):
             nonlocal before
@@ -165,7 +166,7 @@ def test_non_finite_step_is_skipped_then_repeated_ones_abort(tiny_model_dir, tmp
             trainer_ref["t"] = self
             return original_step(self, exp, batch)
 
-        monkeypatch.setattr(trainer_module.PPOTrainer, "train_step", spy)
+        monkeypatch.setattr(rlora.trainer.PPOTrainer, "train_step", spy)
         run(tiny_model_dir("gpt2"), tmp_path / "b", count_s, train={"total_steps": 8})
     after = list(trainer_ref["t"].policy.trainable_parameters())
     assert all(torch.equal(b, a) for b, a in zip(before, after))  # NaN never reached the weights

@@ -311,7 +311,7 @@ def test_cross_field_check_names_key(data, key):
 
 
 def test_messages_say_what_to_change():
-    with pytest.raises(ValueError, match="only PPO is implemented"):
+    with pytest.raises(ValueError, match="one trainer for every method"):
         load_config(with_base({"train": {"trainer": "AccelerateILQLTrainer"}}))
     with pytest.raises(ValueError, match="divisor of 8"):
         load_config(with_base({"train": {"batch_size": 8, "minibatch_size": 3}}))

@@ -81,7 +81,7 @@ def test_reference_is_the_base_bitwise_and_sampling_is_scoring(smollm2, tmp_path
         del model.generate
     r = rollouts.response_ids.shape[1]
     sampled = record[0][:, :r].gather(-1, rollouts.response_ids[..., None]).squeeze(-1)
-    exp, _ = trainer._score_experience(rollouts, torch.arange(8))
+    exp = trainer._score_experience(rollouts, torch.arange(8))
     real = exp.response_mask
     # 30 layers of one packed forward against a KV-cached decode reassociate float sums: measured
     # at most 1.8e-5 on this model (the tiny models of tests/rollout/test_sampling.py: 2e-6)

@@ -69,7 +69,7 @@ def test_dropout_modules_are_in_eval_mode_in_every_ppo_pass(tiny_model_dir, tmp_
     def record(module, args):
         seen.append(module.training)
 
-    from rlora.api import PPOTrainer
+    from rlora.trainer import PPOTrainer
 
     original = PPOTrainer.learn
 

@@ -1,7 +1,8 @@
-"""rlora: PPO / RLHF fine-tuning of language models with LoRA adapters on one frozen base.
+"""rlora: RL fine-tuning of language models with LoRA adapters on one frozen base: PPO and the
+critic-free group methods (GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++, GSPO).
 
 The policy is the base plus a trainable adapter, the reference model for the KL penalty is the
-same module with the adapter disabled, and the value head sits on the shared trunk (or on its
+same module with the adapter disabled, and PPO's value head sits on the shared trunk (or on its
 own critic adapter); a reward model can be one more adapter on the same base.
 """
 
@@ -16,11 +17,11 @@ def __getattr__(name: str):
         from rlora import api
 
         return getattr(api, name)
-    if name == "PPOTrainer":
-        from rlora.trainer import PPOTrainer
+    if name in ("Trainer", "PPOTrainer"):
+        from rlora import trainer
 
-        return PPOTrainer
+        return getattr(trainer, name)
     raise AttributeError(f"module 'rlora' has no attribute {name!r}")
 
 
-__all__ = ["Config", "PPOTrainer", "build_trainer", "evaluate", "load_config", "train", "__version__"]
+__all__ = ["Config", "Trainer", "PPOTrainer", "build_trainer", "evaluate", "load_config", "train", "__version__"]

@@ -9,12 +9,12 @@ from typing import Callable
 import torch
 from accelerate.utils import set_seed
 
-from rlora.config import Config, load_config
+from rlora.config import Config, GRPOConfig, load_config
 from rlora.data import load_prompts, resolve_function
 from rlora.models import build_policy, load_tokenizer
 from rlora.rollout.prompts import normalize_prompts
 from rlora.rollout.reward_fns import RewardFunctions
-from rlora.trainer import PPOTrainer
+from rlora.trainer import Trainer
 
 
 def set_threads(num_threads: int | None) -> int:
@@ -32,8 +32,9 @@ def set_threads(num_threads: int | None) -> int:
 def train(reward_fn: Callable | list[Callable] | None = None, prompts: list[str | list | dict] | None = None,
           eval_prompts: list[str | dict] | None = None, metric_fn: Callable | None = None,
           config: Config | dict | str | None = None, stop_sequences: list[str] | None = None,
-          overrides: list[str] | None = None, verbose: bool = True) -> PPOTrainer:
-    """Fine-tune `config.model` with PPO so that `reward_fn` rises; returns the trainer.
+          overrides: list[str] | None = None, verbose: bool = True) -> Trainer:
+    """Fine-tune `config.model` with PPO or a group method (`method.name`) so that `reward_fn` rises;
+    returns the trainer.
 
     The arguments are those of `build_trainer`, whose docstring describes them.
     """
@@ -44,8 +45,8 @@ def train(reward_fn: Callable | list[Callable] | None = None, prompts: list[str 
 def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: list[str | list | dict] | None = None,
                   eval_prompts: list[str | dict] | None = None, metric_fn: Callable | None = None,
                   config: Config | dict | str | None = None, stop_sequences: list[str] | None = None,
-                  overrides: list[str] | None = None, verbose: bool = True) -> PPOTrainer:
-    """The PPO trainer `train` runs, built but not started.
+                  overrides: list[str] | None = None, verbose: bool = True) -> Trainer:
+    """The trainer `train` runs, built but not started.
 
     - `reward_fn(samples, prompts, outputs, tokenizer, **metadata)` returns one float per sample
       (a terminal reward) or a list of floats per sample (per-token rewards from the first
@@ -84,8 +85,8 @@ def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: l
     eval_items = normalize_prompts(eval_prompts, "eval_prompts") if eval_prompts is not None \
         else prompt_items[:config.train.batch_size]
     set_seed(config.train.seed)  # the adapter's and value head's initial weights depend on it
-    policy = build_policy(config.model, tokenizer)
-    return PPOTrainer(config, policy, tokenizer, reward_fn, prompt_items, eval_items, metric_fn, stop_sequences,
+    policy = build_policy(config.model, tokenizer, value_head=not isinstance(config.method, GRPOConfig))
+    return Trainer(config, policy, tokenizer, reward_fn, prompt_items, eval_items, metric_fn, stop_sequences,
                       verbose=verbose)
 
 

@@ -30,7 +30,7 @@ def _quiet_hf() -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import rlora
     from rlora.distributed import leave_process_group
-    from rlora.trainer import TrainingInterrupted
+    from rlora.signals import TrainingInterrupted
 
     _quiet_hf()
     overrides = list(args.overrides) + ([f"train.resume_from_checkpoint={args.resume}"] if args.resume else [])

@@ -123,6 +123,19 @@ def tiny_ppo_config(model_dir: str, run_dir: str, **sections: dict) -> dict:
     return config
 
 
+def tiny_group_config(model_dir: str, run_dir: str, **sections: dict) -> dict:
+    """`tiny_ppo_config` for the group methods: 16 completions a phase as 4 prompts × 4
+    (num_generations), generated at once; batch 8 in microbatches of 4, 2 epochs (4 optimizer
+    steps a phase), 6 new tokens, LoRA r=4, GRPO's advantages with DAPO's loss."""
+    config = tiny_ppo_config(model_dir, run_dir)
+    config["method"] = {"name": "GRPOConfig", "num_rollouts": 16, "num_generations": 4, "chunk_size": 16,
+                        "ppo_epochs": 2, "gen_kwargs": {"max_new_tokens": 6, "top_k": 0, "top_p": 1.0,
+                                                        "do_sample": True}}
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    return config
+
+
 def random_experience(n: int, prompt_len: int, response_len: int, vocab_size: int, seed: int = 1):
     """A fixed PPO batch with every token real (equal lengths), for timing and invariance checks:
     random token ids in [3, vocab_size), old logprobs in (-3, 0], normal values/advantages/returns."""
@@ -135,4 +148,5 @@ def random_experience(n: int, prompt_len: int, response_len: int, vocab_size: in
     return Experience(torch.randint(3, vocab_size, (n, p), generator=g), torch.ones(n, p, dtype=torch.bool),
                       torch.randint(3, vocab_size, (n, r), generator=g), torch.ones(n, r, dtype=torch.bool),
                       logprobs=-torch.rand(n, r, generator=g) * 3, values=torch.randn(n, r, generator=g),
-                      advantages=torch.randn(n, r, generator=g), returns=torch.randn(n, r, generator=g))
+                      advantages=torch.randn(n, r, generator=g), returns=torch.randn(n, r, generator=g),
+                      ref_logprobs=-torch.rand(n, r, generator=g) * 3, loss_mask=torch.ones(n, r, dtype=torch.bool))

@@ -1,8 +1,11 @@
-"""The PPO trainer: one visible loop over rollout phases (SPEC §4).
+"""The trainer: one visible loop over rollout phases for PPO and the group methods (SPEC §4).
 
-`PPOTrainer.learn` reads top to bottom: rollouts, scores, reward processing, the rollout
-pass (policy, values, reference), advantages, PPO epochs, KL update, eval, checkpoint. The
-maths lives in `rlora.algo` as pure functions; generation and scoring in `rlora.rollout`.
+`Trainer.learn` reads top to bottom: rollouts, scores, reward processing, the rollout pass
+(only the passes the method needs: old log-probs, values, reference), advantages, the update
+epochs, KL update, eval, checkpoint. What differs between PPO and the group methods (GRPO,
+Dr.GRPO, DAPO, RLOO, REINFORCE++, GSPO) is chosen by `method.name` and computed by pure
+functions in `rlora.algo` (`algo.group` for the group methods); generation and scoring live in
+`rlora.rollout`.
 
 Notation: `n` samples in a phase, `b` batch, `p` prompt length, `r` response length.
 """
@@ -13,12 +16,9 @@ import functools
 import json
 import math
 import os
-import signal
-import threading
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -27,71 +27,41 @@ from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from rlora import checkpoint
+from rlora import checkpoint, evaluation
 from rlora.algo import (
     RunningMoments,
     gae,
+    group_advantages,
     make_kl_controller,
-    masked_mean,
-    masked_var,
     nan_moments,
-    policy_loss,
+    overlong_penalty,
     scale_and_clip_scores,
     token_rewards,
-    value_loss,
 )
-from rlora.config import Config, config_to_dict
+from rlora.config import Config, GRPOConfig, config_to_dict
 from rlora.distributed import Processes
+from rlora.methods import group_loss, ppo_loss, rollout_passes
 from rlora.models import Policy
+from rlora.optim import build_optimizer, build_scheduler, default_run_dir
 from rlora.rollout.generation import Rollouts, generate_rollouts, sampling_temperature, stop_token_ids
 from rlora.rollout.prompts import Prompt, PromptLoader, end_of_turn_id, normalize_prompts, render_prompt, \
     tokenize_prompts
 from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch
-from rlora.rollout.scoring import collate_metadata, forward_responses, validate_scores
-from rlora.rollout.store import Experience, concat_rollouts
-from rlora.tracking import Tracker, console, eval_table, plot_history
+from rlora.rollout.scoring import add_scores, forward_responses
+from rlora.rollout.store import Experience, PhaseState, Scored
+from rlora.signals import TrainingInterrupted, stop_on_signals
+from rlora.tracking import Tracker, console, plot_history
 
 
-def build_optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer named by `optimizer.name` over the trainable parameters only."""
-    kwargs = dict(config.optimizer.kwargs)
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    name = config.optimizer.name
-    classes = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-    if name not in classes:
-        raise ValueError(f"optimizer.name={name!r} is not one of {sorted(classes)}")
-    return classes[name](params, **kwargs)
-
-
-def build_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning-rate schedule named by `scheduler.name`, stepped once per optimizer step."""
-    name, kwargs = config.scheduler.name, dict(config.scheduler.kwargs)
-    if name == "cosine_annealing":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, **kwargs)
-    if name == "linear":
-        kwargs.setdefault("total_iters", config.train.total_steps)
-        return torch.optim.lr_scheduler.LinearLR(optimizer, **kwargs)
-    if name == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    raise ValueError(f"scheduler.name={name!r} is not one of ['constant', 'cosine_annealing', 'linear']")
-
-
-def default_run_dir(config: Config) -> str:
-    if config.train.run_dir:
-        return config.train.run_dir
-    return os.path.join(config.train.logging_dir or "runs", time.strftime("%Y%m%d-%H%M%S"))
-
-
-class PPOTrainer:
-    """PPO on a `Policy` whose roles share one base. Compose it; do not subclass it."""
+class Trainer:
+    """PPO or a group method on a `Policy` whose roles share one base. Compose it; do not subclass it."""
 
     def __init__(self, config: Config, policy: Policy, tokenizer, reward_fn: Callable | list[Callable] | None,
                  prompts: list[Prompt], eval_prompts: list[Prompt], metric_fn: Callable | None = None,
                  stop_sequences: list[str] | None = None, accelerator: Accelerator | None = None,
                  verbose: bool = True):
         if reward_fn is None and not policy.has_reward_adapter:
-            raise ValueError("PPO needs rewards: pass reward_fn(samples, prompts, outputs, tokenizer, **metadata), "
+            raise ValueError("training needs rewards: pass reward_fn(samples, prompts, outputs, tokenizer, **metadata), "
                              "or set model.reward_adapter to a reward adapter trained with `rlora rm`")
         self.config, self.tokenizer = config, tokenizer
         self.reward_fn = reward_fn if reward_fn is None or isinstance(reward_fn, RewardFunctions) else \
@@ -102,8 +72,19 @@ class PPOTrainer:
         train, method = config.train, config.method
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.dist = Processes(self.accelerator)
-        # num_rollouts, batch_size and minibatch_size are global: each process takes its share
-        self.rollouts_per_rank = self.dist.share(method.num_rollouts, "method.num_rollouts")
+        self.group = isinstance(method, GRPOConfig)
+        self.group_size = method.num_generations if self.group else 1  # G completions per prompt
+        self.passes = rollout_passes(method)
+        if self.group and policy.value_head is not None:
+            raise ValueError("the group methods have no critic, but this policy has a value head; build it with "
+                             "rlora.models.build_policy(config.model, tokenizer, value_head=False)")
+        if not self.group and policy.value_head is None:
+            raise ValueError("PPO needs a value head; build the policy with build_policy(config.model, tokenizer)")
+        # num_rollouts, batch_size and minibatch_size are global: each process takes its share, in whole
+        # groups: a group's completions are generated and scored on one process, so its statistics are exact
+        self.rollouts_per_rank = self.group_size * self.dist.share(
+            method.num_rollouts // self.group_size,
+            "method.num_rollouts / num_generations" if self.group else "method.num_rollouts")
         self.batch_size = self.dist.share(train.batch_size, "train.batch_size")
         self.minibatch_size = self.dist.share(train.minibatch_size or train.batch_size, "train.minibatch_size")
         set_seed(train.seed, device_specific=True)  # each process samples differently; weights were seeded alike
@@ -120,9 +101,11 @@ class PPOTrainer:
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
         # ZeRO-3 shards the weights: every process must join each generation step
         self.gen_extra = {"synced_gpus": True} if deepspeed is not None and deepspeed.zero_stage == 3 else {}
-        self.kl_ctl = make_kl_controller(method.init_kl_coef, method.target, method.horizon)
+        # PPO's KL controller and score moments (a group method's beta is fixed: a fixed controller)
+        self.kl_ctl = make_kl_controller(method.beta, None, 1) if self.group else \
+            make_kl_controller(method.init_kl_coef, method.target, method.horizon)
         self.running = RunningMoments()
-        self.ref_mean, self.ref_std = method.ref_mean, method.ref_std
+        self.ref_mean, self.ref_std = (None, None) if self.group else (method.ref_mean, method.ref_std)
 
         rollout_kwargs = method.gen_experience_kwargs or method.gen_kwargs
         self.temperature = sampling_temperature(rollout_kwargs)  # every pass scores what was sampled
@@ -143,6 +126,7 @@ class PPOTrainer:
         self.step = 0  # optimizer steps taken
         self.phase = 0  # rollout phases completed
         self.pending: PhaseState | None = None  # the phase whose PPO epochs are under way
+        self.buffer: Scored | None = None  # dynamic sampling: groups drawn beyond the last phase's need
         self.bad_steps = 0  # non-finite steps skipped in a row
         self.best_reward = -math.inf
         self.history: list[dict[str, Any]] = []
@@ -161,8 +145,8 @@ class PPOTrainer:
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ the loop
-    def learn(self) -> "PPOTrainer":
-        """Run PPO until `train.total_steps` optimizer steps or `train.epochs` rollout phases.
+    def learn(self) -> "Trainer":
+        """Train until `train.total_steps` optimizer steps or `train.epochs` rollout phases.
 
         SIGINT / SIGTERM (to any one process or to all) save a checkpoint at the next step boundary,
         then raise `TrainingInterrupted`; `train.resume_from_checkpoint` continues from it exactly.
@@ -172,75 +156,67 @@ class PPOTrainer:
         if self.step == 0 and not self.history:
             self.evaluate()  # the baseline, before any update
         progress = self._progress()
-        task = progress.add_task("PPO", total=self.total_steps, completed=self.step, reward=float("nan"))
-        with progress, self._stop_on_signals():
+        task = progress.add_task(self.config.method.name.removesuffix("Config"), total=self.total_steps, completed=self.step, reward=float("nan"))
+        with progress, stop_on_signals(self._on_signal):
             while self.step < self.total_steps:
                 if self.pending is None:
                     t0 = time.perf_counter()
-                    # 1. Rollouts: chunk_size prompts at a time until this process has its share of
-                    #    num_rollouts (each process takes its slice of the same prompt chunks)
+                    # 1. Rollouts: chunk_size completions at a time (whole groups of num_generations for the
+                    #    group methods) until this process has its share of num_rollouts; each process takes
+                    #    its slice of the same prompt chunks
                     # 2. Score each chunk with the reward function(s) (validated: count, numbers, finite;
                     #    several: their weighted sum), once on the main process for every process's
-                    #    samples unless train.reward_on_all_ranks, plus the reward adapter's score
-                    #    (each process scores its own samples)
-                    chunks, chunk_scores, chunk_values = [], [], []
-                    while (n := sum(len(c.prompts) for c in chunks)) < self.rollouts_per_rank:
-                        size = min(method.chunk_size, self.rollouts_per_rank - n)
-                        index = self.loader.next_chunk(size * self.dist.world)[self.dist.rank * size:][:size]
-                        rollouts = self._generate(index, method.gen_experience_kwargs or method.gen_kwargs,
-                                                  self.prompt_ids, self.prompts,
-                                                  merged=method.merge_adapter_for_generation)
-                        chunks.append(rollouts)
-                        fn_scores, values = (None, {}) if self.reward_fn is None else self.dist.score(
-                            self.reward_fn, ScoreBatch.of(rollouts, [self.prompts[i].metadata for i in index]),
-                            self.tokenizer, train.reward_on_all_ranks)
-                        chunk_values.append(values)
-                        chunk_scores.append(add_scores(fn_scores, self._reward_adapter_scores(rollouts),
-                                                       rollouts.response_mask.sum(1)))
-                    rollouts = concat_rollouts(chunks, self.tokenizer.pad_token_id)
-                    per_function = {}  # each reward function's own mean and std over the samples it judged
-                    for name in chunk_values[0]:
-                        moments = nan_moments(self.dist.all_values(torch.cat([v[name] for v in chunk_values])))
-                        per_function.update({f"rewards/{name}/{k}": v for k, v in moments.items()})
-                    scores = concat_scores(chunk_scores, rollouts.response_ids.shape[1])
+                    #    samples unless train.reward_on_all_ranks, plus the reward adapter's score; the
+                    #    group methods shape overlong completions and, with dynamic sampling, drop groups
+                    #    whose rewards are all equal and draw more prompts
+                    scored, stats = self._collect()
+                    rollouts, scores = scored.rollouts, scored.scores
                     self._log_rollouts(rollouts, scores)
                     t_rollout = time.perf_counter()
 
-                    # 3. Reward processing: running moments over per-sample sums of every process,
+                    # 3. Reward processing (PPO): running moments over per-sample sums of every process,
                     #    scale, clip (trlx order)
                     score_sums = self.dist.all_values(scores.sum(1) if scores.dim() == 2 else scores)  # (N,)
-                    if self.ref_mean is None:
-                        self.ref_mean, self.ref_std = score_sums.mean().item(), score_sums.std().item()
-                    self.running.update(score_sums)
-                    scores = scale_and_clip_scores(scores, method.scale_reward, self.running, self.ref_std,
-                                                   method.cliprange_reward)
+                    if not self.group:
+                        if self.ref_mean is None:
+                            self.ref_mean, self.ref_std = score_sums.mean().item(), score_sums.std().item()
+                        self.running.update(score_sums)
+                        scores = scale_and_clip_scores(scores, method.scale_reward, self.running, self.ref_std,
+                                                       method.cliprange_reward)
 
-                    # 4. One no-grad rollout pass: policy logprobs and values, reference logprobs. It
-                    #    runs over the minibatches of the first PPO epoch, so that epoch's first
-                    #    minibatch sees exactly the rollout pass's layout (ratio exactly 1 there).
+                    # 4. One no-grad rollout pass with the passes the method needs (PPO: policy logprobs,
+                    #    values and reference; a group method: old logprobs with ppo_epochs > 1, the
+                    #    reference with beta > 0, else none). It runs over the minibatches of the first
+                    #    epoch, so that epoch's first minibatch sees exactly its layout (ratio exactly 1).
                     orders = [torch.randperm(len(rollouts.prompts), generator=self.shuffle)
                               for _ in range(method.ppo_epochs)]
-                    exp, ref_logprobs = self._score_experience(rollouts, orders[0])
+                    exp = self._score_experience(rollouts, orders[0])
                     mask = exp.response_mask
-
-                    # 5. Per-token rewards: -beta * KL per token, the score at the last real token
-                    rewards, kl_stats = token_rewards(exp.logprobs, ref_logprobs, mask, self.kl_ctl.value, scores)
-
-                    # 6. GAE, then advantages whitened over the real tokens of every process
-                    advantages, returns = gae(exp.values, rewards, mask, method.gamma, method.lam)
-                    exp.advantages, exp.returns = self.dist.whiten(advantages, mask), returns
+                    if self.group:
+                        # 5g. Advantages from each group's rewards (all processes' groups: exact groups, and
+                        #     batch statistics over the whole phase); REINFORCE++ makes them per token
+                        exp.advantages, kl_stats = self._group_advantages(exp, score_sums)
+                    else:
+                        # 5. Per-token rewards: -beta * KL per token, the score at the last real token
+                        rewards, kl_stats = token_rewards(exp.logprobs, exp.ref_logprobs, mask, self.kl_ctl.value,
+                                                          scores)
+                        # 6. GAE, then advantages whitened over the real tokens of every process
+                        advantages, returns = gae(exp.values, rewards, mask, method.gamma, method.lam)
+                        exp.advantages, exp.returns = self.dist.whiten(advantages, mask), returns
                     kl_stats = {k: self.dist.mean(v) for k, v in kl_stats.items()}  # the KL controller's is global
                     t_pass = time.perf_counter()
-                    stats = {
-                        "rollout_scores/mean": score_sums.mean(), "rollout_scores/std": score_sums.std(),
-                        "rollout_scores/running_mean": self.running.mean,
-                        "rollout_scores/running_std": self.running.std,
-                        "policy/sqrt_kl": kl_stats["kl"].clamp(min=0).sqrt(), "policy/kl": kl_stats["kl"],
-                        "policy/kl_per_token": kl_stats["kl_per_token"],
-                        "rewards/non_score": kl_stats["non_score_reward"], "kl_ctl_value": self.kl_ctl.value,
-                        "response_length/mean": self.dist.mean(mask.sum(1).float().mean()),
-                        "time/rollout": t_rollout - t0, "time/rollout_pass": t_pass - t_rollout, **per_function,
-                    }
+                    if self.group:
+                        stats.update({"kl": kl_stats["kl"]} if "kl" in kl_stats else {})  # REINFORCE++'s reward KL
+                    else:
+                        stats.update({
+                            "rollout_scores/mean": score_sums.mean(), "rollout_scores/std": score_sums.std(),
+                            "rollout_scores/running_mean": self.running.mean,
+                            "rollout_scores/running_std": self.running.std,
+                            "policy/sqrt_kl": kl_stats["kl"].clamp(min=0).sqrt(), "policy/kl": kl_stats["kl"],
+                            "policy/kl_per_token": kl_stats["kl_per_token"],
+                            "rewards/non_score": kl_stats["non_score_reward"], "kl_ctl_value": self.kl_ctl.value,
+                        })
+                    stats.update({"time/rollout": t_rollout - t0, "time/rollout_pass": t_pass - t_rollout})
                     batches = [batch for order in orders for batch in order.split(self.batch_size)]
                     self.pending = PhaseState(exp, batches, 0, {k: float(v) for k, v in stats.items()},
                                               time.perf_counter())
@@ -253,7 +229,7 @@ class PPOTrainer:
                     phase.cursor += 1
                     self.step += 1
                     self._record(stats)
-                    progress.update(task, completed=self.step, reward=phase.stats["rollout_scores/mean"])
+                    progress.update(task, completed=self.step, reward=phase.stats[self._reward_key])
                     if self.step % train.eval_interval == 0:
                         self.evaluate()
                     if self.step % train.checkpoint_interval == 0 and self.step < self.total_steps:
@@ -263,7 +239,8 @@ class PPOTrainer:
 
                 # 8. KL controller: once per completed phase, on its mean KL, n = num_rollouts
                 if phase.cursor == len(phase.batches):
-                    self.kl_ctl.update(phase.stats["policy/kl"], n_steps=method.num_rollouts)
+                    if not self.group:
+                        self.kl_ctl.update(phase.stats["policy/kl"], n_steps=method.num_rollouts)
                     self.phase += 1
                     self._record({**phase.stats, "time/update": time.perf_counter() - phase.t_update},
                                  phase=self.phase)
@@ -282,7 +259,7 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ pieces of the loop
     def _generate(self, index: list[int], gen_kwargs: dict, prompt_ids: list[list[int]], prompts: list[Prompt],
-                  merged: bool = False) -> Rollouts:
+                  merged: bool = False, num_generations: int = 1) -> Rollouts:
         """Rollouts for the prompts at `index`, in the run's precision: under accelerate's
         autocast, as the prepared policy's forward runs (bf16 sampling, bf16 scoring). A chat
         prompt's response also ends at the template's end-of-turn token."""
@@ -295,7 +272,8 @@ class PPOTrainer:
             return generate_rollouts(self.policy, self.tokenizer, [p.prompt for p in chosen],
                                      [prompt_ids[i] for i in index], {**gen_kwargs, **self.gen_extra},
                                      self.stop_sequences, merged=merged,
-                                     prompt_texts=[render_prompt(p, self.tokenizer) for p in chosen])
+                                     prompt_texts=[render_prompt(p, self.tokenizer) for p in chosen],
+                                     num_generations=num_generations)
 
     @functools.cached_property
     def _end_of_turn(self) -> int | None:
@@ -318,65 +296,174 @@ class PPOTrainer:
                               for i, m in zip(ids.split(self.minibatch_size), mask.split(self.minibatch_size))])
 
     @torch.no_grad()
-    def _score_experience(self, rollouts, order: torch.Tensor) -> tuple[Experience, torch.Tensor]:
-        """The rollout pass over all samples in `order`, `minibatch_size` at a time (memory
-        bounded by it).
+    def _collect(self) -> tuple[Scored, dict[str, torch.Tensor]]:
+        """Steps 1 and 2: this process's share of `num_rollouts`, generated and scored, and their
+        statistics (over every process).
 
-        Returns the experience with old logprobs and values filled in (advantages and returns
-        still zero) and the reference logprobs. Shape: ref_logprobs (n, r).
+        The group methods draw whole groups and shape overlong completions (DAPO). With
+        `dynamic_sampling`, a group whose rewards are all equal is dropped and more chunks are
+        drawn; every process draws until all are full (the prompt order and the collectives stay
+        in step), the groups left over wait in `self.buffer` for the next phase, and after
+        `max_num_gen_batches` draws the phase is filled up with dropped groups.
+        """
+        method, G = self.config.method, self.group_size
+        dynamic = self.group and method.dynamic_sampling
+        need = self.rollouts_per_rank // G  # groups (PPO: samples) this process needs
+        per_chunk = method.chunk_size // G  # prompts generated at once
+        kept = [self.buffer] if self.buffer is not None else []
+        aside: list[Scored] = []  # dynamic sampling: dropped groups, to fill up with after the cap
+        self.buffer = None
+        draws = groups = equal_groups = 0
+        while True:
+            short = need - sum(len(c) for c in kept) // G
+            if dynamic:  # the same number of draws on every process
+                short = int(self.dist.max(torch.tensor([short])).item())
+                if short <= 0 or method.max_num_gen_batches and draws >= method.max_num_gen_batches:
+                    break
+            elif short <= 0:
+                break
+            size = per_chunk if dynamic else min(per_chunk, short)
+            index = self.loader.next_chunk(size * self.dist.world)[self.dist.rank * size:][:size]
+            chunk = self._score(index, self._generate(index, method.gen_experience_kwargs or method.gen_kwargs,
+                                                      self.prompt_ids, self.prompts,
+                                                      merged=method.merge_adapter_for_generation, num_generations=G))
+            draws += 1
+            if self.group:
+                equal = chunk.scores.reshape(-1, G).std(1) == 0  # (size,) groups whose rewards are all equal
+                groups, equal_groups = groups + len(equal), equal_groups + int(equal.sum())
+                if dynamic:
+                    rows = torch.arange(len(chunk)).reshape(-1, G)
+                    aside.append(chunk.select(rows[equal].reshape(-1).tolist()))
+                    chunk = chunk.select(rows[~equal].reshape(-1).tolist())
+            kept.append(chunk)
+        short = need - sum(len(c) for c in kept) // G
+        if short > 0:  # dynamic sampling's cap was reached
+            kept.append(Scored.concat(aside, self.tokenizer.pad_token_id).select(list(range(short * G))))
+        phase = Scored.concat(kept, self.tokenizer.pad_token_id)
+        if len(phase) > self.rollouts_per_rank:
+            self.buffer = phase.select(list(range(self.rollouts_per_rank, len(phase))))
+            phase = phase.select(list(range(self.rollouts_per_rank)))
+
+        stats: dict[str, torch.Tensor] = {}
+        for name, values in phase.values.items():  # each reward function's own mean and std over the samples it judged
+            stats.update({f"rewards/{name}/{k}": v for k, v in nan_moments(self.dist.all_values(values)).items()})
+        lengths = self.dist.all_values(phase.rollouts.response_mask.sum(1).float())
+        if not self.group:
+            return phase, {**stats, "response_length/mean": lengths.mean()}
+        scores = self.dist.all_values(phase.scores)
+        counts = self.dist.all_values(torch.tensor([[draws, groups, equal_groups, max(short, 0)]], dtype=torch.float64))
+        stats.update({  # TRL's names
+            "reward": scores.mean(), "reward_std": scores.reshape(-1, G).std(1).mean(),
+            "frac_reward_zero_std": counts[:, 2].sum() / counts[:, 1].sum(),
+            "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
+            "completions/max_length": lengths.max(),
+            "completions/clipped_ratio": self.dist.all_values(phase.rollouts.truncated.float()).mean(),
+        })
+        if dynamic:
+            stats.update({"dynamic_sampling/draws": counts[:, 0].mean(),
+                          "dynamic_sampling/dropped_groups": counts[:, 2].sum(),
+                          "dynamic_sampling/filled": counts[:, 3].sum()})
+        return phase, stats
+
+    def _score(self, index: list[int], rollouts: Rollouts) -> Scored:
+        """The rewards of one chunk (generated from the prompts at `index`): reward functions plus
+        the reward adapter; the group methods' must be one per completion, shaped by DAPO's
+        overlong penalty when `overlong_buffer_len` is set."""
+        method, G = self.config.method, self.group_size
+        metadata = [self.prompts[i].metadata for i in index for _ in range(G)]
+        fn_scores, values = (None, {}) if self.reward_fn is None else self.dist.score(
+            self.reward_fn, ScoreBatch.of(rollouts, metadata), self.tokenizer, self.config.train.reward_on_all_ranks)
+        lengths = rollouts.response_mask.sum(1)
+        scores = add_scores(fn_scores, self._reward_adapter_scores(rollouts), lengths)
+        if self.group and scores.dim() == 2:
+            raise ValueError("reward_fn returned per-token scores, but the group methods compare one reward per "
+                             "completion within its group; return one number per sample (or use PPOConfig)")
+        if self.group and method.overlong_buffer_len is not None:
+            max_new = (method.gen_experience_kwargs or method.gen_kwargs)["max_new_tokens"]
+            scores = scores + overlong_penalty(lengths, max_new, method.overlong_buffer_len,
+                                               method.overlong_penalty_factor)
+        return Scored(rollouts, scores, values)
+
+    @property
+    def _reward_key(self) -> str:
+        return "reward" if self.group else "rollout_scores/mean"
+
+    def _group_advantages(self, exp: Experience, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Step 5 of a group method: each completion's advantage from its group, broadcast over its
+        tokens; REINFORCE++ spreads the (baselined) reward as per-token rewards with −beta·KL,
+        takes discounted returns (GAE with V = 0 and λ = 1) and whitens them over every process.
+        Shape: rewards (N,) of every process, rank order -> advantages (n, r)."""
+        method, n, mask = self.config.method, len(exp), exp.response_mask
+        advantages = group_advantages(rewards, self.group_size, method.advantage_estimator, method.scale_rewards)
+        advantages = advantages[self.dist.rank * n:(self.dist.rank + 1) * n]  # this process's groups
+        if not method.advantage_estimator.startswith("reinforce++"):
+            return advantages[:, None] * mask, {}
+        ref = exp.ref_logprobs if self.passes.reference else exp.logprobs  # beta = 0: no KL term
+        token_level, kl_stats = token_rewards(exp.logprobs, ref, mask, method.beta, advantages)
+        returns, _ = gae(torch.zeros_like(token_level), token_level, mask, method.gamma, 1.0)
+        return self.dist.whiten(returns, mask), ({"kl": kl_stats["kl"]} if method.beta > 0 else {})
+
+    @torch.no_grad()
+    def _score_experience(self, rollouts: Rollouts, order: torch.Tensor) -> Experience:
+        """The rollout pass over all samples in `order`, `minibatch_size` at a time (memory
+        bounded by it), running only the passes the method needs (`self.passes`).
+
+        Returns the experience with old logprobs, values and reference logprobs filled in
+        (advantages and returns still zero; what no pass computed stays zero).
         """
         n, r = rollouts.response_ids.shape
+        loss_mask = rollouts.response_mask.clone()
+        if self.group and self.config.method.mask_truncated_completions:
+            loss_mask &= ~rollouts.truncated[:, None]
         exp = Experience(rollouts.query_ids, rollouts.query_mask, rollouts.response_ids, rollouts.response_mask,
                          logprobs=torch.zeros(n, r), values=torch.zeros(n, r), advantages=torch.zeros(n, r),
-                         returns=torch.zeros(n, r))
-        ref = torch.zeros(n, r)
+                         returns=torch.zeros(n, r), ref_logprobs=torch.zeros(n, r), loss_mask=loss_mask)
+        passes = self.passes
+        if not (passes.old_logprobs or passes.reference):
+            return exp
         device = self.accelerator.device
         for index in order.split(self.minibatch_size):
             mb = exp.select(index).to(device)
             with self.accelerator.autocast():  # the reference in the policy's precision, as the update's forward
-                logprobs, values, ref_logprobs, _ = forward_responses(
-                    self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, with_reference=True,
-                    temperature=self.temperature)
+                out = forward_responses(self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
+                                        with_reference=passes.reference, temperature=self.temperature,
+                                        with_policy=passes.old_logprobs)
             width = mb.response_ids.shape[1]
-            exp.logprobs[index, :width] = logprobs.float().cpu()
-            exp.values[index, :width] = values.float().cpu()
-            ref[index, :width] = ref_logprobs.float().cpu()
-        return exp, ref
+            for name in ("logprobs", "values", "ref_logprobs"):
+                if getattr(out, name) is not None:
+                    getattr(exp, name)[index, :width] = getattr(out, name).float().cpu()
+        return exp
 
     def train_step(self, exp: Experience, batch: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """One optimizer step on the samples `batch` of `exp`, split into microbatches.
 
         Each microbatch's loss is divided by the number of microbatches, so the step's gradient
-        is their mean whatever `minibatch_size` is. Stats are detached tensors (no host sync here).
+        is their mean whatever `minibatch_size` is; DAPO's token-level loss is instead divided by
+        the real tokens of the whole step on every process. Stats are detached tensors (no host
+        sync here, but DAPO's one token count).
         """
         method = self.config.method
         micro = batch.split(self.minibatch_size)
+        dapo = self.group and method.loss_type == "dapo"
+        total_tokens = None
+        if dapo:  # Σ ℓ over the step's real tokens on every process: DDP averages, hence × world below
+            total_tokens = max(1.0, float(self.dist.mean(exp.loss_mask[batch].sum().double().reshape(1))) *
+                               self.dist.world)
         stats: list[dict[str, torch.Tensor]] = []
         for i, index in enumerate(micro):
             mb = exp.select(index).to(self.accelerator.device)
             last = i == len(micro) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.model):  # one gradient all-reduce a step
-                logprobs, values, _, _ = forward_responses(self.model, mb.query_ids, mb.query_mask, mb.response_ids,
-                                                        mb.response_mask, temperature=self.temperature)
-                pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
-                                                method.cliprange)
-                vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask,
-                                               method.cliprange_value)
-                loss = pg_loss + method.vf_coef * vf_loss
-                self.accelerator.backward(loss / len(micro))
-            stats.append({
-                "losses/total_loss": loss.detach(), "losses/policy_loss": pg_stats["policy_loss"],
-                "losses/value_loss": vf_stats["value_loss"], "policy/approx_kl": pg_stats["approx_kl"],
-                "policy/clipfrac": pg_stats["clipfrac"], "policy/ratio_mean": pg_stats["ratio_mean"],
-                "policy/ratio_max_abs_dev": pg_stats["ratio_max_abs_dev"],
-                "values/mean": vf_stats["values_mean"], "values/values_error": vf_stats["values_error"],
-                "values/clipfrac": vf_stats["clipfrac"],
-                "returns/mean": masked_mean(mb.returns, mb.response_mask),
-                "returns/var": masked_var(mb.returns, mb.response_mask, unbiased=False),
-            })
+                out = forward_responses(self.model, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
+                                        temperature=self.temperature, with_entropy=self.group)
+                loss, step_stats = group_loss(out, mb, method, self.passes, total_tokens) if self.group else \
+                    ppo_loss(out, mb, method)
+                loss = loss * (self.dist.world if dapo else 1 / len(micro))
+                self.accelerator.backward(loss)
+            stats.append({"loss": loss.detach(), **step_stats})
         # A non-finite loss or gradient never reaches the weights: one host sync per step decides.
         grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
-        check = torch.stack([s["losses/total_loss"] for s in stats]).sum() + sum(g.float().norm() for g in grads)
+        check = torch.stack([s["loss"] for s in stats]).sum() + sum(g.float().norm() for g in grads)
         finite = bool(self.dist.max((~torch.isfinite(check)).float().reshape(1)).item() == 0)  # all agree
         learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step uses, before the schedule moves on
         if finite:
@@ -394,8 +481,13 @@ class PPOTrainer:
                           f"({self.bad_steps} in a row, train.max_bad_steps={self.config.train.max_bad_steps})")
         self.optimizer.zero_grad(set_to_none=True)
         out = {key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]}
+        loss = torch.stack([s.pop("loss") for s in stats]).sum()  # each was scaled to its share of the step
+        if self.group:
+            out["loss"] = loss
+        else:
+            del out["loss"]
+            out["policy/ratio_max_abs_dev"] = torch.stack([s["policy/ratio_max_abs_dev"] for s in stats]).max()
         out["skipped"] = float(not finite)
-        out["policy/ratio_max_abs_dev"] = torch.stack([s["policy/ratio_max_abs_dev"] for s in stats]).max()
         out["learning_rate"] = learning_rate
         return out
 
@@ -429,69 +521,10 @@ class PPOTrainer:
                 for output in self._generate(list(range(start, min(start + chunk, len(ids)))), gen_kwargs, ids,
                                              items).outputs]
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Generate for `eval_prompts` with `method.gen_kwargs` (and each `eval_gen_kwargs`
-        variant); log the reward and `metric_fn` means. Processes share the prompts; the main
-        process scores them all."""
-        was_training = self.policy.training
-        self.policy.eval()
-        method = self.config.method
-        variants = {"": method.gen_kwargs, **{f"{name}/": {**method.gen_kwargs, **kwargs}
-                                              for name, kwargs in method.eval_gen_kwargs.items()}}
-        stats: dict[str, Any] = {}
-        tables = []
-        for prefix, gen_kwargs in variants.items():
-            batch, scores = self._eval_samples(gen_kwargs)
-            if not self.dist.is_main:
-                continue
-            by_function: dict[str, list[torch.Tensor]] = {}
-            for start in range(0, len(batch) if self.reward_fn is not None else 0, method.chunk_size):
-                total, values = self.reward_fn(batch[start:start + method.chunk_size], self.tokenizer)
-                for i, value in enumerate((total.sum(1) if total.dim() == 2 else total).tolist(), start):
-                    scores[i] += value
-                for name, v in values.items():
-                    by_function.setdefault(name, []).append(v)
-            for name, values in by_function.items() if len(by_function) > 1 else ():
-                stats[f"reward/{prefix}{name}/mean"] = float(nan_moments(torch.cat(values))["mean"])
-            stats[f"reward/{prefix}mean"] = sum(scores) / len(scores)
-            if self.metric_fn is not None:
-                samples = [p + o for p, o in zip(batch.prompt_texts, batch.outputs)]
-                metrics = self.metric_fn(samples=samples, prompts=batch.prompts, outputs=batch.outputs,
-                                         **collate_metadata(batch.metadata))
-                for name, values in metrics.items():
-                    values = validate_scores(values, [1] * len(samples), what=f"metric_fn[{name!r}]")
-                    stats[f"metrics/{prefix}{name}"] = values.mean().item()
-            if not prefix:
-                tables.append(eval_table(batch.prompt_texts, batch.outputs, scores, self.step))
-        stats = self.dist.broadcast(stats)
-        record = self._record(stats, eval=True)
-        if self.config.train.save_best and self.step > 0 and stats["reward/mean"] > self.best_reward:
-            self.best_reward = stats["reward/mean"]
-            self.save(os.path.join(self.run_dir, self.config.train.checkpoint_dir, "best"))
-        if self.verbose and self.dist.is_main:
-            for table in tables:
-                console.print(table)
-            console.print(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
-        self.policy.train(was_training)
-        return record
-
-    def _eval_samples(self, gen_kwargs: dict) -> tuple[ScoreBatch, list[float]]:
-        """The samples of one pass over `eval_prompts` and their reward-adapter scores (0 without
-        one), each process generating (and scoring with the reward adapter) every world-th prompt;
-        gathered in the eval prompts' order."""
-        chunk, world, rank = self.config.method.chunk_size, self.dist.world, self.dist.rank
-        mine = list(range(rank, len(self.eval_prompt_ids), world))
-        rows = []
-        for start in range(0, len(mine), chunk):
-            index = mine[start:start + chunk]
-            rollouts = self._generate(index, gen_kwargs, self.eval_prompt_ids, self.eval_prompts)
-            batch = ScoreBatch.of(rollouts, [self.eval_prompts[i].metadata for i in index])
-            adapter_scores = self._reward_adapter_scores(rollouts)
-            adapter_scores = [0.0] * len(index) if adapter_scores is None else adapter_scores.tolist()
-            rows += zip(index, (batch[k:k + 1] for k in range(len(batch))), adapter_scores)
-        rows = sorted(self.dist.gather(rows), key=lambda row: row[0])
-        return ScoreBatch.concat([r[1] for r in rows]), [r[2] for r in rows]
+        variant); log the reward and `metric_fn` means (`rlora.evaluation.evaluate`)."""
+        return evaluation.evaluate(self)
 
     def save(self, path: str | None = None) -> str:
         """Write a checkpoint directory atomically (default `checkpoint_dir/step_N`, keeping the
@@ -502,24 +535,8 @@ class PPOTrainer:
             checkpoint.prune(directory, self.config.train.keep_checkpoints)
         return written
 
-    @contextmanager
-    def _stop_on_signals(self):
-        """SIGINT and SIGTERM set a flag that the loop honours at the next step boundary."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def stop(signum, frame):
-            self._stop_signal = signum
-
-        for sig in previous:
-            signal.signal(sig, stop)
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def _on_signal(self, signum: int) -> None:
+        self._stop_signal = signum
 
     def _agreed_stop_signal(self) -> int | None:
         """The signal any process has received, the same on every process: each checks at its own step
@@ -539,48 +556,4 @@ class PPOTrainer:
                 f.write(json.dumps({"step": self.step, "prompt": prompt, "output": output, "score": score}) + "\n")
 
 
-@dataclass
-class PhaseState:
-    """A rollout phase between its rollout pass and its last optimizer step (checkpointed)."""
-
-    exp: Experience
-    batches: list[torch.Tensor]  # sample indices of each optimizer step, all PPO epochs in order
-    cursor: int  # optimizer steps of this phase already taken
-    stats: dict[str, float]  # the phase's rollout statistics, logged when it completes
-    t_update: float  # when its PPO epochs started (perf_counter)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped training after a checkpoint was written."""
-
-    def __init__(self, signum: int, checkpoint_path: str):
-        super().__init__(f"stopped by signal {signum}; checkpoint at {checkpoint_path}; continue with "
-                         f"train.resume_from_checkpoint={checkpoint_path} (rlora train ... --resume latest)")
-        self.signum, self.checkpoint_path = signum, checkpoint_path
-
-
-def add_scores(fn_scores: torch.Tensor | None, adapter_scores: torch.Tensor | None,
-               lengths: torch.Tensor) -> torch.Tensor:
-    """reward_fn's scores plus the reward adapter's, which counts at each response's last real
-    token when reward_fn's are per token. Shape: (b,) or (b, r), (b,), lengths (b,) -> as fn_scores."""
-    if fn_scores is None or adapter_scores is None:
-        return adapter_scores if fn_scores is None else fn_scores
-    if fn_scores.dim() == 1:
-        return fn_scores + adapter_scores
-    rows = torch.arange(len(lengths))
-    out = fn_scores.clone()
-    out[rows, lengths - 1] += adapter_scores
-    return out
-
-
-def concat_scores(chunks: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Scores of all chunks: (n,) when every chunk gave one score per sample, else (n, width).
-
-    Shape: chunks of (b_i,) or (b_i, r_i) -> (n,) or (n, width).
-    """
-    if all(c.dim() == 1 for c in chunks):
-        return torch.cat(chunks)
-    if any(c.dim() == 1 for c in chunks):
-        raise ValueError("reward_fn returned one score per sample for some batches and per-token lists for others; "
-                         "return the same kind every time")
-    return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunks])
+PPOTrainer = Trainer  # trlx's name; the one trainer runs every method

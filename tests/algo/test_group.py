@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rlora.algo.group import aggregate_loss, clipped_token_loss, group_advantages, k3_kl, overlong_penalty
+from rlora.algo import kl_k3
+from rlora.algo.group import aggregate_loss, clipped_token_loss, group_advantages, overlong_penalty
 
 F64 = torch.float64
 REWARDS = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 4.0], dtype=F64)  # two groups of G = 3
@@ -71,7 +72,7 @@ def test_k3_is_nonnegative_and_zero_at_equality():
     logp = torch.tensor([[-1.0, -2.0, -0.5]], dtype=F64)
     ref = torch.tensor([[-1.0, -1.0, -1.5]], dtype=F64)
     expected = [0.0, math.exp(1) - 1 - 1, math.exp(-1) + 1 - 1]
-    torch.testing.assert_close(k3_kl(logp, ref), torch.tensor([expected], dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(kl_k3(logp, ref), torch.tensor([expected], dtype=F64), rtol=0, atol=1e-12)
 
 
 def loop_token_loss(logp, old, adv, mask, eps, high):

@@ -18,7 +18,8 @@ from rlora.reward import ScoreHead, load_score_head, save_reward_adapter, sequen
 from rlora.rollout.prompts import normalize_prompts
 from rlora.rollout.scoring import forward_responses
 from rlora.tiny import char_tokenizer, random_experience, tiny_ppo_config
-from rlora.trainer import PPOTrainer, add_scores
+from rlora.rollout.scoring import add_scores
+from rlora.trainer import PPOTrainer
 
 LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "lora_dropout": 0.0, "init_lora_weights": False}
 PROMPTS = ["hello", "abc", "xyz", "the "]
@@ -64,7 +65,7 @@ def test_each_adapter_moves_only_through_its_own_loss(tiny_model_dir, tmp_path, 
         if name == "no_value_loss":
             trainer.config.method.vf_coef = 0.0
         if name == "no_policy_loss":
-            import rlora.trainer as trainer_module
+            import rlora.methods as trainer_module
 
             real = trainer_module.policy_loss
             monkeypatch.setattr(trainer_module, "policy_loss",

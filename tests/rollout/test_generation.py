@@ -133,7 +133,7 @@ def test_concat_and_select_drop_all_padding_columns(tokenizer):
     assert both.query_ids.shape == (2, 3) and both.response_ids.shape == (2, 4)
     zeros = torch.zeros(2, 4)
     exp = Experience(both.query_ids, both.query_mask, both.response_ids, both.response_mask,
-                     zeros, zeros, zeros, zeros)
+                     zeros, zeros, zeros, zeros, zeros, both.response_mask)
     second = exp.select(torch.tensor([1]))
     assert second.query_ids.tolist() == [[7]] and second.response_ids.shape == (1, 4)
     first = exp.select(torch.tensor([0]))

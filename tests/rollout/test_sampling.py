@@ -98,8 +98,8 @@ def rollout_phase(trainer):
     r = rollouts.response_ids.shape[1]
     sampled = scores[:, :r].gather(-1, rollouts.response_ids[..., None]).squeeze(-1)  # (n, r)
     order = torch.arange(len(rollouts.prompts))
-    exp, ref = trainer._score_experience(rollouts, order)
-    return rollouts, exp, ref, sampled
+    exp = trainer._score_experience(rollouts, order)
+    return rollouts, exp, exp.ref_logprobs, sampled
 
 
 @pytest.mark.parametrize("setting", SETTINGS)

@@ -1,5 +1,6 @@
-"""The maths of PPO/RLHF as pure functions of explicit tensors: masked statistics, GAE,
-reward shaping, KL estimators and controllers, losses, log-probabilities.
+"""The maths of PPO/RLHF and the group methods as pure functions of explicit tensors: masked
+statistics, GAE, reward shaping, KL estimators and controllers, losses, log-probabilities, group
+advantages and aggregations (`group`).
 
 Notation: `b` batch, `t` time (response tokens), `v` vocabulary; `response_mask` (b, t) is
 True on real response tokens (a prefix of each row), False on padding.
@@ -14,6 +15,7 @@ from rlora.algo.kl import (
     kl_k3,
     make_kl_controller,
 )
+from rlora.algo.group import aggregate_loss, clipped_token_loss, group_advantages, group_policy_loss, overlong_penalty
 from rlora.algo.logprobs import entropy_from_logits, logprobs_of_labels, token_entropy
 from rlora.algo.losses import policy_loss, value_loss
 from rlora.algo.masked import (
@@ -32,10 +34,14 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "RunningMoments",
+    "aggregate_loss",
     "approx_kl_from_ratio",
     "check_right_padded",
+    "clipped_token_loss",
     "entropy_from_logits",
     "gae",
+    "group_advantages",
+    "group_policy_loss",
     "kl_k1",
     "kl_k3",
     "logprobs_of_labels",
@@ -45,6 +51,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "nan_moments",
+    "overlong_penalty",
     "policy_loss",
     "scale_and_clip_scores",
     "token_entropy",

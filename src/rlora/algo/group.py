@@ -1,7 +1,8 @@
 """Critic-free group methods as pure functions: group advantages, the clipped token loss (token or
 sequence ratio), the k3 KL penalty, DAPO's overlong shaping and the loss aggregations.
 
-Not yet wired into the trainer (issue #14); each formula cites its source at the line.
+Each formula cites its source at the line. The k3 KL is `rlora.algo.kl_k3`; REINFORCE++'s returns
+are `rlora.algo.gae` with V = 0 and λ = 1 over `rlora.algo.token_rewards`.
 
 Notation: `n` completions = `n / G` prompts × `G` completions each (groups contiguous), `t`
 response tokens, `A` advantages, `ρ = π_θ / π_old`.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from rlora.algo.kl import kl_k3
 from rlora.algo.masked import masked_mean, masked_sum
 
 ESTIMATORS = ("grpo", "rloo", "reinforce++", "reinforce++_baseline")
@@ -68,24 +70,18 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor
     return torch.clamp(-excess / buffer * factor, max=0.0).float()
 
 
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(π_θ ‖ π_ref) (Schulman 2020; GRPO eq. 4):
-    `e^(ref − logp) − (ref − logp) − 1` (≥ 0). Shape: (n, t) -> (n, t)."""
-    delta = ref_logprobs - logprobs
-    return torch.exp(delta) - delta - 1
-
-
 def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                        mask: torch.Tensor, epsilon: float = 0.2, epsilon_high: float | None = None,
                        level: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`ℓ_t = −min(ρ A, clip(ρ, 1 − ε, 1 + ε_high) A)` per token (PPO's surrogate; clip-higher:
-    DAPO, Yu et al. 2025, eq. 10), with one advantage per completion broadcast over its tokens.
+    DAPO, Yu et al. 2025, eq. 10), with one advantage per completion broadcast over its tokens
+    (or one per token: REINFORCE++).
 
     `level="sequence"` (GSPO, Zheng et al. 2025, eq. 7) uses the sequence ratio
     `s_i = exp((1 / L_i) Σ_t log ρ_t)` for every token of completion i, clipped per sequence.
     Returns ℓ (0 on padding; aggregate with `aggregate_loss`) and detached stats: the fraction of
     real tokens clipped below and above.
-    Shape: logprobs, old_logprobs, mask (n, t), advantages (n,) -> ℓ (n, t).
+    Shape: logprobs, old_logprobs, mask (n, t), advantages (n,) or (n, t) -> ℓ (n, t).
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level={level!r} must be 'token' or 'sequence'")
@@ -94,7 +90,7 @@ def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
     if level == "sequence":
         log_ratio = (masked_sum(log_ratio, mask, dim=1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logprobs)
     ratio = torch.exp(log_ratio)
-    adv = advantages[:, None].expand_as(ratio)
+    adv = advantages[:, None].expand_as(ratio) if advantages.dim() == 1 else advantages
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + high)
     loss = -torch.minimum(ratio * adv, clipped * adv).masked_fill(~mask, 0.0)
     with torch.no_grad():
@@ -129,3 +125,28 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, 
     if total_tokens is None or total_tokens <= 0:
         raise ValueError("loss_type='dapo' needs total_tokens: the real tokens of the whole optimizer step")
     return total / total_tokens
+
+
+def group_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      mask: torch.Tensor, *, epsilon: float, epsilon_high: float | None, level: str, loss_type: str,
+                      max_completion_length: int, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
+                      total_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The group methods' loss of one microbatch: the clipped token loss plus `beta · k3` to the
+    reference (GRPO, Shao et al. 2024, eq. 3), aggregated by `loss_type` (`aggregate_loss`).
+
+    Returns the loss and detached stats: clip fractions, the ratio's mean (1 on the first
+    minibatch of a phase), and `kl` (mean k3 per real token) when `beta > 0`.
+    Shape: logprobs, old_logprobs, mask (n, t), advantages (n,) or (n, t) -> ().
+    """
+    per_token, stats = clipped_token_loss(logprobs, old_logprobs, advantages, mask, epsilon, epsilon_high, level)
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs the reference log-probs (ref_logprobs)")
+        kl = kl_k3(logprobs, ref_logprobs).masked_fill(~mask, 0.0)
+        per_token = per_token + beta * kl
+        stats["kl"] = masked_mean(kl.detach(), mask)
+    loss = aggregate_loss(per_token, mask, loss_type, max_completion_length, total_tokens)
+    with torch.no_grad():
+        stats["policy/ratio_mean"] = masked_mean(torch.exp(logprobs - old_logprobs), mask)
+        stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
+    return loss, stats

@@ -13,6 +13,7 @@ cross-field checks run in `validate` before any model is loaded.
 from rlora.config.io import config_to_dict, load_config, save_config
 from rlora.config.sections import (
     Config,
+    GRPOConfig,
     ModelConfig,
     OptimizerConfig,
     PPOConfig,
@@ -25,5 +26,5 @@ from rlora.config.validation import validate
 
 __all__ = [
     "Config", "TrainConfig", "ModelConfig", "TokenizerConfig", "OptimizerConfig", "SchedulerConfig",
-    "PPOConfig", "TaskConfig", "load_config", "validate", "config_to_dict", "save_config",
+    "PPOConfig", "GRPOConfig", "TaskConfig", "load_config", "validate", "config_to_dict", "save_config",
 ]

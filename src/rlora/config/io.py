@@ -14,8 +14,17 @@ from typing import Any
 
 import yaml
 
-from rlora.config.sections import _SECTIONS, Config
-from rlora.config.validation import _PRETRAINED_KEY, _coerce, _from_dict, _is_instance, _unknown_key, validate
+from rlora.config.sections import _SECTIONS, METHODS, Config
+from rlora.config.validation import (
+    _PRETRAINED_KEY,
+    _coerce,
+    _from_dict,
+    _is_instance,
+    _refuse_other_methods_key,
+    _unknown_key,
+    method_class,
+    validate,
+)
 
 _SCI_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # YAML 1.1 reads `1e-5` as a string
 
@@ -55,7 +64,12 @@ def _apply_override(config: Config, parts: list[str], value: Any, text: str) -> 
         full, last = f"{path}.{part}" if path else part, i == len(parts) - 1
         if isinstance(obj, _SECTIONS):
             hints = typing.get_type_hints(type(obj))
+            if full == "method.name" and last:  # another method: a new section keeping the shared settings
+                config.method = _switch_method(config.method, value)
+                return
             if part not in hints:
+                if isinstance(obj, tuple(METHODS.values())):
+                    _refuse_other_methods_key(type(obj), full)
                 raise _unknown_key(full, hints)
             if last:
                 setattr(obj, part, _coerce(hints[part], value, full))
@@ -77,6 +91,20 @@ def _apply_override(config: Config, parts: list[str], value: Any, text: str) -> 
             else:
                 obj = getattr(obj, part)
         path = full
+
+
+def _switch_method(section: Any, name: Any) -> Any:
+    """`section` as the method section `name` selects; settings both sections have, set away from
+    their defaults, carry over (PPO's default 4 epochs do not become the group methods')."""
+    cls = method_class(name)
+    if isinstance(section, cls):
+        section.name = name
+        return section
+    defaults = type(section)()
+    shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(section)}
+    kept = {key: copy.deepcopy(getattr(section, key)) for key in shared
+            if key != "name" and getattr(section, key) != getattr(defaults, key)}
+    return cls(**kept, name=name)
 
 
 def _fix_yaml_floats(data: Any) -> Any:

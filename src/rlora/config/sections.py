@@ -61,7 +61,8 @@ class TrainConfig:
     pipeline: str = "PromptPipeline"
     """trlx compatibility: only "PromptPipeline"."""
     trainer: str = "AcceleratePPOTrainer"
-    """trlx compatibility: "AcceleratePPOTrainer" or "PPOTrainer" (only PPO is implemented)."""
+    """trlx compatibility: "AcceleratePPOTrainer" or "PPOTrainer"; rlora has one trainer for every
+    method, which `method.name` selects."""
     trainer_kwargs: dict = field(default_factory=dict)
     """trlx compatibility: extra trainer arguments; rlora's trainer takes none, so only {}."""
     run_name: str | None = None
@@ -178,6 +179,67 @@ class PPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """The critic-free group methods (GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++, GSPO): several
+    completions per prompt, advantages from the group's rewards, no value model. TRL's field names."""
+
+    name: str = "GRPOConfig"
+    """Selects the group methods (PPO: "PPOConfig")."""
+    num_rollouts: int = 64
+    """Completions per phase: `num_rollouts / num_generations` prompts, `num_generations` completions each."""
+    num_generations: int = 8
+    """G, completions per prompt (a group)."""
+    chunk_size: int = 64
+    """Completions generated at once, in whole groups (a multiple of `num_generations`)."""
+    ppo_epochs: int = 1
+    """Passes over each phase (TRL's `num_iterations`). With 1 the old log-probs are the current ones
+    detached and no separate pass computes them."""
+    advantage_estimator: str = "grpo"
+    """"grpo", "rloo", "reinforce++" or "reinforce++_baseline"."""
+    scale_rewards: str = "group"
+    """grpo's advantage scale: "group" (the group's std), "batch" (the phase's std) or "none" (Dr.GRPO)."""
+    loss_type: str = "dapo"
+    """How token losses add up: "grpo" (per-sequence mean), "bnpo" (per microbatch token), "dr_grpo"
+    (over batch × max_new_tokens) or "dapo" (over every real token of the optimizer step)."""
+    epsilon: float = 0.2
+    """Lower clip of the ratio: 1 − epsilon."""
+    epsilon_high: float | None = None
+    """Upper clip 1 + epsilon_high (clip-higher; DAPO uses 0.28); None = `epsilon`."""
+    importance_sampling_level: str = "token"
+    """"token" (per-token ratio) or "sequence" (GSPO's length-normalised sequence ratio)."""
+    beta: float = 0.0
+    """KL coefficient to the reference (the adapter disabled); 0 = no reference pass at all. In the
+    loss as k3 for grpo; for reinforce++ as −beta·KL in the per-token reward."""
+    gamma: float = 1.0
+    """reinforce++: discount of the per-token returns."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and draw more prompts until the phase is full."""
+    max_num_gen_batches: int = 10
+    """With `dynamic_sampling`: most chunks generated for one phase; when reached, the phase is
+    filled up with groups of equal rewards (logged as `dynamic_sampling/filled`). 0 = no cap."""
+    overlong_buffer_len: int | None = None
+    """DAPO's overlong shaping: the last this-many tokens before `max_new_tokens` are penalised
+    linearly down to `-overlong_penalty_factor`; None = off."""
+    overlong_penalty_factor: float = 1.0
+    """DAPO's overlong shaping: the penalty at `max_new_tokens`."""
+    mask_truncated_completions: bool = False
+    """Completions cut at `max_new_tokens` (no stop token) count in their group's statistics but not
+    in the loss (DAPO)."""
+    gen_kwargs: dict = field(default_factory=lambda: {"max_new_tokens": 40, "top_k": 0, "top_p": 1.0,
+                                                      "do_sample": True})
+    """`generate` arguments for evaluation (and rollouts unless `gen_experience_kwargs` is set)."""
+    gen_experience_kwargs: dict | None = None
+    """`generate` arguments for rollouts; None = `gen_kwargs`."""
+    eval_gen_kwargs: dict = field(default_factory=dict)
+    """Extra named eval settings, each over `gen_kwargs` (`{greedy: {do_sample: false}}`)."""
+    merge_adapter_for_generation: bool = False
+    """Generate rollouts with the adapter merged into the base (restored exactly after)."""
+
+
+METHODS = {"ppoconfig": PPOConfig, "grpoconfig": GRPOConfig}  # method.name (any case) -> its section
+
+
+@dataclass
 class TaskConfig:
     """rlora: what `rlora train` trains on; the Python API's arguments take precedence."""
 
@@ -211,8 +273,8 @@ class Config:
     """Optimizer."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Learning-rate scheduler."""
-    method: PPOConfig = field(default_factory=PPOConfig)
-    """PPO hyperparameters."""
+    method: PPOConfig | GRPOConfig = field(default_factory=PPOConfig)
+    """The method and its hyperparameters: PPO, or a group method; chosen by `method.name`."""
     task: TaskConfig = field(default_factory=TaskConfig)
     """rlora: reward function and prompts for the `rlora train` command."""
 
@@ -224,4 +286,4 @@ class Config:
 
 
 _SECTIONS = (Config, TrainConfig, ModelConfig, TokenizerConfig, OptimizerConfig, SchedulerConfig, PPOConfig,
-             TaskConfig)
+             GRPOConfig, TaskConfig)

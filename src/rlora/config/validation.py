@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any
 
-from rlora.config.sections import Config, ModelConfig, PPOConfig, TrainConfig
+from rlora.config.sections import METHODS, Config, GRPOConfig, ModelConfig, PPOConfig, TrainConfig
 
 _PRETRAINED_KEY = "pretrained_config"  # model_path saved as {pretrained_config: {...}} means a config object
 
@@ -29,7 +29,12 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
+        if cls is Config and key == "method" and isinstance(value, dict):
+            kwargs[key] = _from_dict(method_class(value.get("name", "PPOConfig")), value, full)
+            continue
         if key not in hints:
+            if cls in METHODS.values():
+                _refuse_other_methods_key(cls, full)
             raise _unknown_key(full, hints)
         if cls is ModelConfig and key == "model_path" and isinstance(value, dict) and set(value) == {_PRETRAINED_KEY}:
             from transformers import AutoConfig
@@ -86,6 +91,26 @@ def _unknown_key(full: str, valid: typing.Iterable[str]) -> ValueError:
     return ValueError(f"unknown config key '{full}'; {hint}")
 
 
+def method_class(name: Any) -> type:
+    """The method section that `method.name` selects (PPOConfig or GRPOConfig, any case)."""
+    cls = METHODS.get(str(name).lower())
+    if cls is None:
+        raise ValueError(f"method.name={name!r} is not a method rlora has; use 'PPOConfig' (PPO with a critic) or "
+                         "'GRPOConfig' (the group methods: GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++, GSPO)")
+    return cls
+
+
+def _refuse_other_methods_key(cls: type, full: str) -> None:
+    """A key of the other method's section: say so, rather than only 'unknown key'."""
+    key = full.rpartition(".")[2]
+    for other in METHODS.values():
+        if other is not cls and key in {f.name for f in dataclasses.fields(other)}:
+            what = ("PPO's: the group methods have no critic, GAE or adaptive KL" if other is PPOConfig
+                    else "a group-method setting, which PPO does not read")
+            raise ValueError(f"{full} is a {other.__name__} key ({what}); under method.name={cls.__name__!r} "
+                             f"drop it, or set method.name to {other.__name__!r}")
+
+
 def _is_instance(value: Any, module: str, name: str) -> bool:
     """isinstance against `module.name` without importing the (slow) module when nothing uses it."""
     loaded = sys.modules.get(module)
@@ -97,13 +122,17 @@ def validate(config: Config) -> None:
     for name, section_cls in typing.get_type_hints(Config).items():
         section = getattr(config, name)
         if not isinstance(section, section_cls):
-            raise TypeError(f"config.{name} is a {type(section).__name__}, expected {section_cls.__name__}; "
+            expected = " or ".join(c.__name__ for c in typing.get_args(section_cls)) or section_cls.__name__
+            raise TypeError(f"config.{name} is a {type(section).__name__}, expected {expected}; "
                             "build configs from dicts or YAML with rlora.config.load_config")
-        for key, tp in typing.get_type_hints(section_cls).items():
+        for key, tp in typing.get_type_hints(type(section)).items():
             _coerce(tp, getattr(section, key), f"{name}.{key}")
     _validate_train(config.train)
     _validate_model(config.model)
-    _validate_method(config.method, config.train.seq_length)
+    if isinstance(config.method, GRPOConfig):
+        _validate_group_method(config.method, config)
+    else:
+        _validate_method(config.method, config.train.seq_length)
     _check(config.tokenizer.padding_side in ("left", "right"), "tokenizer.padding_side",
            config.tokenizer.padding_side, "set it to 'left' or 'right'")
     _check(config.tokenizer.truncation_side in ("left", "right"), "tokenizer.truncation_side",
@@ -126,7 +155,8 @@ def _check(ok: bool, key: str, value: Any, fix: str) -> None:
 
 def _validate_train(t: TrainConfig) -> None:
     _check(t.trainer in ("AcceleratePPOTrainer", "PPOTrainer"), "train.trainer", t.trainer,
-           "only PPO is implemented in rlora; set train.trainer to 'AcceleratePPOTrainer'")
+           "rlora has one trainer for every method (method.name chooses PPO or a group method); set "
+           "train.trainer to 'AcceleratePPOTrainer'")
     _check(t.pipeline == "PromptPipeline", "train.pipeline", t.pipeline, "only 'PromptPipeline' is supported")
     _check(not t.trainer_kwargs, "train.trainer_kwargs", t.trainer_kwargs,
            "rlora's PPO trainer takes no extra arguments (trlx passed these to its trainer class); set it to {}")
@@ -235,6 +265,10 @@ def _validate_method(p: PPOConfig, seq_length: int) -> None:
     _check(p.num_value_layers_unfrozen == 0, "method.num_value_layers_unfrozen", p.num_value_layers_unfrozen,
            "a value branch with its own unfrozen layers is not supported: the value head sits on the shared "
            "trunk; set it to 0")
+    _check_generation(p, seq_length)
+
+
+def _check_generation(p: PPOConfig | GRPOConfig, seq_length: int) -> None:
     _check_gen_kwargs(p.gen_kwargs, "method.gen_kwargs", seq_length)
     if p.gen_experience_kwargs is not None:
         _check_gen_kwargs(p.gen_experience_kwargs, "method.gen_experience_kwargs", seq_length)
@@ -242,6 +276,42 @@ def _validate_method(p: PPOConfig, seq_length: int) -> None:
         _check(isinstance(name, str) and name.isidentifier() and isinstance(kwargs, dict),
                f"method.eval_gen_kwargs.{name}", kwargs, "map names (like 'greedy') to dicts of generate arguments")
         _check_gen_kwargs({**p.gen_kwargs, **kwargs}, f"method.eval_gen_kwargs.{name}", seq_length)
+
+
+def _validate_group_method(g: GRPOConfig, config: Config) -> None:
+    from rlora.algo.group import ESTIMATORS, LOSS_TYPES, SCALE_REWARDS
+
+    for key in ("ppo_epochs", "num_rollouts", "chunk_size", "num_generations"):
+        _check(getattr(g, key) >= 1, f"method.{key}", getattr(g, key), "it must be at least 1")
+    G = g.num_generations
+    _check(G >= 2, "method.num_generations", G, "a group needs at least 2 completions per prompt; set it to 2 or "
+           "more (8 is usual)")
+    _check(g.num_rollouts % G == 0, "method.num_rollouts", g.num_rollouts,
+           f"it must be a multiple of method.num_generations={G} (whole groups per phase)")
+    _check(g.chunk_size % G == 0, "method.chunk_size", g.chunk_size,
+           f"it counts completions generated at once, in whole groups: use a multiple of num_generations={G}")
+    for key, allowed in (("advantage_estimator", ESTIMATORS), ("scale_rewards", SCALE_REWARDS),
+                         ("loss_type", LOSS_TYPES), ("importance_sampling_level", ("token", "sequence"))):
+        _check(getattr(g, key) in allowed, f"method.{key}", getattr(g, key), f"use one of {', '.join(allowed)}")
+    _check(g.epsilon > 0, "method.epsilon", g.epsilon, "it must be > 0 (0.2 is usual)")
+    _check(g.epsilon_high is None or g.epsilon_high >= g.epsilon, "method.epsilon_high", g.epsilon_high,
+           f"clip-higher must be >= method.epsilon={g.epsilon} (DAPO: 0.28), or null for epsilon")
+    _check(g.beta >= 0, "method.beta", g.beta, "it must be >= 0 (0 = no KL term and no reference pass)")
+    _check(0.0 <= g.gamma <= 1.0, "method.gamma", g.gamma, "it must be in [0, 1]")
+    _check(g.max_num_gen_batches >= 0, "method.max_num_gen_batches", g.max_num_gen_batches,
+           "it must be >= 0 (0 = no cap on draws)")
+    _check(g.overlong_penalty_factor >= 0, "method.overlong_penalty_factor", g.overlong_penalty_factor,
+           "it must be >= 0")
+    _check_generation(g, config.train.seq_length)
+    kwargs = g.gen_experience_kwargs or g.gen_kwargs
+    _check(kwargs.get("do_sample", False), "method.gen_kwargs.do_sample" if g.gen_experience_kwargs is None else
+           "method.gen_experience_kwargs.do_sample", kwargs.get("do_sample"),
+           "a group's completions must be sampled (greedy gives G equal ones); set do_sample: true")
+    max_new = kwargs["max_new_tokens"]
+    _check(g.overlong_buffer_len is None or 1 <= g.overlong_buffer_len <= max_new, "method.overlong_buffer_len",
+           g.overlong_buffer_len, f"it must be in [1, max_new_tokens={max_new}], or null to turn shaping off")
+    _check(config.model.value_adapter is None, "model.value_adapter", config.model.value_adapter,
+           "the group methods have no critic; drop model.value_adapter (or use method.name: PPOConfig)")
 
 
 @functools.lru_cache(maxsize=1)

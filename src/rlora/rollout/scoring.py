@@ -58,6 +58,33 @@ def validate_scores(scores: Any, response_lengths: list[int], what: str = "rewar
     return out
 
 
+def add_scores(fn_scores: torch.Tensor | None, adapter_scores: torch.Tensor | None,
+               lengths: torch.Tensor) -> torch.Tensor:
+    """reward_fn's scores plus the reward adapter's, which counts at each response's last real
+    token when reward_fn's are per token. Shape: (b,) or (b, r), (b,), lengths (b,) -> as fn_scores."""
+    if fn_scores is None or adapter_scores is None:
+        return adapter_scores if fn_scores is None else fn_scores
+    if fn_scores.dim() == 1:
+        return fn_scores + adapter_scores
+    rows = torch.arange(len(lengths))
+    out = fn_scores.clone()
+    out[rows, lengths - 1] += adapter_scores
+    return out
+
+
+def concat_scores(chunks: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Scores of all chunks: (n,) when every chunk gave one score per sample, else (n, width).
+
+    Shape: chunks of (b_i,) or (b_i, r_i) -> (n,) or (n, width).
+    """
+    if all(c.dim() == 1 for c in chunks):
+        return torch.cat(chunks)
+    if any(c.dim() == 1 for c in chunks):
+        raise ValueError("reward_fn returned one score per sample for some batches and per-token lists for others; "
+                         "return the same kind every time")
+    return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunks])
+
+
 def collate_metadata(metadata: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Per-sample dicts -> one list per key, aligned with the samples."""
     return {key: [m[key] for m in metadata] for key in (metadata[0] if metadata else {})}

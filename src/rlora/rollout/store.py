@@ -12,6 +12,40 @@ import torch
 import torch.nn.functional as F
 
 from rlora.rollout.generation import Rollouts
+from rlora.rollout.scoring import concat_scores
+
+
+def select_rollouts(rollouts: Rollouts, rows: list[int]) -> Rollouts:
+    """The samples at `rows`, in that order (padding columns kept)."""
+    index = torch.as_tensor(rows, dtype=torch.long)
+    return Rollouts(rollouts.query_ids[index], rollouts.query_mask[index], rollouts.response_ids[index],
+                    rollouts.response_mask[index], [rollouts.prompts[i] for i in rows],
+                    [rollouts.outputs[i] for i in rows], [rollouts.prompt_texts[i] for i in rows],
+                    rollouts.truncated[index])
+
+
+@dataclass
+class Scored:
+    """Rollouts with their scores: what a phase is built from (and, for dynamic sampling, what is
+    kept for the next phase)."""
+
+    rollouts: Rollouts
+    scores: torch.Tensor  # (n,) or (n, r)
+    values: dict[str, torch.Tensor]  # each reward function's own value per sample (n,), NaN where it abstained
+
+    def __len__(self) -> int:
+        return len(self.rollouts.prompts)
+
+    def select(self, rows: list[int]) -> "Scored":
+        index = torch.as_tensor(rows, dtype=torch.long)
+        return Scored(select_rollouts(self.rollouts, rows), self.scores[index],
+                      {name: v[index] for name, v in self.values.items()})
+
+    @staticmethod
+    def concat(parts: list["Scored"], pad_id: int) -> "Scored":
+        rollouts = concat_rollouts([p.rollouts for p in parts], pad_id)
+        return Scored(rollouts, concat_scores([p.scores for p in parts], rollouts.response_ids.shape[1]),
+                      {name: torch.cat([p.values[name] for p in parts]) for name in parts[0].values})
 
 
 def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
@@ -46,8 +80,11 @@ class Experience:
     response_mask: torch.Tensor  # (n, r) bool
     logprobs: torch.Tensor  # (n, r) log pi_old of each response token
     values: torch.Tensor  # (n, r) V_old before each response token
-    advantages: torch.Tensor  # (n, r) whitened GAE advantages, 0 on padding
+    advantages: torch.Tensor  # (n, r) PPO: whitened GAE advantages; group methods: the completion's, 0 on padding
     returns: torch.Tensor  # (n, r) A + V (unwhitened A), 0 on padding
+    ref_logprobs: torch.Tensor  # (n, r) log pi_ref of each response token (0 when no reference pass ran)
+    loss_mask: torch.Tensor  # (n, r) bool, the tokens the loss counts: response_mask, less truncated rows
+    # when the group methods' mask_truncated_completions is set
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
@@ -63,3 +100,14 @@ class Experience:
 
     def to(self, device: torch.device | str) -> "Experience":
         return Experience(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass
+class PhaseState:
+    """A rollout phase between its rollout pass and its last optimizer step (checkpointed)."""
+
+    exp: Experience
+    batches: list[torch.Tensor]  # sample indices of each optimizer step, all PPO epochs in order
+    cursor: int  # optimizer steps of this phase already taken
+    stats: dict[str, float]  # the phase's rollout statistics, logged when it completes
+    t_update: float  # when its PPO epochs started (perf_counter)

@@ -1,0 +1,68 @@
+"""What differs between PPO and the group methods, chosen by `method.name`: which no-grad passes
+a phase runs, and the loss of one microbatch. The loop in `rlora.trainer` is the same for all.
+
+Notation: `b` microbatch, `r` response length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlora.algo import group_policy_loss, masked_mean, masked_var, policy_loss, value_loss
+from rlora.config import GRPOConfig, PPOConfig
+from rlora.rollout.scoring import ResponseScores
+from rlora.rollout.store import Experience
+
+
+@dataclass(frozen=True)
+class Passes:
+    """Which no-grad passes a phase's rollout pass runs, as the method needs them."""
+
+    old_logprobs: bool  # the policy's log-probs at rollout time (ratio and KL-in-reward baselines)
+    values: bool  # the value head's (PPO's critic)
+    reference: bool  # the reference's (adapter disabled) log-probs, for a KL term
+
+
+def rollout_passes(method) -> Passes:
+    """PPO runs all three. A group method needs the old log-probs only with more than one epoch
+    (with one, they are the current ones detached, as TRL) or for REINFORCE++'s KL reward, and
+    the reference only with `beta > 0`."""
+    if not isinstance(method, GRPOConfig):
+        return Passes(True, True, True)
+    kl = method.beta > 0
+    return Passes(method.ppo_epochs > 1 or kl and method.advantage_estimator.startswith("reinforce++"), False, kl)
+
+
+def ppo_loss(out: ResponseScores, mb: Experience, method: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped policy loss plus `vf_coef` × the clipped value loss of one microbatch."""
+    pg_loss, pg_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.response_mask, method.cliprange)
+    vf_loss, vf_stats = value_loss(out.values, mb.values, mb.returns, mb.response_mask, method.cliprange_value)
+    loss = pg_loss + method.vf_coef * vf_loss
+    return loss, {
+        "losses/total_loss": loss.detach(), "losses/policy_loss": pg_stats["policy_loss"],
+        "losses/value_loss": vf_stats["value_loss"], "policy/approx_kl": pg_stats["approx_kl"],
+        "policy/clipfrac": pg_stats["clipfrac"], "policy/ratio_mean": pg_stats["ratio_mean"],
+        "policy/ratio_max_abs_dev": pg_stats["ratio_max_abs_dev"],
+        "values/mean": vf_stats["values_mean"], "values/values_error": vf_stats["values_error"],
+        "values/clipfrac": vf_stats["clipfrac"],
+        "returns/mean": masked_mean(mb.returns, mb.response_mask),
+        "returns/var": masked_var(mb.returns, mb.response_mask, unbiased=False),
+    }
+
+
+def group_loss(out: ResponseScores, mb: Experience, method: GRPOConfig, passes: Passes,
+               total_tokens: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A group method's loss of one microbatch (`rlora.algo.group_policy_loss`) over its
+    `loss_mask`. Without an old-log-prob pass (one epoch) the old log-probs are the current ones
+    detached: ratio 1, the plain policy gradient. The KL term is in the loss for grpo and rloo;
+    REINFORCE++ has it in its per-token rewards instead."""
+    old = mb.logprobs if passes.old_logprobs else out.logprobs.detach()
+    loss, stats = group_policy_loss(
+        out.logprobs, old, mb.advantages, mb.loss_mask, epsilon=method.epsilon, epsilon_high=method.epsilon_high,
+        level=method.importance_sampling_level, loss_type=method.loss_type,
+        max_completion_length=(method.gen_experience_kwargs or method.gen_kwargs)["max_new_tokens"],
+        beta=0.0 if method.advantage_estimator.startswith("reinforce++") else method.beta,
+        ref_logprobs=mb.ref_logprobs, total_tokens=total_tokens)
+    return loss, {**stats, "entropy": masked_mean(out.entropy, mb.response_mask)}

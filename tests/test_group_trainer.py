@@ -1,0 +1,301 @@
+"""The group methods in the one loop, on tiny models: which passes run, ratio 1, whole groups,
+TRL's logged names, dynamic sampling, DAPO's step-wide normaliser, truncation masking, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import rlora
+import rlora.api
+from rlora import trainer as trainer_module
+from rlora.config import load_config
+from rlora.models import build_policy, load_tokenizer
+from rlora.rollout.prompts import normalize_prompts
+from rlora.tiny import random_experience, tiny_group_config, tiny_ppo_config
+from rlora.trainer import Trainer
+
+PROMPTS = ["hello", "abc", "xyz", "the "]
+
+
+def count_s(samples, prompts, outputs, tokenizer, **_):
+    return [o.count("s") / max(1, len(o)) for o in outputs]
+
+
+def steps_of(trainer, key):
+    return [r[key] for r in trainer.history if key in r and "phase" not in r and not r.get("eval")]
+
+
+def phases_of(trainer):
+    return [r for r in trainer.history if "phase" in r]
+
+
+def spy_forward(monkeypatch):
+    """Record the flags of every `forward_responses` call the trainer makes."""
+    calls = []
+    real = trainer_module.forward_responses
+
+    def spy(*args, **kwargs):
+        calls.append({k: kwargs.get(k, d) for k, d in (("with_policy", True), ("with_reference", False))})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "forward_responses", spy)
+    return calls
+
+
+@pytest.mark.parametrize(("epochs", "beta", "estimator", "passes"), [
+    (1, 0.0, "grpo", 0), (2, 0.0, "grpo", 1), (1, 0.1, "grpo", 1), (1, 0.1, "reinforce++", 1),
+], ids=["one-epoch-no-kl", "two-epochs", "kl", "reinforce++-kl"])
+def test_only_the_passes_the_method_needs_run(tiny_model_dir, tmp_path, monkeypatch, epochs, beta, estimator, passes):
+    calls = spy_forward(monkeypatch)
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path),
+                               method={"ppo_epochs": epochs, "beta": beta, "advantage_estimator": estimator},
+                               train={"total_steps": 2 * epochs, "minibatch_size": 8})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    old_pass = epochs > 1 or (beta > 0 and estimator == "reinforce++")
+    # one phase: 2 * epochs optimizer steps of one microbatch each; the rollout pass, when it runs,
+    # takes 16 samples in microbatches of 8 (2 calls)
+    with_reference = [c for c in calls if c["with_reference"]]
+    policy_only = [c for c in calls if c["with_policy"] and not c["with_reference"]]
+    assert len(with_reference) == (2 if beta > 0 else 0)
+    assert all(c["with_policy"] == old_pass for c in with_reference)
+    assert len(policy_only) == 2 * epochs + (2 if old_pass and beta == 0 else 0)
+    assert len(calls) == 2 * epochs + 2 * passes
+    assert trainer.policy.value_head is None
+    assert trainer.passes.reference == (beta > 0) and trainer.passes.old_logprobs == old_pass
+
+
+def test_ratio_is_one_at_the_first_minibatch_and_moves_after(tiny_model_dir, tmp_path):
+    config = tiny_group_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 8})
+    config["model"]["model_extra_configs"] = {"resid_pdrop": 0.3, "attn_pdrop": 0.3, "embd_pdrop": 0.3}
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    ratio = steps_of(trainer, "policy/ratio_mean")
+    assert abs(ratio[0] - 1) < 1e-6 and abs(ratio[4] - 1) < 1e-6  # first step of each phase (dropout off)
+    assert max(abs(r - 1) for r in ratio) > 1e-4  # later steps see the updated policy
+
+
+def test_one_epoch_has_ratio_exactly_one_and_still_learns_a_gradient(tiny_model_dir, tmp_path):
+    config = tiny_group_config(tiny_model_dir("gpt2"), str(tmp_path), method={"ppo_epochs": 1},
+                               train={"total_steps": 2})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    assert steps_of(trainer, "policy/ratio_mean") == [1.0, 1.0]
+    lora_b = [p for n, p in trainer.policy.named_parameters() if "lora_B" in n]
+    assert any(p.abs().max() > 0 for p in lora_b)  # lora_B starts at zero: it moved
+
+
+def test_logs_trl_names_and_groups_are_whole(tiny_model_dir, tmp_path):
+    seen = []
+
+    def reward(samples, prompts, outputs, tokenizer, **_):
+        seen.append(list(prompts))
+        return count_s(samples, prompts, outputs, tokenizer)
+
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path), train={"total_steps": 4},
+                               method={"chunk_size": 8})
+    trainer = rlora.train(reward, PROMPTS, config=config, verbose=False)
+    for prompts in seen[1:3]:  # after the baseline eval, two chunks of 2 prompts x 4 completions, rows of a prompt together
+        assert len(prompts) == 8 and all(len(set(prompts[g * 4:(g + 1) * 4])) == 1 for g in range(2))
+        assert prompts[0] != prompts[4]
+    phase = phases_of(trainer)[0]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+                "completions/clipped_ratio", "time/rollout", "time/update"):
+        assert key in phase, key
+    step = [r for r in trainer.history if "loss" in r][0]
+    for key in ("loss", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy"):
+        assert key in step, key
+    assert "kl" not in step and "values/mean" not in step
+    assert 0 <= phase["frac_reward_zero_std"] <= 1 and step["entropy"] > 0
+
+
+def test_kl_is_logged_and_the_reference_is_the_disabled_adapter(tiny_model_dir, tmp_path):
+    config = tiny_group_config(tiny_model_dir("gpt2"), str(tmp_path), method={"beta": 0.5},
+                               train={"total_steps": 4})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    kl = steps_of(trainer, "kl")
+    assert kl[0] == 0.0  # LoRA starts at the base: policy == reference, k3 exactly 0
+    assert kl[-1] > 0
+
+
+def build(model_dir, run_dir, **sections):
+    torch.manual_seed(0)
+    config = load_config(tiny_group_config(model_dir, run_dir, **sections))
+    tokenizer = load_tokenizer(config.tokenizer, config.model.model_path)
+    policy = build_policy(config.model, tokenizer, value_head=False)
+    return Trainer(config, policy, tokenizer, count_s, normalize_prompts(PROMPTS), normalize_prompts(PROMPTS),
+                   verbose=False)
+
+
+def uneven_experience(n=8):
+    exp = random_experience(n, 3, 6, vocab_size=30)
+    lengths = torch.tensor([6, 1, 4, 2, 5, 3, 6, 2])[:n]
+    exp.response_mask = torch.arange(6)[None, :] < lengths[:, None]
+    exp.loss_mask = exp.response_mask.clone()
+    exp.advantages = torch.randn(n)[:, None] * exp.response_mask
+    return exp
+
+
+def step_gradient(trainer, exp):
+    """The gradient of one train_step (SGD with lr 1: the update is minus the gradient)."""
+    before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+    trainer.policy.eval()
+    trainer.train_step(exp, torch.arange(len(exp)))
+    return torch.cat([(b - p.detach()).flatten() for p, b in zip(trainer.policy.trainable_parameters(), before)])
+
+
+@pytest.mark.parametrize(("loss_type", "invariant"), [("dapo", True), ("grpo", True), ("bnpo", False)],
+                         ids=["dapo", "grpo", "bnpo-per-microbatch"])
+def test_step_gradient_and_microbatching(tiny_model_dir, tmp_path, loss_type, invariant):
+    """DAPO divides by the step's real tokens, so 1, 2 or 4 microbatches give one gradient; BNPO's
+    per-microbatch token count does not (with uneven lengths), which shows the check can fail."""
+    model_dir = tiny_model_dir("gpt2")
+    grads = {}
+    for minibatch in (8, 2):
+        trainer = build(model_dir, str(tmp_path / str(minibatch)), train={"minibatch_size": minibatch},
+                        method={"loss_type": loss_type, "ppo_epochs": 2},
+                        model={"peft_config": {"peft_type": "LORA", "r": 4, "init_lora_weights": False}},
+                        optimizer={"name": "sgd", "kwargs": {"lr": 1.0}})
+        grads[minibatch] = step_gradient(trainer, uneven_experience())
+    assert grads[8].abs().max() > 1e-4
+    if invariant:
+        torch.testing.assert_close(grads[2], grads[8], rtol=0, atol=1e-6)
+    else:
+        assert (grads[2] - grads[8]).abs().max() > 1e-4
+
+
+def test_truncated_completions_can_be_left_out_of_the_loss(tiny_model_dir, tmp_path):
+    # 2 new tokens: almost every completion is cut at max_new_tokens
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path), train={"total_steps": 1},
+                               method={"mask_truncated_completions": True,
+                                       "gen_kwargs": {"max_new_tokens": 2, "do_sample": True}})
+    trainer = rlora.build_trainer(count_s, PROMPTS, config=config, verbose=False)
+    scored, stats = trainer._collect()
+    exp = trainer._score_experience(scored.rollouts, torch.arange(16))
+    truncated = scored.rollouts.truncated
+    assert truncated.any()
+    assert not exp.loss_mask[truncated].any()
+    assert torch.equal(exp.loss_mask[~truncated], exp.response_mask[~truncated])
+    assert stats["completions/clipped_ratio"] == truncated.float().mean()
+
+
+def test_overlong_shaping_lowers_long_completions_rewards(tiny_model_dir, tmp_path):
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path), method={"overlong_buffer_len": 4,
+                                                                               "overlong_penalty_factor": 2.0})
+    trainer = rlora.build_trainer(lambda samples, **_: [1.0] * len(samples), PROMPTS, config=config, verbose=False)
+    scored, _ = trainer._collect()
+    lengths = scored.rollouts.response_mask.sum(1).double()
+    expected = 1.0 + torch.clamp(-(lengths - 2) / 4 * 2.0, max=0.0)  # L_max 6, buffer 4
+    torch.testing.assert_close(scored.scores.double(), expected, rtol=0, atol=1e-6)
+
+
+def constant_for_some(samples, prompts, outputs, tokenizer, **_):
+    """Equal rewards for every completion of 'abc' and 'xyz'; varying ones for the others."""
+    return [1.0 if p in ("abc", "xyz") else o.count("s") + len(o) / 10 for p, o in zip(prompts, outputs)]
+
+
+def test_dynamic_sampling_keeps_only_groups_that_differ_and_carries_the_rest(tiny_model_dir, tmp_path):
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path), method={"dynamic_sampling": True,
+                                                                               "chunk_size": 8})
+    trainer = rlora.build_trainer(constant_for_some, PROMPTS, config=config, verbose=False)
+    scored, stats = trainer._collect()
+    groups = scored.scores.reshape(-1, 4)
+    assert len(scored) == 16 and (groups.std(1) > 0).all()
+    assert all(p not in ("abc", "xyz") for p in scored.rollouts.prompts)
+    assert stats["dynamic_sampling/dropped_groups"] >= 1 and stats["dynamic_sampling/filled"] == 0
+    assert stats["frac_reward_zero_std"] > 0  # over every group drawn, before dropping
+    drawn = stats["dynamic_sampling/draws"] * 2  # prompts drawn; 4 are kept
+    assert len(trainer.buffer or []) == 4 * (drawn - stats["dynamic_sampling/dropped_groups"] - 4)
+
+
+def test_dynamic_sampling_fills_up_with_equal_groups_after_the_cap(tiny_model_dir, tmp_path):
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path),
+                               method={"dynamic_sampling": True, "chunk_size": 8, "max_num_gen_batches": 2})
+    trainer = rlora.build_trainer(lambda samples, **_: [0.5] * len(samples), PROMPTS, config=config, verbose=False)
+    scored, stats = trainer._collect()
+    assert len(scored) == 16 and stats["dynamic_sampling/draws"] == 2 and stats["dynamic_sampling/filled"] == 4
+    assert stats["frac_reward_zero_std"] == 1.0
+
+
+def final_tensors(run_dir, step):
+    from safetensors.torch import load_file
+
+    path = f"{run_dir}/ckpts/step_{step}"
+    tensors = load_file(f"{path}/adapter/adapter_model.safetensors")
+    optimizer = torch.load(f"{path}/optimizer.pt", weights_only=True)
+    for i, state in optimizer["state"].items():
+        tensors.update({f"optimizer.{i}.{k}": v for k, v in state.items() if torch.is_tensor(v)})
+    return tensors
+
+
+def records(run_dir, after):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")}
+            for r in map(json.loads, open(f"{run_dir}/metrics.jsonl")) if r["step"] > after]
+
+
+@pytest.mark.parametrize("method", [{}, {"dynamic_sampling": True, "chunk_size": 12, "beta": 0.1}],
+                         ids=["grpo", "dapo-dynamic-sampling-kl"])
+def test_resume_mid_phase_equals_the_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch, method):
+    model = tiny_model_dir("gpt2")
+    reward = constant_for_some if method else count_s
+    monkeypatch.setattr(rlora.api, "resolve_function", lambda spec, key: reward if spec else None)
+
+    def config(run_dir, steps, **train):
+        return tiny_group_config(model, str(run_dir), method=method,
+                                 train={"total_steps": steps, "eval_interval": 3, **train},
+                                 task={"reward_fn": "support:reward", "prompts": PROMPTS})
+
+    full = rlora.train(config=config(tmp_path / "full", 12), verbose=False)
+    rlora.train(config=config(tmp_path / "resumed", 6), verbose=False)  # stops mid-phase 2
+    state = json.load(open(tmp_path / "resumed" / "ckpts" / "step_6" / "trainer_state.json"))
+    assert state["pending_phase"]["cursor"] == 2
+    if method:
+        assert json.load(open(tmp_path / "resumed" / "ckpts" / "step_6" / "rank_0.json"))["buffer"] is not None
+    resumed = rlora.train(config=config(tmp_path / "resumed", 12, resume_from_checkpoint="latest"), verbose=False)
+    assert resumed.step == full.step == 12
+    a, b = final_tensors(tmp_path / "full", 12), final_tensors(tmp_path / "resumed", 12)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert records(tmp_path / "resumed", 6) == records(tmp_path / "full", 6)
+
+
+@pytest.mark.parametrize(("method", "model", "match"), [
+    ({"num_generations": 1}, {}, "at least 2 completions"),
+    ({"num_rollouts": 18}, {}, "multiple of method.num_generations=4"),
+    ({"chunk_size": 6}, {}, "whole groups"),
+    ({"vf_coef": 1.0}, {}, "method.vf_coef is a PPOConfig key"),
+    ({"loss_type": "sum"}, {}, "method.loss_type='sum'"),
+    ({"epsilon_high": 0.1}, {}, "clip-higher"),
+    ({"overlong_buffer_len": 7}, {}, r"max_new_tokens=6"),
+    ({"gen_kwargs": {"max_new_tokens": 6, "do_sample": False}}, {}, "must be sampled"),
+    ({}, {"value_adapter": {"peft_type": "LORA", "r": 2}}, "no critic"),
+], ids=["one-generation", "partial-group", "chunk-splits-groups", "ppo-key", "loss-type", "epsilon-high",
+        "overlong-buffer", "greedy", "critic-adapter"])
+def test_bad_group_settings_name_the_key_and_the_fix(tmp_path, method, model, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(tiny_group_config("some/model", str(tmp_path), method=method, model=model))
+
+
+def test_ppo_keys_under_ppo_and_group_keys_under_ppo_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="method.num_generations is a GRPOConfig key"):
+        load_config(tiny_ppo_config("some/model", str(tmp_path), method={"num_generations": 4}))
+
+
+def test_switching_method_by_override_keeps_what_was_set(tmp_path):
+    config = load_config(tiny_ppo_config("some/model", str(tmp_path)),
+                         ["method.name=GRPOConfig", "method.num_generations=4"])
+    assert type(config.method).__name__ == "GRPOConfig"
+    assert config.method.num_rollouts == 16 and config.method.ppo_epochs == 2  # set in the PPO config
+    assert config.method.gen_kwargs["max_new_tokens"] == 6
+
+
+def test_per_token_rewards_and_a_value_head_are_refused(tiny_model_dir, tmp_path):
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path))
+    trainer = rlora.build_trainer(lambda outputs, **_: [[0.1] * len(o) for o in outputs], PROMPTS, config=config,
+                                  verbose=False)
+    with pytest.raises(ValueError, match="one reward per\ncompletion|one reward per completion"):
+        trainer._collect()
+    loaded = load_config(config)
+    tokenizer = load_tokenizer(loaded.tokenizer, loaded.model.model_path)
+    with pytest.raises(ValueError, match="value_head=False"):
+        Trainer(loaded, build_policy(loaded.model, tokenizer), tokenizer, count_s, normalize_prompts(PROMPTS),
+                normalize_prompts(PROMPTS), verbose=False)
