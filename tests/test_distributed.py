@@ -38,6 +38,25 @@ WORKER = textwrap.dedent('''
 
     if mode == "train":
         trainer = rlora.train(count_s, ["hello", "abc", "xyz", "the "], config=config_path, verbose=False)
+    elif mode == "group-step":  # advantages from every process's rewards, then one step; each holds one group
+        config = load_config(config_path)
+        tokenizer = load_tokenizer(config.tokenizer, config.model.model_path)
+        torch.manual_seed(0)
+        policy = build_policy(config.model, tokenizer, value_head=False)
+        trainer = PPOTrainer(config, policy, tokenizer, count_s, normalize_prompts(["a"]), normalize_prompts(["a"]),
+                             verbose=False)
+        n, G = 8, 4
+        exp = random_experience(n, 3, 6, vocab_size=30)
+        exp.query_ids = exp.query_ids[::G].repeat_interleave(G, 0)
+        exp.response_mask = torch.arange(6)[None, :] < torch.tensor([6, 1, 4, 2, 5, 3, 6, 2])[:, None]
+        exp.loss_mask = exp.response_mask.clone()
+        rewards = torch.tensor([0.0, 1.0, 0.5, 0.2, 2.0, 1.0, 3.0, 0.0])
+        share = n // world
+        mine = exp.select(torch.arange(rank * share, (rank + 1) * share))
+        mine.advantages, _ = trainer._group_advantages(mine, rewards)
+        save_file({"advantages": mine.advantages.contiguous()}, os.path.join(out, f"advantages_rank{rank}.safetensors"))
+        policy.eval()
+        trainer.train_step(mine, torch.arange(share))
     else:  # one optimizer step on a fixed experience batch, split over the processes
         config = load_config(config_path)
         tokenizer = load_tokenizer(config.tokenizer, config.model.model_path)
@@ -126,6 +145,30 @@ def test_two_processes_half_batch_step_equals_one_process_full_batch(tiny_model_
                .named_parameters() if p.requires_grad}
     changed = sum(not torch.equal(initial[k], one[k]) for k in one)
     assert changed == len(one)  # the step moved every trainable tensor, identically in both layouts
+
+
+@pytest.mark.parametrize("method", [
+    {"loss_type": "dapo", "scale_rewards": "batch"},
+    {"loss_type": "grpo", "advantage_estimator": "reinforce++_baseline"},
+], ids=["dapo-batch-scale", "reinforce++-global-whitening"])
+def test_group_method_two_processes_equal_one(tiny_model_dir, tmp_path, method):
+    """Each process holds whole groups; batch statistics (reward std, REINFORCE++ whitening, DAPO's
+    token count) are global, and the shared-prefix pass still syncs gradients (through DDP)."""
+    from rlora.tiny import tiny_group_config
+
+    config = tiny_group_config(tiny_model_dir("gpt2"), str(tmp_path / "run"), method=method,
+                               train={"batch_size": 8, "minibatch_size": 8},  # a group per process
+                               model={"peft_config": {"peft_type": "LORA", "r": 4, "init_lora_weights": False}},
+                               optimizer={"name": "sgd", "kwargs": {"lr": 1.0}})
+    one, two = (launch(tmp_path, "group-step", config, nproc) for nproc in (1, 2))
+    advantages = torch.cat([load_file(two / f"advantages_rank{r}.safetensors")["advantages"] for r in (0, 1)])
+    torch.testing.assert_close(advantages, load_file(one / "advantages_rank0.safetensors")["advantages"],
+                               rtol=0, atol=1e-6)
+    a, b = (load_file(out / "params_rank0.safetensors") for out in (one, two))
+    c = load_file(two / "params_rank1.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+        assert torch.equal(b[key], c[key]), key
 
 
 def test_two_process_randomwalks_learns_and_resumes(tmp_path):

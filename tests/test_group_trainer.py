@@ -33,15 +33,14 @@ def phases_of(trainer):
 
 
 def spy_forward(monkeypatch):
-    """Record the flags of every `forward_responses` call the trainer makes."""
+    """Record the flags of every pass over responses the trainer makes (shared-prefix or not)."""
     calls = []
-    real = trainer_module.forward_responses
+    for name in ("forward_responses", "forward_group_responses"):
+        def spy(*args, real=getattr(trainer_module, name), **kwargs):
+            calls.append({k: kwargs.get(k, d) for k, d in (("with_policy", True), ("with_reference", False))})
+            return real(*args, **kwargs)
 
-    def spy(*args, **kwargs):
-        calls.append({k: kwargs.get(k, d) for k, d in (("with_policy", True), ("with_reference", False))})
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "forward_responses", spy)
+        monkeypatch.setattr(trainer_module, name, spy)
     return calls
 
 
@@ -127,8 +126,10 @@ def build(model_dir, run_dir, **sections):
                    verbose=False)
 
 
-def uneven_experience(n=8):
+def uneven_experience(n=8, group_size=4):
+    """Two groups of 4 completions (each group one prompt) of uneven lengths."""
     exp = random_experience(n, 3, 6, vocab_size=30)
+    exp.query_ids = exp.query_ids[::group_size].repeat_interleave(group_size, 0)
     lengths = torch.tensor([6, 1, 4, 2, 5, 3, 6, 2])[:n]
     exp.response_mask = torch.arange(6)[None, :] < lengths[:, None]
     exp.loss_mask = exp.response_mask.clone()
@@ -144,24 +145,39 @@ def step_gradient(trainer, exp):
     return torch.cat([(b - p.detach()).flatten() for p, b in zip(trainer.policy.trainable_parameters(), before)])
 
 
-@pytest.mark.parametrize(("loss_type", "invariant"), [("dapo", True), ("grpo", True), ("bnpo", False)],
-                         ids=["dapo", "grpo", "bnpo-per-microbatch"])
-def test_step_gradient_and_microbatching(tiny_model_dir, tmp_path, loss_type, invariant):
-    """DAPO divides by the step's real tokens, so 1, 2 or 4 microbatches give one gradient; BNPO's
-    per-microbatch token count does not (with uneven lengths), which shows the check can fail."""
+@pytest.mark.parametrize(("loss_type", "shared", "invariant"), [
+    ("dapo", False, True), ("dapo", True, True), ("grpo", False, True), ("bnpo", False, False)],
+    ids=["dapo", "dapo-shared-prefix", "grpo", "bnpo-per-microbatch"])
+def test_step_gradient_and_microbatching(tiny_model_dir, tmp_path, loss_type, shared, invariant):
+    """DAPO divides by the step's real tokens, so 1 or 4 microbatches (2 with whole groups) give
+    one gradient; BNPO's per-microbatch token count does not (with uneven lengths), which shows
+    the check can fail."""
     model_dir = tiny_model_dir("gpt2")
     grads = {}
-    for minibatch in (8, 2):
+    for minibatch in (8, 4 if shared else 2):
         trainer = build(model_dir, str(tmp_path / str(minibatch)), train={"minibatch_size": minibatch},
-                        method={"loss_type": loss_type, "ppo_epochs": 2},
+                        method={"loss_type": loss_type, "ppo_epochs": 2, "shared_prefix": shared},
                         model={"peft_config": {"peft_type": "LORA", "r": 4, "init_lora_weights": False}},
                         optimizer={"name": "sgd", "kwargs": {"lr": 1.0}})
         grads[minibatch] = step_gradient(trainer, uneven_experience())
+    small = 4 if shared else 2
     assert grads[8].abs().max() > 1e-4
     if invariant:
-        torch.testing.assert_close(grads[2], grads[8], rtol=0, atol=1e-6)
+        torch.testing.assert_close(grads[small], grads[8], rtol=0, atol=1e-6)
     else:
-        assert (grads[2] - grads[8]).abs().max() > 1e-4
+        assert (grads[small] - grads[8]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_shared_prefix_step_equals_the_unshared_one(tiny_model_dir, tmp_path, arch):
+    grads = {}
+    for shared in (False, True):
+        trainer = build(tiny_model_dir(arch), str(tmp_path / str(shared)), method={"shared_prefix": shared},
+                        model={"peft_config": {"peft_type": "LORA", "r": 4, "init_lora_weights": False}},
+                        optimizer={"name": "sgd", "kwargs": {"lr": 1.0}})
+        grads[shared] = step_gradient(trainer, uneven_experience())
+    assert grads[False].abs().max() > 1e-4
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-7)
 
 
 def test_truncated_completions_can_be_left_out_of_the_loss(tiny_model_dir, tmp_path):

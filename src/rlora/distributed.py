@@ -7,7 +7,7 @@ rlora train CONFIG.yaml`; on CPU the gloo backend is used.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -24,6 +24,32 @@ def leave_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def call_through(wrapper: torch.nn.Module, module: torch.nn.Module, fn: Callable[[], Any]) -> Any:
+    """`fn()` run as the forward of `wrapper` (DDP, FSDP, ... around `module`), so the wrapper's
+    forward-time work happens: DDP arms its gradient all-reduce in forward, and a pass that called
+    `module`'s parts directly would leave the gradients of each process unsynced.
+    With no wrapper (`wrapper is module`), simply `fn()`."""
+    if wrapper is module:
+        return fn()
+    saved = module.__dict__.get("forward")
+
+    def restore() -> None:
+        if "forward" in module.__dict__:
+            del module.forward
+        if saved is not None:
+            module.forward = saved
+
+    def redirected(*args, **kwargs):
+        restore()  # `fn` may call `module` itself: that is its own forward again
+        return fn()
+
+    module.forward = redirected
+    try:
+        return wrapper()
+    finally:
+        restore()
 
 
 class Processes:

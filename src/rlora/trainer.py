@@ -39,7 +39,7 @@ from rlora.algo import (
     token_rewards,
 )
 from rlora.config import Config, GRPOConfig, config_to_dict
-from rlora.distributed import Processes
+from rlora.distributed import Processes, call_through
 from rlora.methods import group_loss, ppo_loss, rollout_passes
 from rlora.models import Policy
 from rlora.optim import build_optimizer, build_scheduler, default_run_dir
@@ -47,7 +47,8 @@ from rlora.rollout.generation import Rollouts, generate_rollouts, sampling_tempe
 from rlora.rollout.prompts import Prompt, PromptLoader, end_of_turn_id, normalize_prompts, render_prompt, \
     tokenize_prompts
 from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch
-from rlora.rollout.scoring import add_scores, forward_responses
+from rlora.rollout.scoring import ResponseScores, add_scores, forward_responses
+from rlora.rollout.shared_prefix import forward_group_responses
 from rlora.rollout.store import Experience, PhaseState, Scored
 from rlora.signals import TrainingInterrupted, stop_on_signals
 from rlora.tracking import Tracker, console, plot_history
@@ -87,6 +88,13 @@ class Trainer:
             "method.num_rollouts / num_generations" if self.group else "method.num_rollouts")
         self.batch_size = self.dist.share(train.batch_size, "train.batch_size")
         self.minibatch_size = self.dist.share(train.minibatch_size or train.batch_size, "train.minibatch_size")
+        if self.group and method.shared_prefix and (self.batch_size % self.group_size or
+                                                     self.minibatch_size % self.group_size):
+            raise ValueError(
+                f"with method.shared_prefix each pass takes whole groups, but on {self.dist.world} processes a process "
+                f"gets batches of {self.batch_size} and microbatches of {self.minibatch_size} completions, not "
+                f"multiples of num_generations={self.group_size}; raise train.batch_size / train.minibatch_size to "
+                f"multiples of {self.group_size * self.dist.world}, or set method.shared_prefix: false")
         set_seed(train.seed, device_specific=True)  # each process samples differently; weights were seeded alike
         self.policy = policy
         self.optimizer = build_optimizer(config, policy.trainable_parameters())
@@ -188,8 +196,7 @@ class Trainer:
                     #    values and reference; a group method: old logprobs with ppo_epochs > 1, the
                     #    reference with beta > 0, else none). It runs over the minibatches of the first
                     #    epoch, so that epoch's first minibatch sees exactly its layout (ratio exactly 1).
-                    orders = [torch.randperm(len(rollouts.prompts), generator=self.shuffle)
-                              for _ in range(method.ppo_epochs)]
+                    orders = [self._shuffled(len(rollouts.prompts)) for _ in range(method.ppo_epochs)]
                     exp = self._score_experience(rollouts, orders[0])
                     mask = exp.response_mask
                     if self.group:
@@ -425,14 +432,32 @@ class Trainer:
         for index in order.split(self.minibatch_size):
             mb = exp.select(index).to(device)
             with self.accelerator.autocast():  # the reference in the policy's precision, as the update's forward
-                out = forward_responses(self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
-                                        with_reference=passes.reference, temperature=self.temperature,
-                                        with_policy=passes.old_logprobs)
+                out = self._forward(self.policy, mb, with_reference=passes.reference, with_policy=passes.old_logprobs)
             width = mb.response_ids.shape[1]
             for name in ("logprobs", "values", "ref_logprobs"):
                 if getattr(out, name) is not None:
                     getattr(exp, name)[index, :width] = getattr(out, name).float().cpu()
         return exp
+
+    def _shuffled(self, n: int) -> torch.Tensor:
+        """A random order of the phase's `n` samples; with `shared_prefix`, of its groups, each
+        group's rows kept together (so every pass gets whole groups)."""
+        if not (self.group and self.config.method.shared_prefix):
+            return torch.randperm(n, generator=self.shuffle)
+        G = self.group_size
+        groups = torch.randperm(n // G, generator=self.shuffle)
+        return (groups[:, None] * G + torch.arange(G)).reshape(-1)  # (n,)
+
+    def _forward(self, model, mb: Experience, **flags) -> ResponseScores:
+        """`forward_responses` of a microbatch at the sampling temperature, through `model` (the
+        prepared one in the update); with `shared_prefix`, each group's prompt runs once
+        (`forward_group_responses`), as the forward of that wrapper so DDP still syncs gradients."""
+        if not (self.group and self.config.method.shared_prefix):
+            return forward_responses(model, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
+                                     temperature=self.temperature, **flags)
+        return call_through(model, self.policy, lambda: forward_group_responses(
+            self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, self.group_size,
+            temperature=self.temperature, **flags))
 
     def train_step(self, exp: Experience, batch: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """One optimizer step on the samples `batch` of `exp`, split into microbatches.
@@ -454,8 +479,7 @@ class Trainer:
             mb = exp.select(index).to(self.accelerator.device)
             last = i == len(micro) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.model):  # one gradient all-reduce a step
-                out = forward_responses(self.model, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
-                                        temperature=self.temperature, with_entropy=self.group)
+                out = self._forward(self.model, mb, with_entropy=self.group)
                 loss, step_stats = group_loss(out, mb, method, self.passes, total_tokens) if self.group else \
                     ppo_loss(out, mb, method)
                 loss = loss * (self.dist.world if dapo else 1 / len(micro))

@@ -310,6 +310,12 @@ def _validate_group_method(g: GRPOConfig, config: Config) -> None:
     max_new = kwargs["max_new_tokens"]
     _check(g.overlong_buffer_len is None or 1 <= g.overlong_buffer_len <= max_new, "method.overlong_buffer_len",
            g.overlong_buffer_len, f"it must be in [1, max_new_tokens={max_new}], or null to turn shaping off")
+    if g.shared_prefix:  # the passes take whole groups: batches are shuffled group by group
+        for key in ("batch_size", "minibatch_size"):
+            value = getattr(config.train, key) or config.train.batch_size
+            _check(value % G == 0, f"train.{key}", value,
+                   f"with method.shared_prefix each pass takes whole groups: make it a multiple of num_generations={G}, "
+                   "or set method.shared_prefix: false")
     _check(config.model.value_adapter is None, "model.value_adapter", config.model.value_adapter,
            "the group methods have no critic; drop model.value_adapter (or use method.name: PPOConfig)")
 
