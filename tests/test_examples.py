@@ -32,3 +32,35 @@ def test_sentiment_example_runs_on_a_local_model(tiny_model_dir, tmp_path, capsy
     assert all(-1.0 <= s <= 1.0 for s in scores)  # VADER's compound score
     assert all(0.0 <= r["metrics/positive"] <= 1.0 for r in evals)
     assert "held-out mean compound" in capsys.readouterr().out
+
+
+METHOD_CONFIGS = sorted(f[:-5] for f in os.listdir(os.path.join(EXAMPLES, "methods")) if f.endswith(".yaml"))
+
+
+def test_there_is_a_config_for_every_method():
+    assert METHOD_CONFIGS == ["dapo", "dr_grpo", "grpo", "gspo", "ppo", "reinforce_pp", "rloo"]
+
+
+@pytest.mark.parametrize("name", METHOD_CONFIGS)
+def test_each_method_config_trains_on_a_local_model(tiny_model_dir, tmp_path, name):
+    """Each examples/methods config as `rlora train` reads it, on a tiny model: one phase."""
+    pytest.importorskip("vaderSentiment")
+    import rlora
+    from rlora.config import GRPOConfig, load_config
+
+    path = os.path.join(EXAMPLES, "methods", f"{name}.yaml")
+    group = isinstance(load_config(path).method, GRPOConfig)
+    model = tiny_model_dir("llama")
+    per_phase = 16 if group else 8  # two prompts of 8 completions, or 8 rollouts
+    trainer = rlora.train(config=path, verbose=False, overrides=[
+        f"model.model_path={model}", f"tokenizer.tokenizer_path={model}", f"train.run_dir={tmp_path}",
+        f"train.batch_size={per_phase}", f"train.minibatch_size={per_phase}", f"method.num_rollouts={per_phase}",
+        f"method.chunk_size={per_phase}", "method.gen_kwargs.max_new_tokens=4",
+        f"train.total_steps={trainer_steps(load_config(path))}", "task.eval_prompts=[a, b]"])
+    phase = [r for r in trainer.history if "phase" in r]
+    assert len(phase) == 1
+    assert ("reward" if group else "rollout_scores/mean") in phase[0]
+
+
+def trainer_steps(config):
+    return config.method.ppo_epochs  # one batch per epoch: one phase

@@ -315,3 +315,10 @@ def test_per_token_rewards_and_a_value_head_are_refused(tiny_model_dir, tmp_path
     with pytest.raises(ValueError, match="value_head=False"):
         Trainer(loaded, build_policy(loaded.model, tokenizer), tokenizer, count_s, normalize_prompts(PROMPTS),
                 normalize_prompts(PROMPTS), verbose=False)
+
+
+def test_a_dynamic_sampling_cap_below_one_phase_of_chunks_is_refused(tiny_model_dir, tmp_path):
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path),
+                               method={"dynamic_sampling": True, "chunk_size": 4, "max_num_gen_batches": 3})
+    with pytest.raises(ValueError, match="max_num_gen_batches=3 is fewer than the 4 chunks"):
+        rlora.build_trainer(count_s, PROMPTS, config=config, verbose=False)

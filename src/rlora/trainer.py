@@ -95,6 +95,11 @@ class Trainer:
                 f"gets batches of {self.batch_size} and microbatches of {self.minibatch_size} completions, not "
                 f"multiples of num_generations={self.group_size}; raise train.batch_size / train.minibatch_size to "
                 f"multiples of {self.group_size * self.dist.world}, or set method.shared_prefix: false")
+        if self.group and method.dynamic_sampling and method.max_num_gen_batches:
+            least = math.ceil(self.rollouts_per_rank / method.chunk_size)  # draws with nothing dropped
+            if method.max_num_gen_batches < least:
+                raise ValueError(f"method.max_num_gen_batches={method.max_num_gen_batches} is fewer than the {least} "
+                                 "chunks a phase needs even when no group is dropped; raise it (or method.chunk_size)")
         set_seed(train.seed, device_specific=True)  # each process samples differently; weights were seeded alike
         self.policy = policy
         self.optimizer = build_optimizer(config, policy.trainable_parameters())
