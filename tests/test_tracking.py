@@ -51,3 +51,11 @@ def test_plots(tmp_path):
                for s in range(5)]
     written = plot_history(history, str(tmp_path))
     assert {p.rsplit("/", 1)[1] for p in written} == {"reward.png", "kl.png", "metrics.png"}
+
+
+def test_group_method_plots(tmp_path):
+    history = [{"step": s, "reward": s / 10, "loss": 0.1, "kl": 0.01, "completions/mean_length": 5.0,
+                "frac_reward_zero_std": 0.25} for s in range(5)]
+    written = plot_history(history, str(tmp_path))
+    assert {p.rsplit("/", 1)[1] for p in written} == {"reward.png", "kl.png", "losses.png", "lengths.png",
+                                                        "groups.png"}

@@ -10,10 +10,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-PLOTS = {  # file name -> the history keys drawn in it
-    "reward.png": ("rollout_scores/mean", "reward/mean"),
-    "kl.png": ("policy/sqrt_kl", "kl_ctl_value"),
-    "losses.png": ("losses/policy_loss", "losses/value_loss"),
+PLOTS = {  # file name -> the history keys drawn in it (PPO's and the group methods')
+    "reward.png": ("rollout_scores/mean", "reward", "reward/mean"),
+    "kl.png": ("policy/sqrt_kl", "kl_ctl_value", "kl"),
+    "losses.png": ("losses/policy_loss", "losses/value_loss", "loss"),
+    "lengths.png": ("response_length/mean", "completions/mean_length"),
+    "groups.png": ("frac_reward_zero_std", "completions/clipped_ratio", "clip_ratio/region_mean"),
 }
 
 
