@@ -322,3 +322,17 @@ def test_a_dynamic_sampling_cap_below_one_phase_of_chunks_is_refused(tiny_model_
                                method={"dynamic_sampling": True, "chunk_size": 4, "max_num_gen_batches": 3})
     with pytest.raises(ValueError, match="max_num_gen_batches=3 is fewer than the 4 chunks"):
         rlora.build_trainer(count_s, PROMPTS, config=config, verbose=False)
+
+
+@pytest.mark.parametrize("max_norm", [None, 1e-3], ids=["unclipped", "clipped"])
+def test_gradient_norm_is_logged_and_clipped_when_asked(tiny_model_dir, tmp_path, max_norm):
+    trainer = build(tiny_model_dir("gpt2"), str(tmp_path), train={"max_grad_norm": max_norm},
+                    model={"peft_config": {"peft_type": "LORA", "r": 4, "init_lora_weights": False}},
+                    optimizer={"name": "sgd", "kwargs": {"lr": 1.0}})
+    before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+    trainer.policy.eval()
+    stats = trainer.train_step(uneven_experience(), torch.arange(8))
+    update = torch.cat([(b - p.detach()).flatten() for p, b in zip(trainer.policy.trainable_parameters(), before)])
+    assert stats["grad_norm"] > 1e-2
+    expected = min(float(stats["grad_norm"]), max_norm or float("inf"))  # SGD, lr 1: the update is the gradient
+    assert update.norm().item() == pytest.approx(expected, rel=1e-4)

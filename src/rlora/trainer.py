@@ -242,10 +242,12 @@ class Trainer:
                     self.step += 1
                     self._record(stats)
                     progress.update(task, completed=self.step, reward=phase.stats[self._reward_key])
+                    paused = time.perf_counter()  # evaluation and checkpoints are not the phase's update time
                     if self.step % train.eval_interval == 0:
                         self.evaluate()
                     if self.step % train.checkpoint_interval == 0 and self.step < self.total_steps:
                         self.save()
+                    phase.t_update += time.perf_counter() - paused
                     if (signum := self._agreed_stop_signal()) is not None:
                         raise TrainingInterrupted(signum, self.save())
 
@@ -490,9 +492,16 @@ class Trainer:
                 loss = loss * (self.dist.world if dapo else 1 / len(micro))
                 self.accelerator.backward(loss)
             stats.append({"loss": loss.detach(), **step_stats})
-        # A non-finite loss or gradient never reaches the weights: one host sync per step decides.
-        grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
-        check = torch.stack([s["loss"] for s in stats]).sum() + sum(g.float().norm() for g in grads)
+        # The gradient's norm, clipped to train.max_grad_norm when set (after DDP's all-reduce: the same
+        # on every process). A non-finite loss or gradient never reaches the weights: one host sync decides.
+        params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
+        max_norm = self.config.train.max_grad_norm
+        if max_norm is not None:
+            grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])) if params \
+                else torch.zeros(())
+        check = torch.stack([s["loss"] for s in stats]).sum() + grad_norm
         finite = bool(self.dist.max((~torch.isfinite(check)).float().reshape(1)).item() == 0)  # all agree
         learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step uses, before the schedule moves on
         if finite:
@@ -517,6 +526,7 @@ class Trainer:
             del out["loss"]
             out["policy/ratio_max_abs_dev"] = torch.stack([s["policy/ratio_max_abs_dev"] for s in stats]).max()
         out["skipped"] = float(not finite)
+        out["grad_norm"] = grad_norm.detach().float()
         out["learning_rate"] = learning_rate
         return out
 

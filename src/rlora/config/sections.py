@@ -49,6 +49,9 @@ class TrainConfig:
     """Checkpoint directory to resume from, or "latest" (the newest complete one of `run_dir`)."""
     keep_checkpoints: int = 2
     """rlora: how many of the latest `step_N` checkpoints to keep (plus `best/` with `save_best`)."""
+    max_grad_norm: float | None = None
+    """rlora: clip the gradient to this total norm before each optimizer step (TRL's default is 1.0);
+    None = no clipping (trlx). The norm is logged as `grad_norm` either way."""
     max_bad_steps: int = 3
     """rlora: a step whose loss or gradient is not finite is skipped; this many in a row abort the run."""
     reward_on_all_ranks: bool = False
