@@ -8,7 +8,7 @@ it), TRL 1.16's `GRPOConfig` defaults for what it leaves unset:
 - 1 iteration, 1 optimizer step over the 32 (on-policy: ratio 1, no old-log-prob pass);
   loss_type "dapo", scale_rewards "group", epsilon 0.2, beta 0 (no reference pass);
 - LoRA r=8 alpha=32 dropout 0 on all linear layers; AdamW 3e-4, betas (0.9, 0.999), eps 1e-8,
-  no weight decay, constant rate; fp32.
+  no weight decay, constant rate, gradients clipped to norm 1 (TRL's default); fp32.
 Each trainer runs in its own process (peak RSS from `wait4`); rlora once in fp32 and once with
 `model.dtype: bfloat16`. Seconds per step are the median of steps 2..N (step 1 warms up);
 `--floor` adds the step's FLOPs (torch's FlopCounterMode, one rlora step) over this machine's
@@ -59,7 +59,8 @@ def grpo_config(args: argparse.Namespace, steps: int) -> dict:
     return {
         "train": {"seq_length": 64 + MAX_NEW, "batch_size": COMPLETIONS, "minibatch_size": COMPLETIONS,
                   "total_steps": steps, "epochs": 10**6, "eval_interval": 10**9, "checkpoint_interval": 10**9,
-                  "save_best": False, "run_dir": args.out, "seed": args.seed, "num_threads": args.threads},
+                  "save_best": False, "run_dir": args.out, "seed": args.seed, "num_threads": args.threads,
+                  "max_grad_norm": 1.0},  # TRL's default, which peerD keeps
         "model": {"model_path": args.model, "peft_config": lora, "dtype": args.dtype},
         "tokenizer": {"tokenizer_path": args.model},
         "optimizer": {"name": "adamw", "kwargs": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
