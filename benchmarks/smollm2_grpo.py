@@ -10,7 +10,8 @@ it), TRL 1.16's `GRPOConfig` defaults for what it leaves unset:
 - LoRA r=8 alpha=32 dropout 0 on all linear layers; AdamW 3e-4, betas (0.9, 0.999), eps 1e-8,
   no weight decay, constant rate, gradients clipped to norm 1 (TRL's default); fp32.
 Each trainer runs in its own process (peak RSS from `wait4`); rlora once in fp32 and once with
-`model.dtype: bfloat16`. Seconds per step are the median of steps 2..N (step 1 warms up);
+`train.mixed_precision: bf16` (bf16 autocast, fp32 weights) and with `model.dtype: bfloat16` (bf16
+weights). Seconds per step are the median of steps 2..N (step 1 warms up);
 `--floor` adds the step's FLOPs (torch's FlopCounterMode, one rlora step) over this machine's
 matmul rate at the update's shapes.
 
@@ -60,8 +61,10 @@ def grpo_config(args: argparse.Namespace, steps: int) -> dict:
         "train": {"seq_length": 64 + MAX_NEW, "batch_size": COMPLETIONS, "minibatch_size": COMPLETIONS,
                   "total_steps": steps, "epochs": 10**6, "eval_interval": 10**9, "checkpoint_interval": 10**9,
                   "save_best": False, "run_dir": args.out, "seed": args.seed, "num_threads": args.threads,
-                  "max_grad_norm": 1.0},  # TRL's default, which peerD keeps
-        "model": {"model_path": args.model, "peft_config": lora, "dtype": args.dtype},
+                  "max_grad_norm": 1.0,  # TRL's default, which peerD keeps
+                  "mixed_precision": "bf16" if args.dtype == "bf16-autocast" else "no"},
+        "model": {"model_path": args.model, "peft_config": lora,
+                  "dtype": "bfloat16" if args.dtype == "bf16-weights" else "float32"},
         "tokenizer": {"tokenizer_path": args.model},
         "optimizer": {"name": "adamw", "kwargs": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
         "scheduler": {"name": "constant", "kwargs": {}},
@@ -167,13 +170,15 @@ def table(rows: list[dict], floor: dict | None) -> str:
         lines.append(f"| floor: {floor['flops'] / 1e9:.1f} GFLOP / {floor['rate'] / 1e9:.1f} GFLOP/s "
                      f"({' x '.join(map(str, floor['shape']))} fp32 matmul) | 1 | {floor_s:.2f} | - | - | - | - |")
     by_key = {r["key"]: r for r in rows}
-    fp32, bf16, peer = by_key.get("float32"), by_key.get("bfloat16"), by_key.get("peer")
+    fp32, bf16, peer = by_key.get("float32"), by_key.get("bf16-autocast"), by_key.get("peer")
     notes = []
     if fp32 and peer:
         notes.append(f"rlora fp32 / TRL 1.16 seconds per step, same run: **{fp32['s_per_step'] / peer['s_per_step']:.2f}**"
                      f"; peak RSS ratio {fp32['rss_mib'] / peer['rss_mib']:.2f}")
     if fp32 and bf16:
-        notes.append(f"rlora bf16 / fp32 seconds per step: {bf16['s_per_step'] / fp32['s_per_step']:.2f}")
+        notes.append(f"rlora bf16 autocast / fp32 seconds per step: {bf16['s_per_step'] / fp32['s_per_step']:.2f}")
+    if bf16 and peer:
+        notes.append(f"rlora bf16 autocast / TRL 1.16 fp32: **{bf16['s_per_step'] / peer['s_per_step']:.2f}**")
     if fp32 and floor is not None:
         notes.append(f"rlora fp32 / floor: {fp32['s_per_step'] / (floor['flops'] / floor['rate']):.1f}")
     return "\n".join(lines + ([""] + ["; ".join(notes) + "."] if notes else []))
@@ -184,7 +189,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="GRPO steps (generation batches) of each trainer")
     parser.add_argument("--seed", type=int, default=1, help="peerD's default")
     parser.add_argument("--model", default=None, help="the model directory (default: rlora fetch smollm2-135m-instruct)")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 row")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the two bf16 rows")
     parser.add_argument("--floor", action="store_true", help="add the compute-floor row")
     parser.add_argument("--worker", choices=["rlora", "floor"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -202,7 +207,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         rows = [run_rlora(args, args.model, workdir, "float32")]
         rows += [] if args.no_peer else [run_peer(args, args.model, workdir)]
-        rows += [] if args.no_bf16 else [run_rlora(args, args.model, workdir, "bfloat16")]
+        rows += [] if args.no_bf16 else [run_rlora(args, args.model, workdir, "bf16-autocast"),
+                                          run_rlora(args, args.model, workdir, "bf16-weights")]
         floor = run_floor(args, args.model, workdir) if args.floor else None
     markdown = table(rows, floor)
     print(markdown)

@@ -336,3 +336,24 @@ def test_gradient_norm_is_logged_and_clipped_when_asked(tiny_model_dir, tmp_path
     assert stats["grad_norm"] > 1e-2
     expected = min(float(stats["grad_norm"]), max_norm or float("inf"))  # SGD, lr 1: the update is the gradient
     assert update.norm().item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_bf16_mixed_precision_is_a_setting_and_scores_in_the_policy_precision(tiny_model_dir, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process; earlier tests set "no"
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path), train={"mixed_precision": "bf16"},
+                               method={"beta": 0.1})
+    trainer = rlora.build_trainer(count_s, PROMPTS, config=config, verbose=False)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    scored, _ = trainer._collect()
+    exp = trainer._score_experience(scored.rollouts, torch.arange(16))
+    mask = exp.response_mask
+    # LoRA starts at the base: the reference pass (adapter off) equals the policy's under the same autocast
+    assert trainer.passes.old_logprobs and trainer.passes.reference  # two epochs, beta > 0
+    assert torch.equal(exp.ref_logprobs[mask], exp.logprobs[mask])
+    try:
+        trainer.learn()
+    finally:
+        AcceleratorState._reset_state(True)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in trainer.history if "loss" in r)

@@ -71,7 +71,8 @@ class Trainer:
         self.stop_sequences = list(stop_sequences or [])
         self.verbose = verbose
         train, method = config.train, config.method
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        precision = {} if train.mixed_precision is None else {"mixed_precision": train.mixed_precision}
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), **precision)
         self.dist = Processes(self.accelerator)
         self.group = isinstance(method, GRPOConfig)
         self.group_size = method.num_generations if self.group else 1  # G completions per prompt

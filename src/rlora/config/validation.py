@@ -163,6 +163,8 @@ def _validate_train(t: TrainConfig) -> None:
     for key in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval",
                 "keep_checkpoints", "max_bad_steps"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "it must be at least 1")
+    _check(t.mixed_precision in (None, "no", "bf16", "fp16"), "train.mixed_precision", t.mixed_precision,
+           "use 'bf16' (bf16 autocast, fp32 weights), 'no', 'fp16' (GPUs) or null for accelerate's setting")
     _check(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm,
            "set a positive norm (1.0 is usual), or null for no clipping")
     mb = t.minibatch_size
