@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,15 @@ def best_of(fn, repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> float:
+    """Run `cmd` to completion; return its peak RSS in MiB."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed with exit code {os.waitstatus_to_exitcode(status)}")
+    return usage.ru_maxrss / 1024
 
 
 def record(name: str, title: str, note: str, markdown: str, path: str = os.path.join(ROOT, "BENCHMARKS.md")) -> None:

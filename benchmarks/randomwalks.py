@@ -19,27 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, record  # noqa: E402
+from common import ROOT, record, run_measured  # noqa: E402
 
 PEERS = os.path.join(os.path.dirname(ROOT), "shared", "peers")
 PEER_VENV = os.path.join(ROOT, ".peers", "venv-trl011", "bin", "python")
 PEER_MODEL = os.path.join(ROOT, ".peers", "randomwalks-model")
 STEPS_PER_PHASE = 8
-
-
-def run_measured(cmd: list[str], env: dict | None = None) -> float:
-    """Run `cmd` to completion; return its peak RSS in MiB."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed with exit code {os.waitstatus_to_exitcode(status)}")
-    return usage.ru_maxrss / 1024
 
 
 def rlora_worker(args: argparse.Namespace) -> None:

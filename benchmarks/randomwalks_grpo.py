@@ -30,7 +30,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import peer_benchmark_parser, peer_command, peer_model, record, require_peer  # noqa: E402
-from randomwalks import run_measured, summarize  # noqa: E402
+from common import run_measured  # noqa: E402
+from randomwalks import summarize  # noqa: E402
 
 STEPS_PER_PHASE = 8  # 4 iterations x 128 / 64
 EVAL_SAMPLES_PER_PROMPT = 8  # as the peer's rw_eval

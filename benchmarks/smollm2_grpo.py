@@ -33,7 +33,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PEERS, peer_benchmark_parser, peer_command, record, require_peer  # noqa: E402
-from randomwalks import run_measured  # noqa: E402
+from common import run_measured  # noqa: E402
 
 COMPLETIONS, GENERATIONS, MAX_NEW = 32, 8, 16  # per step: 4 prompts x 8, 16 new tokens
 
