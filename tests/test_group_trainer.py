@@ -44,18 +44,21 @@ def spy_forward(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize(("epochs", "beta", "estimator", "passes"), [
-    (1, 0.0, "grpo", 0), (2, 0.0, "grpo", 1), (1, 0.1, "grpo", 1), (1, 0.1, "reinforce++", 1),
-], ids=["one-epoch-no-kl", "two-epochs", "kl", "reinforce++-kl"])
-def test_only_the_passes_the_method_needs_run(tiny_model_dir, tmp_path, monkeypatch, epochs, beta, estimator, passes):
+@pytest.mark.parametrize(("epochs", "batch", "beta", "estimator", "passes"), [
+    (1, 16, 0.0, "grpo", 0), (2, 16, 0.0, "grpo", 1), (1, 8, 0.0, "grpo", 1), (1, 16, 0.1, "grpo", 1),
+    (1, 16, 0.1, "reinforce++", 1),
+], ids=["one-step-no-kl", "two-epochs", "two-steps-an-epoch", "kl", "reinforce++-kl"])
+def test_only_the_passes_the_method_needs_run(tiny_model_dir, tmp_path, monkeypatch, epochs, batch, beta, estimator,
+                                              passes):
     calls = spy_forward(monkeypatch)
+    steps = epochs * 16 // batch
     config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path),
                                method={"ppo_epochs": epochs, "beta": beta, "advantage_estimator": estimator},
-                               train={"total_steps": 2 * epochs, "minibatch_size": 8})
+                               train={"total_steps": steps, "batch_size": batch, "minibatch_size": 8})
     trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
-    old_pass = epochs > 1 or (beta > 0 and estimator == "reinforce++")
-    # one phase: 2 * epochs optimizer steps of one microbatch each; the rollout pass, when it runs,
-    # takes 16 samples in microbatches of 8 (2 calls)
+    old_pass = steps > 1 or (beta > 0 and estimator == "reinforce++")
+    # one phase: 16 * epochs samples through the update in microbatches of 8 (2 * epochs calls); the
+    # rollout pass, when it runs, takes the 16 in microbatches of 8 (2 calls)
     with_reference = [c for c in calls if c["with_reference"]]
     policy_only = [c for c in calls if c["with_policy"] and not c["with_reference"]]
     assert len(with_reference) == (2 if beta > 0 else 0)
@@ -75,13 +78,25 @@ def test_ratio_is_one_at_the_first_minibatch_and_moves_after(tiny_model_dir, tmp
     assert max(abs(r - 1) for r in ratio) > 1e-4  # later steps see the updated policy
 
 
-def test_one_epoch_has_ratio_exactly_one_and_still_learns_a_gradient(tiny_model_dir, tmp_path):
+def test_one_step_a_phase_has_ratio_exactly_one_and_still_learns_a_gradient(tiny_model_dir, tmp_path):
     config = tiny_group_config(tiny_model_dir("gpt2"), str(tmp_path), method={"ppo_epochs": 1},
-                               train={"total_steps": 2})
+                               train={"total_steps": 2, "batch_size": 16})
     trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    assert not trainer.passes.old_logprobs
     assert steps_of(trainer, "policy/ratio_mean") == [1.0, 1.0]
     lora_b = [p for n, p in trainer.policy.named_parameters() if "lora_B" in n]
     assert any(p.abs().max() > 0 for p in lora_b)  # lora_B starts at zero: it moved
+
+
+def test_later_steps_of_a_one_epoch_phase_see_the_moved_policy(tiny_model_dir, tmp_path):
+    # two optimizer steps a phase: the second one's samples are stale, so the old log-probs are measured
+    config = tiny_group_config(tiny_model_dir("gpt2"), str(tmp_path), method={"ppo_epochs": 1},
+                               train={"total_steps": 4, "batch_size": 8})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    ratio = steps_of(trainer, "policy/ratio_mean")
+    assert trainer.passes.old_logprobs
+    assert abs(ratio[0] - 1) < 1e-6 and abs(ratio[2] - 1) < 1e-6
+    assert abs(ratio[1] - 1) > 1e-5 and abs(ratio[3] - 1) > 1e-5
 
 
 def test_logs_trl_names_and_groups_are_whole(tiny_model_dir, tmp_path):

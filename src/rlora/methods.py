@@ -25,14 +25,16 @@ class Passes:
     reference: bool  # the reference's (adapter disabled) log-probs, for a KL term
 
 
-def rollout_passes(method) -> Passes:
-    """PPO runs all three. A group method needs the old log-probs only with more than one epoch
-    (with one, they are the current ones detached, as TRL) or for REINFORCE++'s KL reward, and
-    the reference only with `beta > 0`."""
+def rollout_passes(method, batch_size: int) -> Passes:
+    """PPO runs all three. A group method needs the old log-probs only when the phase takes more
+    than one optimizer step (several epochs, or `batch_size` < `num_rollouts`: later steps see a
+    policy that has moved) or for REINFORCE++'s KL reward; with one step they are the current
+    ones detached, as TRL does. The reference runs only with `beta > 0`."""
     if not isinstance(method, GRPOConfig):
         return Passes(True, True, True)
     kl = method.beta > 0
-    return Passes(method.ppo_epochs > 1 or kl and method.advantage_estimator.startswith("reinforce++"), False, kl)
+    one_step = method.ppo_epochs == 1 and batch_size >= method.num_rollouts
+    return Passes(not one_step or kl and method.advantage_estimator.startswith("reinforce++"), False, kl)
 
 
 def ppo_loss(out: ResponseScores, mb: Experience, method: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

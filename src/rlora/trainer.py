@@ -76,7 +76,7 @@ class Trainer:
         self.dist = Processes(self.accelerator)
         self.group = isinstance(method, GRPOConfig)
         self.group_size = method.num_generations if self.group else 1  # G completions per prompt
-        self.passes = rollout_passes(method)
+        self.passes = rollout_passes(method, train.batch_size)
         if self.group and policy.value_head is not None:
             raise ValueError("the group methods have no critic, but this policy has a value head; build it with "
                              "rlora.models.build_policy(config.model, tokenizer, value_head=False)")

@@ -200,8 +200,9 @@ class GRPOConfig:
     chunk_size: int = 64
     """Completions generated at once, in whole groups (a multiple of `num_generations`)."""
     ppo_epochs: int = 1
-    """Passes over each phase (TRL's `num_iterations`). With 1 the old log-probs are the current ones
-    detached and no separate pass computes them."""
+    """Passes over each phase (TRL's `num_iterations`). With 1 and `train.batch_size >= num_rollouts`
+    (one optimizer step a phase) the old log-probs are the current ones detached and no separate
+    pass computes them."""
     advantage_estimator: str = "grpo"
     """"grpo", "rloo", "reinforce++" or "reinforce++_baseline"."""
     scale_rewards: str = "group"
