@@ -6,7 +6,7 @@ contiguous with their prompts repeated beside them.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -26,6 +26,7 @@ POLICIES = {"lora": LORA, "hydra": {"num_layers_unfrozen": 1}, "full": {"num_lay
 
 
 def make_policy(model_dir: str, tokenizer, kind: str = "lora"):
+    torch.manual_seed(0)  # the adapter's random init, whichever test made the model directory first
     return build_policy(ModelConfig(model_path=model_dir, **POLICIES[kind]), tokenizer, value_head=False).eval()
 
 
@@ -78,18 +79,21 @@ def rollouts(policy, tokenizer, gen_kwargs, share_prompt=True, num_generations=3
                              num_generations=num_generations, share_prompt=share_prompt, **kwargs)
 
 
-@pytest.mark.parametrize("kind, merged", [("lora", False), ("lora", True), ("hydra", False), ("full", False)],
-                         ids=["lora", "lora_merged", "hydra", "full"])
+@pytest.mark.parametrize("kind, merged, bf16", [("lora", False, False), ("lora", True, False), ("lora", False, True),
+                                               ("hydra", False, False), ("full", False, False)],
+                         ids=["lora", "lora_merged", "lora_bf16_autocast", "hydra", "full"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_greedy_shared_equals_repeated_token_for_token(tiny_model_dir, tokenizer, arch, kind, merged):
+def test_greedy_shared_equals_repeated_token_for_token(tiny_model_dir, tokenizer, arch, kind, merged, bf16):
     policy = make_policy(tiny_model_dir(arch), tokenizer, kind)
     greedy = {"do_sample": False, "max_new_tokens": 8}
-    with trunk_batches(policy) as shapes:
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()  # as the trainer's bf16 runs
+    with precision, trunk_batches(policy) as shapes:
         shared = rollouts(policy, tokenizer, greedy, merged=merged)
     p = max(len(ids) for ids in encode(tokenizer, PROMPTS))
     assert shapes[0] == (len(PROMPTS), p - 1), "each prompt but its last token runs once"
     assert all(s == (3 * len(PROMPTS), 1) for s in shapes[1:]), "then one token at a time for every row"
-    repeated = rollouts(policy, tokenizer, greedy, share_prompt=False, merged=merged)
+    with precision:
+        repeated = rollouts(policy, tokenizer, greedy, share_prompt=False, merged=merged)
     assert torch.equal(shared.response_ids, repeated.response_ids)
     assert torch.equal(shared.response_mask, repeated.response_mask)
     assert torch.equal(shared.query_ids, repeated.query_ids) and torch.equal(shared.query_mask, repeated.query_mask)
@@ -97,19 +101,20 @@ def test_greedy_shared_equals_repeated_token_for_token(tiny_model_dir, tokenizer
     assert len(set(shared.outputs)) > 1, "prompts that all give one output would not test the cache's rows"
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7], ids=["t1", "t0.7"])
+@pytest.mark.parametrize("setting", ["plain", "temperature"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_scored_distribution_is_the_shared_path_sampled_one(tiny_model_dir, tokenizer, arch, temperature):
+def test_scored_distribution_is_the_shared_path_sampled_one(tiny_model_dir, tokenizer, arch, setting):
     policy = make_policy(tiny_model_dir(arch), tokenizer)
-    gen = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": temperature, "max_new_tokens": 6}
+    gen = {"do_sample": True, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6,
+           "temperature": 0.7 if setting == "temperature" else 1.0}
     with recorded_sampling(policy) as record, trunk_batches(policy) as shapes:
         out = rollouts(policy, tokenizer, gen, num_generations=4)
+        scored = forward_responses(policy, out.query_ids, out.query_mask, out.response_ids, out.response_mask,
+                                   temperature=sampling_temperature(gen)).logprobs
     assert shapes[0][0] == len(PROMPTS), "the shared path ran"
     (scores,) = record
     r = out.response_ids.shape[1]
     sampled = scores[:, :r].gather(-1, out.response_ids[..., None]).squeeze(-1)  # (b * G, r)
-    scored = forward_responses(policy, out.query_ids, out.query_mask, out.response_ids, out.response_mask,
-                               temperature=sampling_temperature(gen)).logprobs
     mask = out.response_mask
     assert mask.any(1).all()
     torch.testing.assert_close(scored[mask], sampled[mask], atol=1e-5, rtol=0)

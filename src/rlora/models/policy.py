@@ -340,8 +340,10 @@ class Policy(nn.Module):
 
         Not with prompt or prefix tuning (peft feeds the virtual tokens to `generate` itself), under
         ZeRO-3's `synced_gpus`, with beam search, `num_return_sequences`, assisted decoding or
-        classifier-free guidance (they expand or run the batch themselves), without a KV cache, or
-        with prompts of one token (nothing before the last token to share).
+        classifier-free guidance (they expand or run the batch themselves), without a KV cache or
+        with a `cache_implementation` other than the dynamic one (transformers builds a static,
+        offloaded or quantized cache itself), or with prompts of one token (nothing before the
+        last token to share).
         """
         config = generation_config if generation_config is not None else self.base_model.generation_config
         # transformers leaves unset fields None: one beam, one sequence, a cache
