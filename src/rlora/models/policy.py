@@ -297,30 +297,82 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config=None,
-                 merged: bool = False, **kwargs) -> torch.Tensor:
-        """Sample continuations with the policy. Shape: (b, t) -> (b, t + new).
+                 merged: bool = False, num_generations: int = 1, **kwargs) -> torch.Tensor:
+        """Sample continuations with the policy. Shape: (b, t) -> (b * num_generations, t + new).
 
         - `generation_config` is the whole of the settings: while it runs it stands in for the
           model's own `generation_config`, which transformers would otherwise draw unset values
           from (a checkpoint's temperature, repetition_penalty, top_k, ...).
         - `merged` generates with the adapter merged into the base weights (`merged_adapter`).
+        - `num_generations` G samples each row G times; the G rows of a prompt are contiguous. The
+          prompt runs once and its KV cache is repeated to the G rows (`shares_prompt` says when
+          this applies); otherwise each row is repeated G times before `generate`.
         - Prompt tuning puts the virtual tokens after each row's left padding, `[pad | virtual |
           prompt]`, so that positions count as in the scoring passes (`[virtual | prompt | ...]`,
           see `rlora.rollout.scoring.pack_sequences`); peft's own generate would give
           `[virtual | pad | prompt]`.
         """
+        if num_generations < 1:
+            raise ValueError(f"num_generations={num_generations}; sample at least one continuation per prompt "
+                             "(num_generations >= 1)")
+        shared = num_generations > 1 and self.shares_prompt(input_ids, generation_config, **kwargs)
+        if num_generations > 1 and not shared:
+            input_ids = input_ids.repeat_interleave(num_generations, 0)  # (b * G, t)
+            attention_mask = attention_mask.repeat_interleave(num_generations, 0)
         base = self.base_model
         saved = base.generation_config
         if generation_config is not None:
             base.generation_config = generation_config
         try:
             with self.merged_adapter() if merged and self.mode == "adapter" else nullcontext():
+                if shared:
+                    return self._generate_from_shared_prompts(input_ids, attention_mask, num_generations,
+                                                              generation_config, **kwargs)
                 if self.mode == "prompt" and not self.lm.active_peft_config.peft_type == "PREFIX_TUNING":
                     return self._generate_after_virtual_tokens(input_ids, attention_mask, generation_config, **kwargs)
                 return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask,
                                         generation_config=generation_config, **kwargs)
         finally:
             base.generation_config = saved
+
+    def shares_prompt(self, input_ids: torch.Tensor, generation_config=None, **kwargs) -> bool:
+        """Whether `generate(..., num_generations > 1)` runs each prompt once and repeats its KV cache.
+
+        Not with prompt or prefix tuning (peft feeds the virtual tokens to `generate` itself), under
+        ZeRO-3's `synced_gpus`, with beam search, `num_return_sequences`, assisted decoding or
+        classifier-free guidance (they expand or run the batch themselves), without a KV cache or
+        with a `cache_implementation` other than the dynamic one (transformers builds a static,
+        offloaded or quantized cache itself), or with prompts of one token (nothing before the
+        last token to share).
+        """
+        config = generation_config if generation_config is not None else self.base_model.generation_config
+        # transformers leaves unset fields None: one beam, one sequence, a cache
+        return (self.mode != "prompt" and not kwargs.get("synced_gpus") and input_ids.shape[1] >= 2
+                and (config.num_beams or 1) == 1 and (config.num_return_sequences or 1) == 1
+                and config.use_cache is not False and config.cache_implementation in (None, "dynamic")
+                and all(kwargs.get(k) is None for k in ("assistant_model", "negative_prompt_ids")))
+
+    def _generate_from_shared_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                      num_generations: int, generation_config, **kwargs) -> torch.Tensor:
+        """`generate` on each row repeated `num_generations` times, with each prompt run once.
+
+        Every token but the last runs through the policy's trunk (its language-model head is not
+        needed) into a KV cache, which is then repeated to the G rows of its prompt. `generate`
+        continues from that cache: it runs the last prompt token and samples exactly as on
+        repeated rows (the same logits processors, stop ids and padding; positions come from the
+        full attention mask). Shape: (b, t) -> (b * G, t + new).
+        """
+        from transformers import DynamicCache
+
+        base = self.base_model
+        head_ids, head_mask = input_ids[:, :-1], attention_mask[:, :-1]  # (b, t - 1): all but the last token
+        cache = DynamicCache(config=base.config.get_text_config(decoder=True))
+        base.base_model(input_ids=head_ids, attention_mask=head_mask, position_ids=position_ids_from_mask(head_mask),
+                        past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(num_generations)  # (b * G, heads, t - 1, head_dim) per layer
+        return self.lm.generate(input_ids=input_ids.repeat_interleave(num_generations, 0),
+                                attention_mask=attention_mask.repeat_interleave(num_generations, 0),
+                                past_key_values=cache, generation_config=generation_config, **kwargs)
 
     def _generate_after_virtual_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                        generation_config, **kwargs) -> torch.Tensor:

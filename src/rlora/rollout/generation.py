@@ -140,7 +140,8 @@ def tokens_before_stop_sequence(tokens: list[int], decode, stop_sequences: Seque
 @torch.no_grad()
 def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[int]], gen_kwargs: dict,
                       stop_sequences: Sequence[str] = (), merged: bool = False,
-                      prompt_texts: list[str] | None = None, num_generations: int = 1) -> Rollouts:
+                      prompt_texts: list[str] | None = None, num_generations: int = 1,
+                      share_prompt: bool = True) -> Rollouts:
     """Sample `num_generations` responses per prompt with the policy (adapters on, dropout as set
     by the caller); the rows of one prompt are contiguous (a group).
 
@@ -151,11 +152,23 @@ def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[in
     and given an EOS, so the scored tokens are the sampled ones. `prompts` are kept as given
     (they reach reward_fn); `prompt_texts` are the texts they stand for (default: the prompts
     themselves) and `prompt_ids` their tokens. Outputs are the decoded responses.
+
+    With `share_prompt` (and `num_generations > 1`) the prompts go to `policy.generate` once each,
+    with `num_generations`: each prompt runs once and its KV cache serves its whole group, except
+    where `Policy.shares_prompt` says it cannot (prompt or prefix tuning, ZeRO-3's `synced_gpus`,
+    beam search, ...), where the policy repeats the rows itself. `share_prompt=False` repeats
+    each prompt `num_generations` times here, before generation.
     """
+    if num_generations < 1:
+        raise ValueError(f"num_generations={num_generations}; sample at least one response per prompt "
+                         "(num_generations >= 1)")
     device = next(policy.parameters()).device
+    shared = share_prompt and num_generations > 1  # the policy expands each prompt to its group
     if num_generations > 1:
-        prompts, prompt_ids = _repeat(prompts, num_generations), _repeat(prompt_ids, num_generations)
+        prompts = _repeat(prompts, num_generations)
         prompt_texts = None if prompt_texts is None else _repeat(prompt_texts, num_generations)
+        if not shared:
+            prompt_ids = _repeat(prompt_ids, num_generations)
     query_ids, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
     base = getattr(policy, "base_model", None)
@@ -163,7 +176,12 @@ def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[in
     config, arguments = rollout_generation_config(gen_kwargs, tokenizer, stops)
     if merged:
         arguments["merged"] = True
+    if shared:
+        arguments["num_generations"] = num_generations
     sequences = policy.generate(query_ids, query_mask.long(), generation_config=config, **arguments)
+    if shared:
+        query_ids = query_ids.repeat_interleave(num_generations, 0)  # (b * G, p): the rows of each group
+        query_mask = query_mask.repeat_interleave(num_generations, 0)
     responses = [cut_at_eos(tokens, stops) for tokens in sequences[:, query_ids.shape[1]:].tolist()]
     ended = [bool(r) and r[-1] in stops for r in responses]
 
