@@ -288,7 +288,8 @@ class Trainer:
                                      [prompt_ids[i] for i in index], {**gen_kwargs, **self.gen_extra},
                                      self.stop_sequences, merged=merged,
                                      prompt_texts=[render_prompt(p, self.tokenizer) for p in chosen],
-                                     num_generations=num_generations)
+                                     num_generations=num_generations,
+                                     share_prompt=self.group and self.config.method.shared_prefix)
 
     @functools.cached_property
     def _end_of_turn(self) -> int | None:

@@ -235,8 +235,9 @@ class GRPOConfig:
     """Completions cut at `max_new_tokens` (no stop token) count in their group's statistics but not
     in the loss (DAPO)."""
     shared_prefix: bool = True
-    """rlora: run each prompt once per group in the update and rollout passes, its G completions on
-    its cache (the same log-probs and gradients up to float rounding; batches then hold whole groups)."""
+    """rlora: run each prompt once per group, its G completions on its KV cache: in generation (the
+    same sampling) and in the update and rollout passes (the same log-probs and gradients up to
+    float rounding; batches then hold whole groups). false = every row runs its own prompt."""
     gen_kwargs: dict = field(default_factory=lambda: {"max_new_tokens": 40, "top_k": 0, "top_p": 1.0,
                                                       "do_sample": True})
     """`generate` arguments for evaluation (and rollouts unless `gen_experience_kwargs` is set)."""
