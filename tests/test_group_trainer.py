@@ -372,3 +372,24 @@ def test_bf16_mixed_precision_is_a_setting_and_scores_in_the_policy_precision(ti
     finally:
         AcceleratorState._reset_state(True)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in trainer.history if "loss" in r)
+
+
+def test_the_shared_prefix_update_runs_under_bf16_autocast_too(tiny_model_dir, tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path), train={"mixed_precision": "bf16"})
+    trainer = rlora.build_trainer(count_s, PROMPTS, config=config, verbose=False)
+    seen = []
+    real = trainer_module.forward_group_responses
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "forward_group_responses", spy)
+    try:
+        trainer.train_step(uneven_experience(), torch.arange(8))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert seen and all(seen)

@@ -464,9 +464,10 @@ class Trainer:
         if not (self.group and self.config.method.shared_prefix):
             return forward_responses(model, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
                                      temperature=self.temperature, **flags)
-        return call_through(model, self.policy, lambda: forward_group_responses(
-            self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, self.group_size,
-            temperature=self.temperature, **flags))
+        with self.accelerator.autocast():  # it calls the model's parts, not the forward accelerate wrapped
+            return call_through(model, self.policy, lambda: forward_group_responses(
+                self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, self.group_size,
+                temperature=self.temperature, **flags))
 
     def train_step(self, exp: Experience, batch: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """One optimizer step on the samples `batch` of `exp`, split into microbatches.
