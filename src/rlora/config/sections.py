@@ -52,8 +52,8 @@ class TrainConfig:
     mixed_precision: str | None = None
     """rlora: "bf16" runs every forward (generation, rollout pass, reference, update) under bf16
     autocast with fp32 weights, as accelerate's mixed precision does; "no" = fp32; None = what
-    `accelerate launch` (or $ACCELERATE_MIXED_PRECISION) sets, else fp32. On CPUs with AVX-512
-    BF16 (Zen 4) and on GPUs it is the fast setting; `model.dtype` instead stores the base in bf16."""
+    `accelerate launch` (or $ACCELERATE_MIXED_PRECISION) sets, else fp32. On GPUs, and for the update
+    on CPUs with AVX-512 BF16 (Zen 4), it is the fast setting; `model.dtype` stores the base in bf16."""
     max_grad_norm: float | None = None
     """rlora: clip the gradient to this total norm before each optimizer step (TRL's default is 1.0);
     None = no clipping (trlx). The norm is logged as `grad_norm` either way."""
