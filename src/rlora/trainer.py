@@ -170,7 +170,8 @@ class Trainer:
         if self.step == 0 and not self.history:
             self.evaluate()  # the baseline, before any update
         progress = self._progress()
-        task = progress.add_task(self.config.method.name.removesuffix("Config"), total=self.total_steps, completed=self.step, reward=float("nan"))
+        task = progress.add_task(method.name.removesuffix("Config"), total=self.total_steps, completed=self.step,
+                                 reward=float("nan"))
         with progress, stop_on_signals(self._on_signal):
             while self.step < self.total_steps:
                 if self.pending is None:
@@ -199,8 +200,8 @@ class Trainer:
                                                        method.cliprange_reward)
 
                     # 4. One no-grad rollout pass with the passes the method needs (PPO: policy logprobs,
-                    #    values and reference; a group method: old logprobs with ppo_epochs > 1, the
-                    #    reference with beta > 0, else none). It runs over the minibatches of the first
+                    #    values and reference; a group method: old logprobs when the phase takes more than
+                    #    one step, the reference with beta > 0, else none). It runs over the minibatches of the first
                     #    epoch, so that epoch's first minibatch sees exactly its layout (ratio exactly 1).
                     orders = [self._shuffled(len(rollouts.prompts)) for _ in range(method.ppo_epochs)]
                     exp = self._score_experience(rollouts, orders[0])
