@@ -393,3 +393,16 @@ def test_the_shared_prefix_update_runs_under_bf16_autocast_too(tiny_model_dir, t
     finally:
         AcceleratorState._reset_state(True)
     assert seen and all(seen)
+
+
+def test_a_group_checkpoint_evaluates_and_a_ppo_run_cannot_resume_it(tiny_model_dir, tmp_path):
+    config = tiny_group_config(tiny_model_dir("gpt2"), str(tmp_path / "run"), train={"total_steps": 4},
+                               method={"eval_gen_kwargs": {"greedy": {"do_sample": False}}})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    path = str(tmp_path / "run" / "ckpts" / "step_4")
+    record = rlora.evaluate(path, reward_fn=count_s, prompts=PROMPTS, verbose=False)
+    final = trainer.history[-1]  # the greedy eval of the trained policy, as evaluate() restores it
+    assert record["step"] == 4 and record["reward/greedy/mean"] == pytest.approx(final["reward/greedy/mean"])
+    ppo = tiny_ppo_config(tiny_model_dir("gpt2"), str(tmp_path / "run"), train={"resume_from_checkpoint": path})
+    with pytest.raises(ValueError, match="without a value head"):
+        rlora.train(count_s, PROMPTS, config=ppo, verbose=False)
