@@ -23,11 +23,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from rlora.tasks.methods import GRPO_METHOD, phase_steps, unknown_method
 from rlora.tasks.randomwalks import make_task, sft_model
 from rlora.tracking import mean_phase_seconds
 
 EVAL_SAMPLES_PER_PROMPT = 8  # as the peer harness: 20 start letters x 8 sampled walks
-METHODS = ("ppo", "grpo")  # `rlora demo --method`, for every task
 ROLLOUTS = 128  # completions per phase, either method (GRPO: 16 start letters x 8)
 PHASES = 50  # the demo's default budget, in rollout phases: the same walks sampled for either method
 EVAL_PHASES = 10  # phases between evaluations
@@ -60,15 +60,13 @@ def method_settings(method: str) -> dict[str, Any]:
                            "cliprange_reward": 1.0}}
     if method == "grpo":
         return {"batch_size": ROLLOUTS, "minibatch_size": 64, "lr": 3e-3,
-                "method": {"name": "GRPOConfig", "num_generations": 8, "ppo_epochs": 1, "loss_type": "dapo",
-                           "scale_rewards": "group", "beta": 0.0, "epsilon": 0.2, "shared_prefix": True}}
-    raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+                "method": dict(GRPO_METHOD)}
+    raise unknown_method(method)
 
 
 def steps_per_phase(method: str) -> int:
     """Optimizer steps a randomwalks phase takes with `method` (PPO 8, GRPO 1)."""
-    settings = method_settings(method)
-    return settings["method"]["ppo_epochs"] * (ROLLOUTS // settings["batch_size"])
+    return phase_steps(method_settings(method), ROLLOUTS)
 
 
 def demo_config(model_dir: str, run_dir: str, total_steps: int, seed: int = 1000, eval_interval: int = 80,

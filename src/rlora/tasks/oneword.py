@@ -39,6 +39,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from rlora.tasks.methods import GRPO_METHOD, METHODS, phase_steps, unknown_method
+
 CATEGORIES: dict[str, tuple[str, frozenset[str]]] = {
     # name: (the phrase a question uses, the accepted answers, lowercase)
     "fruit": ("a fruit", frozenset(
@@ -206,7 +208,6 @@ def split() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 # ---------------------------------------------------------------------------------------------
 
 
-METHODS = ("ppo", "grpo")  # `method` of `make_config` and `run`; `rlora demo --task oneword --method`
 ROLLOUTS = 32  # completions per phase, either method (GRPO: 4 prompts x 8)
 PHASES = 10  # the demo's default budget, in rollout phases: the same completions for either method
 EVAL_PHASES = 4  # phases between held-out evaluations (and one at the start and the end)
@@ -230,16 +231,14 @@ def method_settings(method: str) -> dict[str, Any]:
                            "cliprange_reward": 10.0}}
     if method == "grpo":
         return {"batch_size": ROLLOUTS, "minibatch_size": 16, "lr": 1e-3,
-                "method": {"name": "GRPOConfig", "num_generations": 8, "ppo_epochs": 1, "loss_type": "dapo",
-                           "scale_rewards": "group", "beta": 0.0, "epsilon": 0.2, "shared_prefix": True}}
-    raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+                "method": dict(GRPO_METHOD)}
+    raise unknown_method(method)
 
 
 def steps_per_phase(method: str) -> int:
     """Optimizer steps a phase takes with `method` (PPO 4, GRPO 1); the demo's budget is
     `PHASES` phases (PPO 40 steps, GRPO 10)."""
-    settings = method_settings(method)
-    return settings["method"]["ppo_epochs"] * (ROLLOUTS // settings["batch_size"])
+    return phase_steps(method_settings(method), ROLLOUTS)
 
 
 def make_config(model_path: str, total_steps: int | None = None, run_dir: str | None = None, seed: int = 0,

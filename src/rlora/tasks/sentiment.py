@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+from rlora.tasks.methods import GRPO_METHOD, phase_steps, unknown_method
+
 DATA_FILE = "review_openings.txt"  # in the package's data/ directory
 HELD_OUT_PERCENT = 15  # share of openings kept for evaluation (by hash, so adding lines moves none)
 POSITIVE_THRESHOLD = 0.05  # VADER's own convention: compound >= 0.05 is positive
@@ -103,7 +105,6 @@ def metric_fn(samples: Sequence[str], prompts: Sequence[str] = (), outputs: Sequ
 # ---------------------------------------------------------------------------------------------
 
 
-METHODS = ("ppo", "grpo")  # `method` of `make_config`; `rlora demo --task sentiment --method`
 ROLLOUTS = 64  # completions per phase, either method (GRPO: 8 openings x 8)
 PHASES = 12  # the demo's default budget, in rollout phases: the same completions for either method
 
@@ -129,16 +130,14 @@ def method_settings(method: str) -> dict[str, Any]:
                            "cliprange_reward": 10.0}}
     if method == "grpo":
         return {"batch_size": ROLLOUTS, "minibatch_size": 32, "lr": 1e-3, "value_adapter": False,
-                "method": {"name": "GRPOConfig", "num_generations": 8, "ppo_epochs": 1, "loss_type": "dapo",
-                           "scale_rewards": "group", "beta": 0.0, "epsilon": 0.2, "shared_prefix": True}}
-    raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+                "method": dict(GRPO_METHOD)}
+    raise unknown_method(method)
 
 
 def steps_per_phase(method: str) -> int:
     """Optimizer steps a phase takes with `method` (PPO 4, GRPO 1); the demo's budget is
     `PHASES` phases (PPO 48 steps, GRPO 12)."""
-    settings = method_settings(method)
-    return settings["method"]["ppo_epochs"] * (ROLLOUTS // settings["batch_size"])
+    return phase_steps(method_settings(method), ROLLOUTS)
 
 
 def make_config(model_path: str, run_dir: str | None = None, total_steps: int | None = None, seed: int = 1000,
