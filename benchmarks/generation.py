@@ -8,20 +8,27 @@ full 32 steps. Variants:
 
 - plain HF generate: the peft model's `generate` on the 16 repeated rows (the baseline);
 - the base model alone (adapter disabled): what the adapter costs;
-- shared prefill: `Policy.generate(num_generations=8)`, what `generate_rollouts` does by default;
+- shared prefill: `Policy.generate(num_generations=8)`, with transformers' own draw
+  (`torch.multinomial`) and with rlora's (`DrawToken`, what `generate_rollouts` does by default);
 - HF's static KV cache (`cache_implementation="static"`), alone and filled from the shared prefill;
 - HF's static cache with `torch.compile` of the decode step (`compile_config`; its first call,
   compiling into an empty inductor cache, is reported apart);
-- the adapter merged into the base (`merge_adapter_for_generation`), alone and with sharing;
+- the adapter merged into the base (`merge_adapter_for_generation`);
+- bf16: plain HF generate on the merged model cast to bf16 (the same-precision baseline), and
+  rlora's bf16 sampler (`model.generation_dtype: bfloat16`: the merged bf16 copy is made inside
+  each timed call, as in training);
 - `torch.inference_mode` instead of `no_grad`.
 
 `generate_rollouts` keeps the shared prefill (exact: the same `generate` continues from the
-shared cache). It does not take the static cache: alone it gains nothing measurable, with the
-shared prefill from nothing to 5% across runs here; it attends over the whole `prompt +
-max_new_tokens` every step (a cost that grows with `max_new_tokens` while responses often stop
-early), and on CUDA it makes transformers compile the decode step by itself. Nor torch.compile
-(no gain on this CPU after its compile), nor `inference_mode` (none either). Merging stays the
-opt-in `merge_adapter_for_generation`.
+shared cache) and draws the tokens itself (the same distribution; one uniform per row instead
+of one exponential variate per vocabulary entry). It does not take the static cache: alone it
+gains nothing measurable, with the shared prefill from nothing to 5% across runs here; it
+attends over the whole `prompt + max_new_tokens` every step (a cost that grows with
+`max_new_tokens` while responses often stop early), and on CUDA it makes transformers compile
+the decode step by itself. Nor torch.compile (no gain on this CPU after its compile), nor
+`inference_mode` (none either). Merging stays the opt-in `merge_adapter_for_generation`; the
+bf16 sampler the opt-in `model.generation_dtype`, since it samples from the bf16 model's
+distribution, a rounding away from the float32 one that is scored.
 
 Rounds run every variant once, in turn, so a busy shared machine slows them alike; the figures
 are the median and the best seconds over rounds and the median of each round's ratio to plain
@@ -49,14 +56,15 @@ from common import record  # noqa: E402
 from rlora.fetch import fetch  # noqa: E402
 from rlora.models import Policy  # noqa: E402
 from rlora.models.policy import position_ids_from_mask  # noqa: E402
-from rlora.rollout.generation import left_pad, rollout_generation_config, stop_token_ids  # noqa: E402
+from rlora.rollout.generation import drawn_here, left_pad, rollout_generation_config, stop_token_ids  # noqa: E402
 
 MESSAGES = [[{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a "
                                          "bottle."}],
             [{"role": "user", "content": "Explain how rainbows form."}]]
 GROUP, NEW_TOKENS = 8, 32
 PLAIN = "plain HF generate (LoRA, 16 repeated rows)"
-SHARED = "rlora shared prefill (2 prompts x 8), the default"
+SHARED = "rlora shared prefill (2 prompts x 8) + rlora's draw, the default"
+BF16 = "rlora bf16 sampler: shared prefill + rlora's draw on a merged bf16 copy"
 COMPILED = "HF static KV cache + torch.compile decode"
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
 
@@ -82,6 +90,7 @@ def variants(policy, tokenizer, prompts, compile_decode: bool) -> dict:
 
     gen = {"do_sample": True, "max_new_tokens": NEW_TOKENS}
     config, _ = rollout_generation_config(gen, tokenizer, stop_token_ids(gen, tokenizer))
+    drawn, draw = drawn_here(config, {})  # rlora's draw: a greedy config + DrawToken as the last processor
     static = copy.deepcopy(config)
     static.cache_implementation = "static"
     q, m = left_pad(prompts, tokenizer.pad_token_id)  # (2, p): each prompt once
@@ -109,6 +118,8 @@ def variants(policy, tokenizer, prompts, compile_decode: bool) -> dict:
         return policy.lm.generate(input_ids=rows, attention_mask=row_mask, past_key_values=cache,
                                   generation_config=config)
 
+    bf16_model = copy.deepcopy(policy.lm).merge_and_unload().to(torch.bfloat16)
+
     def inference_mode():
         with torch.inference_mode():
             return hf(config)()
@@ -116,14 +127,18 @@ def variants(policy, tokenizer, prompts, compile_decode: bool) -> dict:
     calls = {
         PLAIN: hf(config),
         "base model alone (adapter disabled)": base_only,
-        SHARED: lambda: policy.generate(
+        "rlora shared prefill, transformers' draw": lambda: policy.generate(
             q, m.long(), generation_config=config, num_generations=GROUP),
+        SHARED: lambda: policy.generate(q, m.long(), generation_config=drawn, num_generations=GROUP, **draw),
         "HF static KV cache": hf(static),
         "rlora shared prefill + HF static KV cache": shared_static,
-        "rlora merged adapter": lambda: policy.generate(rows, row_mask, generation_config=config, merged=True),
-        "rlora shared prefill + merged adapter": lambda: policy.generate(
-            q, m.long(), generation_config=config, num_generations=GROUP, merged=True),
+        "rlora shared prefill + rlora's draw + merged adapter": lambda: policy.generate(
+            q, m.long(), generation_config=drawn, num_generations=GROUP, merged=True, **draw),
         "torch.inference_mode": inference_mode,
+        "plain HF generate, merged model cast to bf16": lambda: bf16_model.generate(
+            input_ids=rows, attention_mask=row_mask, generation_config=config),
+        BF16: lambda: policy.generate(q, m.long(), generation_config=drawn, num_generations=GROUP,
+                                      dtype=torch.bfloat16, **draw),
     }
     if compile_decode:
         compiled = CompileConfig(fullgraph=False, dynamic=False, mode="default")
@@ -191,22 +206,27 @@ def main() -> None:
             times[name].append(timed(call, length, seed=r + 1))
     plain = times[PLAIN]
     lines = ["| generation | median s | best s | / plain HF generate (median of rounds) |", "|---|---|---|---|"]
+    ratio = {name: statistics.median(t / p for t, p in zip(ts, plain)) for name, ts in times.items()}
     for name, ts in times.items():
-        ratio = statistics.median(t / p for t, p in zip(ts, plain))
-        lines.append(f"| {name} | {statistics.median(ts):.2f} | {min(ts):.2f} | {ratio:.2f} |")
+        lines.append(f"| {name} | {statistics.median(ts):.2f} | {min(ts):.2f} | {ratio[name]:.2f} |")
     notes = []
     if COMPILED in first:
         notes.append(f"The compiled variant's first call took {first[COMPILED]:.0f} s (compiling, into an empty "
                      "inductor cache directory).")
+    verdict = lambda r: "met" if r <= 0.5 else "missed"  # noqa: E731
     ops, mm_share, total = profile_table(calls[SHARED])
     floor, gigabytes = matmul_floor(policy, 2 * GROUP, NEW_TOKENS - 1)
-    notes.append(f"Target 0.5x plain: missed. Where the default path's time goes (torch.profiler, one call, "
-                 f"{total:.2f} s of own CPU time, `aten::mm` {mm_share:.0%}): the bare base-weight matmuls of its "
-                 f"{NEW_TOKENS - 1} decode steps on 16 rows take {floor:.2f} s on their own "
-                 f"({floor / min(plain):.2f}x plain's best), each step reading the {gigabytes:.2f} GB of fp32 "
-                 "weights once.")
-    profile = "\n".join(["| op | calls | seconds | share |", "|---|---|---|---|", ops])
-    markdown = "\n\n".join(["\n".join(lines), *notes, profile])
+    notes.append(f"Target 0.5x plain: {verdict(ratio[BF16])} by the bf16 sampler ({ratio[BF16]:.2f}x), "
+                 f"{verdict(ratio[SHARED])} in float32 ({ratio[SHARED]:.2f}x). Where the float32 default's time "
+                 f"goes (torch.profiler, one call, {total:.2f} s of own CPU time, `aten::mm` {mm_share:.0%}): the "
+                 f"bare base-weight matmuls of its {NEW_TOKENS - 1} decode steps on 16 rows take {floor:.2f} s on "
+                 f"their own ({floor / min(plain):.2f}x plain's best), each step reading the {gigabytes:.2f} GB of "
+                 "fp32 weights once: no float32 path can reach 0.5x here.")
+    bf16_ops, bf16_mm, bf16_total = profile_table(calls[BF16])
+    header = ["| op | calls | seconds | share |", "|---|---|---|---|"]
+    markdown = "\n\n".join(["\n".join(lines), *notes, "float32 default:", "\n".join([*header, ops]),
+                             f"bf16 sampler ({bf16_total:.2f} s of own CPU time, `aten::mm` {bf16_mm:.0%}):",
+                             "\n".join([*header, bf16_ops])])
     print(markdown)
     if not args.no_record:
         record("generation", "Sampling a group chunk: 16 rollouts x 32 tokens, SmolLM2-135M + LoRA",

@@ -9,9 +9,11 @@ it), TRL 1.16's `GRPOConfig` defaults for what it leaves unset:
   loss_type "dapo", scale_rewards "group", epsilon 0.2, beta 0 (no reference pass);
 - LoRA r=8 alpha=32 dropout 0 on all linear layers; AdamW 3e-4, betas (0.9, 0.999), eps 1e-8,
   no weight decay, constant rate, gradients clipped to norm 1 (TRL's default); fp32.
-Each trainer runs in its own process (peak RSS from `wait4`); rlora once in fp32 and once with
+Each trainer runs in its own process (peak RSS from `wait4`); rlora once in fp32, once with
+`model.generation_dtype: bfloat16` (fp32 training, rollouts sampled on a bf16 copy), with
 `train.mixed_precision: bf16` (bf16 autocast, fp32 weights) and with `model.dtype: bfloat16` (bf16
-weights). Seconds per step are the median of steps 2..N (step 1 warms up);
+weights). rlora's held-out metric: the mean reward of greedy completions of 8 prompts on topics
+the training prompts never draw, before the first step and after the last (not timed). Seconds per step are the median of steps 2..N (step 1 warms up);
 `--floor` adds the step's FLOPs (torch's FlopCounterMode, one rlora step) over this machine's
 matmul rate at the update's shapes.
 
@@ -36,6 +38,11 @@ from common import PEERS, peer_benchmark_parser, peer_command, record, require_p
 from common import run_measured  # noqa: E402
 
 COMPLETIONS, GENERATIONS, MAX_NEW = 32, 8, 16  # per step: 4 prompts x 8, 16 new tokens
+# Held out: peerD's prompt on topics it never draws; their greedy completions' mean reward is the
+# held-out metric, before the first step and after the last
+HELD_OUT = [[{"role": "user", "content": f"Write one sentence about {topic}."}]
+            for topic in ("the ocean", "a song", "my garden", "the bus", "breakfast", "the weekend", "a museum",
+                          "my cat")]
 
 
 def peer_prompts(seed: int, n: int) -> list:
@@ -59,12 +66,13 @@ def grpo_config(args: argparse.Namespace, steps: int) -> dict:
             "target_modules": "all-linear"}
     return {
         "train": {"seq_length": 64 + MAX_NEW, "batch_size": COMPLETIONS, "minibatch_size": COMPLETIONS,
-                  "total_steps": steps, "epochs": 10**6, "eval_interval": 10**9, "checkpoint_interval": 10**9,
+                  "total_steps": steps, "epochs": 10**6, "eval_interval": steps, "checkpoint_interval": 10**9,
                   "save_best": False, "run_dir": args.out, "seed": args.seed, "num_threads": args.threads,
                   "max_grad_norm": 1.0,  # TRL's default, which peerD keeps
                   "mixed_precision": "bf16" if args.dtype == "bf16-autocast" else "no"},
         "model": {"model_path": args.model, "peft_config": lora,
-                  "dtype": "bfloat16" if args.dtype == "bf16-weights" else "float32"},
+                  "dtype": "bfloat16" if args.dtype == "bf16-weights" else "float32",
+                  "generation_dtype": "bfloat16" if args.dtype == "bf16-sampler" else None},
         "tokenizer": {"tokenizer_path": args.model},
         "optimizer": {"name": "adamw", "kwargs": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
         "scheduler": {"name": "constant", "kwargs": {}},
@@ -73,7 +81,8 @@ def grpo_config(args: argparse.Namespace, steps: int) -> dict:
                    "epsilon": 0.2, "epsilon_high": None, "importance_sampling_level": "token", "beta": 0.0,
                    "mask_truncated_completions": False,
                    "gen_kwargs": {"max_new_tokens": MAX_NEW, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                                  "do_sample": True}},
+                                  "do_sample": True},
+                   "eval_gen_kwargs": {"greedy": {"do_sample": False}}},
     }
 
 
@@ -81,7 +90,7 @@ def build(args: argparse.Namespace, steps: int):
     import rlora
 
     prompts = peer_prompts(args.seed, 4 * steps)
-    return rlora.build_trainer(sentiment, prompts=prompts, eval_prompts=prompts[:1], config=grpo_config(args, steps),
+    return rlora.build_trainer(sentiment, prompts=prompts, eval_prompts=HELD_OUT, config=grpo_config(args, steps),
                                verbose=False)
 
 
@@ -93,7 +102,8 @@ def rlora_worker(args: argparse.Namespace) -> None:
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump({"rollout_s": [r["time/rollout"] for r in phases],
                    "update_s": [r["time/rollout_pass"] + r["time/update"] for r in phases],
-                   "reward": [r["reward"] for r in phases]}, f)
+                   "reward": [r["reward"] for r in phases],
+                   "held_out": [r["reward/greedy/mean"] for r in trainer.history if r.get("eval")]}, f)
 
 
 def floor_worker(args: argparse.Namespace) -> None:
@@ -126,8 +136,9 @@ def run_rlora(args: argparse.Namespace, model: str, workdir: str, dtype: str) ->
                         "--threads", str(args.threads)])
     data = json.load(open(os.path.join(out, "bench.json")))
     step_s = [a + b for a, b in zip(data["rollout_s"], data["update_s"])]
-    return summarize(dtype, f"rlora GRPO + LoRA, {dtype}", step_s, data["reward"], rss,
-                     parts=(data["rollout_s"], data["update_s"]))
+    row = summarize(dtype, f"rlora GRPO + LoRA, {dtype}", step_s, data["reward"], rss,
+                    parts=(data["rollout_s"], data["update_s"]))
+    return {**row, "held_out": (data["held_out"][0], data["held_out"][-1])}
 
 
 def run_peer(args: argparse.Namespace, model: str, workdir: str) -> dict:
@@ -160,17 +171,20 @@ def summarize(key: str, name: str, step_s: list[float], reward: list[float], rss
 
 def table(rows: list[dict], floor: dict | None) -> str:
     lines = ["| trainer | steps | s / step (median of 2..N) | generate + score s | update s | "
-             "reward step 1 -> last 3 | peak RSS MiB |", "|---|---|---|---|---|---|---|"]
+             "reward step 1 -> last 3 | held-out greedy reward before -> after | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gen, update = ("-", "-") if r["parts"] is None else (f"{r['parts'][0]:.2f}", f"{r['parts'][1]:.2f}")
+        held = f"{r['held_out'][0]:.3f} -> {r['held_out'][1]:.3f}" if r.get("held_out") else "-"
         lines.append(f"| {r['name']} | {r['steps']} | {r['s_per_step']:.2f} | {gen} | {update} | "
-                     f"{r['reward'][0]:.3f} -> {r['reward'][1]:.3f} | {r['rss_mib']:.0f} |")
+                     f"{r['reward'][0]:.3f} -> {r['reward'][1]:.3f} | {held} | {r['rss_mib']:.0f} |")
     if floor is not None:
         floor_s = floor["flops"] / floor["rate"]
         lines.append(f"| floor: {floor['flops'] / 1e9:.1f} GFLOP / {floor['rate'] / 1e9:.1f} GFLOP/s "
-                     f"({' x '.join(map(str, floor['shape']))} fp32 matmul) | 1 | {floor_s:.2f} | - | - | - | - |")
+                     f"({' x '.join(map(str, floor['shape']))} fp32 matmul) | 1 | {floor_s:.2f} | - | - | - | - | - |")
     by_key = {r["key"]: r for r in rows}
     fp32, bf16, peer = by_key.get("float32"), by_key.get("bf16-autocast"), by_key.get("peer")
+    sampler = by_key.get("bf16-sampler")
     notes = []
     if fp32 and peer:
         notes.append(f"rlora fp32 / TRL 1.16 seconds per step, same run: **{fp32['s_per_step'] / peer['s_per_step']:.2f}**"
@@ -179,8 +193,14 @@ def table(rows: list[dict], floor: dict | None) -> str:
         notes.append(f"rlora bf16 autocast / fp32 seconds per step: {bf16['s_per_step'] / fp32['s_per_step']:.2f}")
     if bf16 and peer:
         notes.append(f"rlora bf16 autocast / TRL 1.16 fp32: **{bf16['s_per_step'] / peer['s_per_step']:.2f}**")
+    if sampler and peer:
+        notes.append(f"rlora fp32 with the bf16 sampler / TRL 1.16 fp32: "
+                     f"**{sampler['s_per_step'] / peer['s_per_step']:.2f}**; bf16 sampler / fp32 rlora: "
+                     f"{sampler['s_per_step'] / fp32['s_per_step']:.2f}")
     if fp32 and floor is not None:
-        notes.append(f"rlora fp32 / floor: {fp32['s_per_step'] / (floor['flops'] / floor['rate']):.1f}")
+        floor_s = floor["flops"] / floor["rate"]
+        notes.append(f"rlora fp32 / floor: {fp32['s_per_step'] / floor_s:.1f}"
+                     + (f", with the bf16 sampler {sampler['s_per_step'] / floor_s:.1f}" if sampler else ""))
     return "\n".join(lines + ([""] + ["; ".join(notes) + "."] if notes else []))
 
 
@@ -189,7 +209,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="GRPO steps (generation batches) of each trainer")
     parser.add_argument("--seed", type=int, default=1, help="peerD's default")
     parser.add_argument("--model", default=None, help="the model directory (default: rlora fetch smollm2-135m-instruct)")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the two bf16 rows")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the three bf16 rows")
     parser.add_argument("--floor", action="store_true", help="add the compute-floor row")
     parser.add_argument("--worker", choices=["rlora", "floor"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -207,8 +227,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         rows = [run_rlora(args, args.model, workdir, "float32")]
         rows += [] if args.no_peer else [run_peer(args, args.model, workdir)]
-        rows += [] if args.no_bf16 else [run_rlora(args, args.model, workdir, "bf16-autocast"),
-                                          run_rlora(args, args.model, workdir, "bf16-weights")]
+        rows += [] if args.no_bf16 else [run_rlora(args, args.model, workdir, dtype)
+                                          for dtype in ("bf16-sampler", "bf16-autocast", "bf16-weights")]
         floor = run_floor(args, args.model, workdir) if args.floor else None
     markdown = table(rows, floor)
     print(markdown)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -101,3 +102,38 @@ def batch(tokenizer):
     """Two left-padded prompts: `(input_ids, attention_mask)`, each (2, t)."""
     enc = tokenizer(["hello there", "abc"], padding=True, return_tensors="pt", add_special_tokens=False)
     return enc.input_ids, enc.attention_mask
+
+
+@contextmanager
+def _recorded_sampling(policy):
+    """The log-softmax of the processed logits each token was drawn from, one (b, new, v) per
+    `generate` call on the policy's Hugging Face model: what `DrawToken` drew from when it drew
+    (rlora's default), else the scores transformers' own sampling returns."""
+    from rlora.rollout.generation import DrawToken
+
+    model, original, draw = policy.base_model, policy.base_model.generate, DrawToken.draw
+    record: list[torch.Tensor] = []
+    steps: list[torch.Tensor] = []
+
+    def recording_draw(scores):
+        steps.append(scores.float().log_softmax(-1))
+        return draw(scores)
+
+    def generate(*args, **kwargs):
+        steps.clear()
+        out = original(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
+        record.append(torch.stack(steps if steps else [s.float().log_softmax(-1) for s in out.scores], 1))
+        return out.sequences
+
+    model.generate, DrawToken.draw = generate, staticmethod(recording_draw)
+    try:
+        yield record
+    finally:
+        del model.generate
+        DrawToken.draw = staticmethod(draw)
+
+
+@pytest.fixture
+def recorded_sampling():
+    """`with recorded_sampling(policy) as record:` the distributions each `generate` call drew from."""
+    return _recorded_sampling

@@ -298,6 +298,7 @@ CROSS_FIELD = {
     "method-name": ({"method": {"name": "ILQLConfig"}}, "method.name"),
     "seq2seq": ({"model": {"model_arch_type": "seq2seq"}}, "model.model_arch_type"),
     "model-dtype": ({"model": {"dtype": "float16"}}, "model.dtype"),
+    "model-generation-dtype": ({"model": {"generation_dtype": "float16"}}, "model.generation_dtype"),
     "model-path-empty": ({"model": {"model_path": ""}}, "model.model_path"),
     "model-path-int": ({"model": {"model_path": 3}}, "model.model_path"),
 }

@@ -53,7 +53,7 @@ def test_chat_prompts_are_rendered_exactly_as_apply_chat_template(smollm2, tmp_p
 
 
 @torch.no_grad()
-def test_reference_is_the_base_bitwise_and_sampling_is_scoring(smollm2, tmp_path):
+def test_reference_is_the_base_bitwise_and_sampling_is_scoring(smollm2, tmp_path, recorded_sampling):
     trainer = build(smollm2, str(tmp_path), lora={**LORA, "init_lora_weights": False})  # an adapter that acts
     rollouts = trainer._generate(list(range(8)), trainer.config.method.gen_kwargs, trainer.prompt_ids, trainer.prompts)
     ids = torch.cat([rollouts.query_ids[:1], rollouts.response_ids[:1]], 1)
@@ -64,21 +64,9 @@ def test_reference_is_the_base_bitwise_and_sampling_is_scoring(smollm2, tmp_path
     assert torch.equal(trainer.policy.reference_logits(ids, mask), expected)
     assert not torch.allclose(trainer.policy(ids, mask).logits, expected)
 
-    model = trainer.policy.base_model
-    original = model.generate
-    record = []
-
-    def generate(*args, **kwargs):
-        out = original(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
-        record.append(torch.stack(out.scores, 1).log_softmax(-1))
-        return out.sequences
-
-    model.generate = generate
-    try:
+    with recorded_sampling(trainer.policy) as record:
         rollouts = trainer._generate(list(range(8)), trainer.config.method.gen_kwargs, trainer.prompt_ids,
                                      trainer.prompts)
-    finally:
-        del model.generate
     r = rollouts.response_ids.shape[1]
     sampled = record[0][:, :r].gather(-1, rollouts.response_ids[..., None]).squeeze(-1)
     exp = trainer._score_experience(rollouts, torch.arange(8))

@@ -79,6 +79,16 @@ class Tracker:
             self._wandb.finish()
 
 
+def log_rollouts(directory: str | None, phase: int, step: int, rollouts, scores) -> None:
+    """With `train.rollout_logging_dir`: one JSON line per sample of the phase, in `phase_N.jsonl`."""
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"phase_{phase}.jsonl"), "w", encoding="utf-8") as f:
+        for prompt, output, score in zip(rollouts.prompts, rollouts.outputs, scores.tolist()):
+            f.write(json.dumps({"step": step, "prompt": prompt, "output": output, "score": score}) + "\n")
+
+
 def mean_phase_seconds(history: list[dict[str, Any]]) -> dict[str, float]:
     """Seconds per rollout phase, averaged over the phases of `history`: generation and scoring
     (`rollout`), the no-grad rollout pass (`rollout_pass`) and the PPO epochs (`update`)."""

@@ -13,7 +13,6 @@ Notation: `n` samples in a phase, `b` batch, `p` prompt length, `r` response len
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
@@ -51,7 +50,7 @@ from rlora.rollout.scoring import ResponseScores, add_scores, forward_responses
 from rlora.rollout.shared_prefix import forward_group_responses
 from rlora.rollout.store import Experience, PhaseState, Scored
 from rlora.signals import TrainingInterrupted, stop_on_signals
-from rlora.tracking import Tracker, console, plot_history
+from rlora.tracking import Tracker, console, log_rollouts, plot_history
 
 
 class Trainer:
@@ -186,7 +185,9 @@ class Trainer:
                     #    whose rewards are all equal and draw more prompts
                     scored, stats = self._collect()
                     rollouts, scores = scored.rollouts, scored.scores
-                    self._log_rollouts(rollouts, scores)
+                    if self.accelerator.is_main_process:
+                        log_rollouts(self.config.train.rollout_logging_dir, self.phase + 1, self.step, rollouts,
+                                     scores)
                     t_rollout = time.perf_counter()
 
                     # 3. Reward processing (PPO): running moments over per-sample sums of every process,
@@ -275,10 +276,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces of the loop
     def _generate(self, index: list[int], gen_kwargs: dict, prompt_ids: list[list[int]], prompts: list[Prompt],
-                  merged: bool = False, num_generations: int = 1) -> Rollouts:
+                  merged: bool = False, num_generations: int = 1, dtype: torch.dtype | None = None) -> Rollouts:
         """Rollouts for the prompts at `index`, in the run's precision: under accelerate's
-        autocast, as the prepared policy's forward runs (bf16 sampling, bf16 scoring). A chat
-        prompt's response also ends at the template's end-of-turn token."""
+        autocast, as the prepared policy's forward runs (bf16 sampling, bf16 scoring), on weights
+        in `dtype` when given (`model.generation_dtype`). A chat prompt's response also ends at
+        the template's end-of-turn token."""
         chosen = [prompts[i] for i in index]
         eot = self._end_of_turn if any(p.is_chat for p in chosen) else None
         if eot is not None and "eos_token_id" not in gen_kwargs:
@@ -287,10 +289,16 @@ class Trainer:
         with self.accelerator.autocast():
             return generate_rollouts(self.policy, self.tokenizer, [p.prompt for p in chosen],
                                      [prompt_ids[i] for i in index], {**gen_kwargs, **self.gen_extra},
-                                     self.stop_sequences, merged=merged,
+                                     self.stop_sequences, merged=merged, dtype=dtype,
                                      prompt_texts=[render_prompt(p, self.tokenizer) for p in chosen],
                                      num_generations=num_generations,
                                      share_prompt=self.group and self.config.method.shared_prefix)
+
+    @functools.cached_property
+    def _generation_dtype(self) -> torch.dtype | None:
+        """The precision rollouts are sampled in (`model.generation_dtype`); None = the model's."""
+        name = self.config.model.generation_dtype
+        return None if name is None else getattr(torch, name)
 
     @functools.cached_property
     def _end_of_turn(self) -> int | None:
@@ -343,7 +351,8 @@ class Trainer:
             index = self.loader.next_chunk(size * self.dist.world)[self.dist.rank * size:][:size]
             chunk = self._score(index, self._generate(index, method.gen_experience_kwargs or method.gen_kwargs,
                                                       self.prompt_ids, self.prompts,
-                                                      merged=method.merge_adapter_for_generation, num_generations=G))
+                                                      merged=method.merge_adapter_for_generation, num_generations=G,
+                                                      dtype=self._generation_dtype))
             draws += 1
             if self.group:
                 equal = chunk.scores.reshape(-1, G).std(1) == 0  # (size,) groups whose rewards are all equal
@@ -587,16 +596,6 @@ class Trainer:
         hang them both. With several processes, one small all-reduce a step."""
         signum = int(self.dist.max(torch.tensor([self._stop_signal or 0])).item())
         return signum or None
-
-    def _log_rollouts(self, rollouts, scores: torch.Tensor) -> None:
-        """With `train.rollout_logging_dir`: one JSON line per sample of each phase."""
-        directory = self.config.train.rollout_logging_dir
-        if not directory or not self.accelerator.is_main_process:
-            return
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, f"phase_{self.phase + 1}.jsonl"), "w", encoding="utf-8") as f:
-            for prompt, output, score in zip(rollouts.prompts, rollouts.outputs, scores.tolist()):
-                f.write(json.dumps({"step": self.step, "prompt": prompt, "output": output, "score": score}) + "\n")
 
 
 PPOTrainer = Trainer  # trlx's name; the one trainer runs every method

@@ -1,7 +1,9 @@
-"""Merged-adapter generation restores the frozen base exactly, however often it runs."""
+"""Generation on other weights than training's (the adapter merged in, a bf16 copy) leaves the
+model bitwise as it was, however often it runs."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlora.config import ModelConfig
@@ -38,3 +40,48 @@ def test_merged_generation_samples_the_same_as_unmerged_greedy(tiny_model_dir, b
     unmerged = policy.generate(input_ids, attention_mask, **kwargs)
     merged = policy.generate(input_ids, attention_mask, merged=True, **kwargs)
     assert torch.equal(merged, unmerged)
+
+
+def lora_policy(model_dir, **model):
+    return build_policy(ModelConfig(model_path=model_dir, peft_config={
+        "peft_type": "LORA", "r": 8, "target_modules": "all-linear", "init_lora_weights": False}, **model),
+        char_tokenizer()).eval()
+
+
+def test_a_bf16_sampler_is_the_merged_model_in_bf16_and_leaves_the_fp32_model_bitwise(tiny_model_dir, batch):
+    """Greedy decoding on the bf16 sampler gives exactly what the merged model cast to bf16 gives,
+    and after it every parameter is the same float32 tensor as before."""
+    policy = lora_policy(tiny_model_dir("llama"))
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in policy.named_parameters()}
+    input_ids, attention_mask = batch
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    sampled = policy.generate(input_ids, attention_mask, dtype=torch.bfloat16, **kwargs)
+    for n, p in policy.named_parameters():
+        assert p.dtype == torch.float32 and p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n
+    assert not any(m.merged for m in policy.lm.modules() if hasattr(m, "merged_adapters"))
+    import copy
+
+    merged = copy.deepcopy(policy.lm).merge_and_unload().to(torch.bfloat16)
+    expected = merged.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    assert torch.equal(sampled, expected)
+    with policy.generation_weights(dtype=torch.bfloat16):
+        assert policy.lm(input_ids=input_ids, attention_mask=attention_mask).logits.dtype == torch.bfloat16
+
+
+def test_a_bf16_sampler_restores_the_model_when_generation_raises(tiny_model_dir, batch):
+    policy = lora_policy(tiny_model_dir("gpt2"))
+    input_ids, attention_mask = batch
+    try:
+        policy.generate(input_ids, attention_mask, dtype=torch.bfloat16, max_new_tokens=2, bad_setting=1)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("generate should have refused the unknown argument")
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    assert not any(m.merged for m in policy.lm.modules() if hasattr(m, "merged_adapters"))
+
+
+def test_a_recast_sampler_is_refused_under_zero3(tiny_model_dir, batch):
+    policy = lora_policy(tiny_model_dir("gpt2"))
+    with pytest.raises(ValueError, match="generation_dtype=torch.bfloat16.*ZeRO stage 3"):
+        policy.generate(*batch, dtype=torch.bfloat16, max_new_tokens=2, synced_gpus=True)

@@ -54,26 +54,6 @@ def trunk_batches(policy):
         del trunk.forward
 
 
-@contextmanager
-def recorded_sampling(policy):
-    """The log-softmax of the processed logits each token was drawn from, per `generate` call
-    on the policy's Hugging Face model. Shape: each (b, new, v)."""
-    model = policy.base_model
-    original = model.generate
-    record: list[torch.Tensor] = []
-
-    def generate(*args, **kwargs):
-        out = original(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
-        record.append(torch.stack(out.scores, 1).float().log_softmax(-1))
-        return out.sequences
-
-    model.generate = generate
-    try:
-        yield record
-    finally:
-        del model.generate
-
-
 def rollouts(policy, tokenizer, gen_kwargs, share_prompt=True, num_generations=3, prompts=PROMPTS, **kwargs):
     return generate_rollouts(policy, tokenizer, prompts, encode(tokenizer, prompts), gen_kwargs,
                              num_generations=num_generations, share_prompt=share_prompt, **kwargs)
@@ -103,7 +83,8 @@ def test_greedy_shared_equals_repeated_token_for_token(tiny_model_dir, tokenizer
 
 @pytest.mark.parametrize("setting", ["plain", "temperature"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_scored_distribution_is_the_shared_path_sampled_one(tiny_model_dir, tokenizer, arch, setting):
+def test_scored_distribution_is_the_shared_path_sampled_one(tiny_model_dir, tokenizer, arch, setting,
+                                                             recorded_sampling):
     policy = make_policy(tiny_model_dir(arch), tokenizer)
     gen = {"do_sample": True, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6,
            "temperature": 0.7 if setting == "temperature" else 1.0}

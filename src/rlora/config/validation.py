@@ -185,6 +185,8 @@ def _validate_model(m: ModelConfig) -> None:
            "only 'causal' language models are supported (seq2seq is not); set it to 'causal'")
     _check(m.dtype in ("float32", "bfloat16", "auto"), "model.dtype", m.dtype,
            "use 'float32', 'bfloat16' or 'auto' (the checkpoint's own precision)")
+    _check(m.generation_dtype in (None, "float32", "bfloat16"), "model.generation_dtype", m.generation_dtype,
+           "use 'bfloat16' (a bf16 sampler), 'float32', or null (sample in model.dtype)")
     _check(m.num_layers_unfrozen >= -1, "model.num_layers_unfrozen", m.num_layers_unfrozen,
            "use -1 (all trainable), 0 (none) or N > 0 (top N blocks)")
     _check(m.peft_config is not None or m.num_layers_unfrozen != 0, "model.num_layers_unfrozen", 0,

@@ -18,7 +18,7 @@ Notation: `b` batch, `t` time, `h` width of the hidden states (`hidden_width`), 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -297,13 +297,15 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config=None,
-                 merged: bool = False, num_generations: int = 1, **kwargs) -> torch.Tensor:
+                 merged: bool = False, num_generations: int = 1, dtype: torch.dtype | None = None,
+                 **kwargs) -> torch.Tensor:
         """Sample continuations with the policy. Shape: (b, t) -> (b * num_generations, t + new).
 
         - `generation_config` is the whole of the settings: while it runs it stands in for the
           model's own `generation_config`, which transformers would otherwise draw unset values
           from (a checkpoint's temperature, repetition_penalty, top_k, ...).
-        - `merged` generates with the adapter merged into the base weights (`merged_adapter`).
+        - `merged` generates with the adapter merged into the base weights, `dtype` with the
+          weights in that precision (`generation_weights`); the model trains on its own after.
         - `num_generations` G samples each row G times; the G rows of a prompt are contiguous. The
           prompt runs once and its KV cache is repeated to the G rows (`shares_prompt` says when
           this applies); otherwise each row is repeated G times before `generate`.
@@ -315,6 +317,10 @@ class Policy(nn.Module):
         if num_generations < 1:
             raise ValueError(f"num_generations={num_generations}; sample at least one continuation per prompt "
                              "(num_generations >= 1)")
+        if (merged or dtype is not None) and kwargs.get("synced_gpus"):
+            raise ValueError("merged or recast generation weights (merge_adapter_for_generation, "
+                             f"model.generation_dtype={dtype}) cannot run on ZeRO-3's sharded parameters; turn them "
+                             "off under ZeRO stage 3")
         shared = num_generations > 1 and self.shares_prompt(input_ids, generation_config, **kwargs)
         if num_generations > 1 and not shared:
             input_ids = input_ids.repeat_interleave(num_generations, 0)  # (b * G, t)
@@ -324,7 +330,7 @@ class Policy(nn.Module):
         if generation_config is not None:
             base.generation_config = generation_config
         try:
-            with self.merged_adapter() if merged and self.mode == "adapter" else nullcontext():
+            with self.generation_weights(merged, dtype):
                 if shared:
                     return self._generate_from_shared_prompts(input_ids, attention_mask, num_generations,
                                                               generation_config, **kwargs)
@@ -393,23 +399,46 @@ class Policy(nn.Module):
         return torch.cat([input_ids, new], 1)
 
     @contextmanager
-    def merged_adapter(self) -> Iterator[None]:
-        """Within this block the adapter is merged into the base weights (one matmul per layer
-        instead of two in generation). On exit the base weights are restored from a copy, not
-        unmerged by subtraction, so they are bitwise what they were after any number of merges:
-        peft's unmerge leaves float round-off in the frozen base, which would break "reference ==
-        base". Extra memory: one copy of each adapted layer's base weight while merged."""
+    def generation_weights(self, merge: bool = False, dtype: torch.dtype | None = None) -> Iterator[None]:
+        """Within this block the language model samples on other weights than it trains on; on
+        exit every parameter gets its own tensor back, bitwise.
+
+        - `merge` (adapter mode): the policy's adapter is merged into its base layers, one matmul
+          per layer instead of three. Each merged layer works on a copy of its base weight, so the
+          frozen base is not unmerged by subtraction (whose round-off would break "reference ==
+          base").
+        - `dtype`: every parameter of the language model in `dtype` (the adapter merged in, as a
+          copy is made anyway), e.g. a bfloat16 sampler over
+          a float32 model: each decode step reads half the bytes, and CPUs with AVX-512 BF16 (and
+          GPUs) multiply bf16 faster. A merged weight is formed in the model's precision and
+          rounded once. Sampling then draws from the bf16 model's distribution, while the scoring
+          passes give the float32 model's log-probs of the tokens drawn (as with a vLLM sampler).
+
+        Extra memory inside the block: one base-layer copy at a time while merging, and the whole
+        model once more in `dtype`.
+        """
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        params = list(self.lm.parameters())  # each once: tied embeddings are one parameter
+        cast = dtype is not None and any(p.dtype != dtype for p in params if p.is_floating_point())
         layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer) and not m.merged
-                  and any(POLICY in getattr(m, name) for name in m.adapter_layer_names)]  # not critic/reward-only
-        saved = [(m, {n: p.detach().clone() for n, p in m.get_base_layer().named_parameters()}) for m in layers]
+                  and any(POLICY in getattr(m, name) for name in m.adapter_layer_names)
+                  ] if (merge or cast) and self.mode == "adapter" else []  # not the critic/reward-only layers
+        originals = [(p, p.data) for p in params]
         try:
             for layer in layers:
+                base_params = list(layer.get_base_layer().parameters())
+                for p in base_params:
+                    p.data = p.data.clone()  # merge writes into this copy, not the frozen base
                 layer.merge()
+                for p in base_params if cast else ():
+                    p.data = p.data.to(dtype)
+            for p in params if cast else ():
+                if p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
             yield
         finally:
-            for layer, params in saved:
-                for name, value in params.items():
-                    layer.get_base_layer().get_parameter(name).data.copy_(value)
+            for p, data in originals:
+                p.data = data
+            for layer in layers:
                 layer.merged_adapters.clear()
