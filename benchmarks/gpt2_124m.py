@@ -9,6 +9,8 @@ its own process, whose peak RSS comes from `wait4`:
     same base, the reward adapter's score added to the reward (issue 8: one copy of the base);
   - rlora, glibc MALLOC_MMAP_THRESHOLD_=1 MiB: the same as rlora, with freed tensors returned to
     the system at once instead of staying in malloc's heap (less RSS, slower: page faults);
+  - rlora, bf16 sampler: the same as rlora with `model.generation_dtype: bfloat16` (rollouts drawn
+    on a merged bf16 copy; scoring and the update in float32);
   - rlora full: full fine-tuning with a frozen reference copy;
   - TRL 0.11.4: PPOTrainer with a peft model (reference = adapter disabled), from .peers/venv-trl011.
 
@@ -99,8 +101,10 @@ def worker(kind: str, model_dir: str, out: str) -> None:
 
     model = {"model_path": model_dir}
     lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 32, "lora_dropout": 0.0, "fan_in_fan_out": True}
-    if kind in ("rlora", "rlora-roles", "rlora-mmap"):
+    if kind in ("rlora", "rlora-roles", "rlora-mmap", "rlora-bf16-sampler"):
         model["peft_config"] = lora
+    if kind == "rlora-bf16-sampler":
+        model["generation_dtype"] = "bfloat16"
     if kind == "rlora-roles":
         model["value_adapter"] = lora
         model["reward_adapter"] = os.path.join(os.path.dirname(model_dir), "reward-adapter")
@@ -176,7 +180,7 @@ def main() -> None:
         save_model(model_dir)
         save_reward_adapter_for(model_dir, os.path.join(tmp, "reward-adapter"))
         results = {}
-        for kind in ("inference", "rlora", "rlora-mmap", "rlora-roles", "rlora-full"):
+        for kind in ("inference", "rlora", "rlora-bf16-sampler", "rlora-mmap", "rlora-roles", "rlora-full"):
             out = os.path.join(tmp, f"{kind}.json")
             results[kind] = measure([sys.executable, here, "--worker", kind, model_dir, out], out,
                                     MMAP_ENV if kind == "rlora-mmap" else None)
@@ -187,6 +191,7 @@ def main() -> None:
             results["trl"] = measure([PEER_VENV, script, model_dir, out, os.path.dirname(here)], out)
     base = results["inference"]["rss_mib"]
     names = {"inference": "plain inference (generation only)", "rlora": "rlora PPO + LoRA",
+             "rlora-bf16-sampler": "rlora PPO + LoRA, bf16 sampler (`model.generation_dtype`)",
              "rlora-mmap": "rlora PPO + LoRA, `MALLOC_MMAP_THRESHOLD_=1048576`",
              "rlora-roles": "rlora PPO + LoRA, critic and reward adapters on the same base",
              "rlora-full": "rlora full fine-tuning + reference copy", "trl": "TRL 0.11.4 PPO + LoRA"}
@@ -198,7 +203,10 @@ def main() -> None:
         rows.append(f"| {names[kind]} | {gen} | {upd} | {r['rss_mib']:.0f} | {r['rss_mib'] / base:.2f} |")
     if "trl" in results:
         ours, trl = results["rlora"], results["trl"]
-        rows += ["", f"rlora / TRL 0.11.4 seconds per step, same run: **{(ours['generate_s'] + ours['update_s']) / (trl['generate_s'] + trl['update_s']):.2f}**; "
+        sampler = results["rlora-bf16-sampler"]
+        trl_s = trl['generate_s'] + trl['update_s']
+        rows += ["", f"rlora / TRL 0.11.4 seconds per step, same run: **{(ours['generate_s'] + ours['update_s']) / trl_s:.2f}**"
+                 f" (with the bf16 sampler: {(sampler['generate_s'] + sampler['update_s']) / trl_s:.2f}); "
                  f"rlora LoRA / rlora full-fine-tuning peak RSS: {ours['rss_mib'] / results['rlora-full']['rss_mib']:.2f}."]
     roles, ours = results["rlora-roles"], results["rlora"]
     rows += ["", f"All four roles on one base / policy-only LoRA, same run: peak RSS "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from rlora.algo import group_policy_loss, masked_mean, masked_var, policy_loss, value_loss
-from rlora.config import GRPOConfig, PPOConfig
+from rlora.config import GRPOConfig, PPOConfig, rollout_gen_kwargs
 from rlora.rollout.scoring import ResponseScores
 from rlora.rollout.store import Experience
 
@@ -64,7 +64,7 @@ def group_loss(out: ResponseScores, mb: Experience, method: GRPOConfig, passes: 
     loss, stats = group_policy_loss(
         out.logprobs, old, mb.advantages, mb.loss_mask, epsilon=method.epsilon, epsilon_high=method.epsilon_high,
         level=method.importance_sampling_level, loss_type=method.loss_type,
-        max_completion_length=(method.gen_experience_kwargs or method.gen_kwargs)["max_new_tokens"],
+        max_completion_length=rollout_gen_kwargs(method)["max_new_tokens"],
         beta=0.0 if method.advantage_estimator.startswith("reinforce++") else method.beta,
         ref_logprobs=mb.ref_logprobs, total_tokens=total_tokens)
     return loss, {**stats, "entropy": masked_mean(out.entropy, mb.response_mask)}

@@ -37,7 +37,7 @@ from rlora.algo import (
     scale_and_clip_scores,
     token_rewards,
 )
-from rlora.config import Config, GRPOConfig, config_to_dict
+from rlora.config import Config, GRPOConfig, config_to_dict, rollout_gen_kwargs
 from rlora.distributed import Processes, call_through
 from rlora.methods import group_loss, ppo_loss, rollout_passes
 from rlora.models import Policy
@@ -120,7 +120,7 @@ class Trainer:
         self.running = RunningMoments()
         self.ref_mean, self.ref_std = (None, None) if self.group else (method.ref_mean, method.ref_std)
 
-        rollout_kwargs = method.gen_experience_kwargs or method.gen_kwargs
+        rollout_kwargs = rollout_gen_kwargs(method)
         self.temperature = sampling_temperature(rollout_kwargs)  # every pass scores what was sampled
         max_new = rollout_kwargs["max_new_tokens"]
         max_new_eval = max(kwargs.get("max_new_tokens", method.gen_kwargs["max_new_tokens"])
@@ -349,7 +349,7 @@ class Trainer:
                 break
             size = per_chunk if dynamic else min(per_chunk, short)
             index = self.loader.next_chunk(size * self.dist.world)[self.dist.rank * size:][:size]
-            chunk = self._score(index, self._generate(index, method.gen_experience_kwargs or method.gen_kwargs,
+            chunk = self._score(index, self._generate(index, rollout_gen_kwargs(method),
                                                       self.prompt_ids, self.prompts,
                                                       merged=method.merge_adapter_for_generation, num_generations=G,
                                                       dtype=self._generation_dtype))
@@ -405,7 +405,7 @@ class Trainer:
             raise ValueError("reward_fn returned per-token scores, but the group methods compare one reward per "
                              "completion within its group; return one number per sample (or use PPOConfig)")
         if self.group and method.overlong_buffer_len is not None:
-            max_new = (method.gen_experience_kwargs or method.gen_kwargs)["max_new_tokens"]
+            max_new = rollout_gen_kwargs(method)["max_new_tokens"]
             scores = scores + overlong_penalty(lengths, max_new, method.overlong_buffer_len,
                                                method.overlong_penalty_factor)
         return Scored(rollouts, scores, values)

@@ -21,10 +21,11 @@ from rlora.config.sections import (
     TaskConfig,
     TokenizerConfig,
     TrainConfig,
+    rollout_gen_kwargs,
 )
 from rlora.config.validation import validate
 
 __all__ = [
     "Config", "TrainConfig", "ModelConfig", "TokenizerConfig", "OptimizerConfig", "SchedulerConfig",
-    "PPOConfig", "GRPOConfig", "TaskConfig", "load_config", "validate", "config_to_dict", "save_config",
+    "PPOConfig", "GRPOConfig", "TaskConfig", "rollout_gen_kwargs", "load_config", "validate", "config_to_dict", "save_config",
 ]

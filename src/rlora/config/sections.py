@@ -259,6 +259,11 @@ class GRPOConfig:
 METHODS = {"ppoconfig": PPOConfig, "grpoconfig": GRPOConfig}  # method.name (any case) -> its section
 
 
+def rollout_gen_kwargs(method: PPOConfig | GRPOConfig) -> dict:
+    """The `generate` arguments rollouts are sampled with: `gen_experience_kwargs`, else `gen_kwargs`."""
+    return method.gen_experience_kwargs or method.gen_kwargs
+
+
 @dataclass
 class TaskConfig:
     """rlora: what `rlora train` trains on; the Python API's arguments take precedence."""

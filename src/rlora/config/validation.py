@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any
 
-from rlora.config.sections import METHODS, Config, GRPOConfig, ModelConfig, PPOConfig, TrainConfig
+from rlora.config.sections import METHODS, Config, GRPOConfig, ModelConfig, PPOConfig, TrainConfig, rollout_gen_kwargs
 
 _PRETRAINED_KEY = "pretrained_config"  # model_path saved as {pretrained_config: {...}} means a config object
 
@@ -309,7 +309,7 @@ def _validate_group_method(g: GRPOConfig, config: Config) -> None:
     _check(g.overlong_penalty_factor >= 0, "method.overlong_penalty_factor", g.overlong_penalty_factor,
            "it must be >= 0")
     _check_generation(g, config.train.seq_length)
-    kwargs = g.gen_experience_kwargs or g.gen_kwargs
+    kwargs = rollout_gen_kwargs(g)
     _check(kwargs.get("do_sample", False), "method.gen_kwargs.do_sample" if g.gen_experience_kwargs is None else
            "method.gen_experience_kwargs.do_sample", kwargs.get("do_sample"),
            "a group's completions must be sampled (greedy gives G equal ones); set do_sample: true")
