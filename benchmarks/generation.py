@@ -6,7 +6,8 @@ non-zero weights), pure sampling (temperature 1, no top-k / top-p), fp32, one th
 variant samples from the same `GenerationConfig` (`rollout_generation_config`) and must run the
 full 32 steps. Variants:
 
-- plain HF generate: the peft model's `generate` on the 16 repeated rows (the baseline);
+- plain HF generate: the peft model's `generate` on the 16 repeated rows (the baseline; on a copy
+  of the model without rlora's contiguous-input hook on the LM head, as a transformers user has it);
 - the base model alone (adapter disabled): what the adapter costs;
 - shared prefill: `Policy.generate(num_generations=8)`, with transformers' own draw
   (`torch.multinomial`) and with rlora's (`DrawToken`, what `generate_rollouts` does by default);
@@ -70,7 +71,8 @@ LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", i
 
 
 def load():
-    """The policy (SmolLM2 + LoRA), its tokenizer and the two prompts' token ids."""
+    """The policy (SmolLM2 + LoRA), the same peft model as plain Hugging Face (a copy, without
+    what rlora's `Policy` adds), its tokenizer and the two prompts' token ids."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,10 +83,11 @@ def load():
                         LoraConfig(task_type="CAUSAL_LM", **LORA))
     prompts = [tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
                          add_special_tokens=False).input_ids for m in MESSAGES]
-    return Policy(lm, "adapter", value_head=False).eval(), tokenizer, prompts
+    plain = copy.deepcopy(lm)
+    return Policy(lm, "adapter", value_head=False).eval(), plain, tokenizer, prompts
 
 
-def variants(policy, tokenizer, prompts, compile_decode: bool) -> dict:
+def variants(policy, plain, tokenizer, prompts, compile_decode: bool) -> dict:
     """name -> a call that samples the 16 x 32 rollouts and returns the sequences (16, p + 32)."""
     from transformers import CompileConfig
 
@@ -97,11 +100,11 @@ def variants(policy, tokenizer, prompts, compile_decode: bool) -> dict:
     rows, row_mask = q.repeat_interleave(GROUP, 0), m.long().repeat_interleave(GROUP, 0)  # (16, p)
 
     def hf(generation_config):
-        return lambda: policy.lm.generate(input_ids=rows, attention_mask=row_mask, generation_config=generation_config)
+        return lambda: plain.generate(input_ids=rows, attention_mask=row_mask, generation_config=generation_config)
 
     def base_only():
-        with policy.reference() as ref:
-            return ref.generate(input_ids=rows, attention_mask=row_mask, generation_config=config)
+        with plain.disable_adapter():
+            return plain.generate(input_ids=rows, attention_mask=row_mask, generation_config=config)
 
     def shared_static():
         """Shared prefill into HF's StaticCache: the trunk fills a DynamicCache for the 2 prompts,
@@ -118,7 +121,7 @@ def variants(policy, tokenizer, prompts, compile_decode: bool) -> dict:
         return policy.lm.generate(input_ids=rows, attention_mask=row_mask, past_key_values=cache,
                                   generation_config=config)
 
-    bf16_model = copy.deepcopy(policy.lm).merge_and_unload().to(torch.bfloat16)
+    bf16_model = copy.deepcopy(plain).merge_and_unload().to(torch.bfloat16)
 
     def inference_mode():
         with torch.inference_mode():
@@ -196,9 +199,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="rlora-inductor-"))
-    policy, tokenizer, prompts = load()
+    policy, plain, tokenizer, prompts = load()
     length = max(len(p) for p in prompts)
-    calls = variants(policy, tokenizer, prompts, compile_decode=not args.no_compile)
+    calls = variants(policy, plain, tokenizer, prompts, compile_decode=not args.no_compile)
     first = {name: timed(call, length, seed=0) for name, call in calls.items()}  # warm-up (and the compile)
     times = {name: [] for name in calls}
     for r in range(args.rounds):

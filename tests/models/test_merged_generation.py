@@ -85,3 +85,25 @@ def test_a_recast_sampler_is_refused_under_zero3(tiny_model_dir, batch):
     policy = lora_policy(tiny_model_dir("gpt2"))
     with pytest.raises(ValueError, match="generation_dtype=torch.bfloat16.*ZeRO stage 3"):
         policy.generate(*batch, dtype=torch.bfloat16, max_new_tokens=2, synced_gpus=True)
+
+
+@pytest.mark.parametrize("mode", ["adapter", "hydra", "full"])
+def test_the_lm_head_reads_a_contiguous_input_in_every_role(tiny_model_dir, mode):
+    """A strided input to the head (transformers' `hidden[:, -1:]` on a first decode step) reaches
+    it contiguous, in the policy and in the frozen reference copies, with the same logits."""
+    extra = {"adapter": {"peft_config": {"peft_type": "LORA", "r": 4}}, "hydra": {"num_layers_unfrozen": 1},
+             "full": {"num_layers_unfrozen": -1}}[mode]
+    policy = build_policy(ModelConfig(model_path=tiny_model_dir("llama"), **extra), char_tokenizer()).eval()
+    heads = [policy.base_model.get_output_embeddings()]
+    heads += [policy.ref_model.get_output_embeddings()] if mode == "full" else []
+    heads += [m for m in policy.hydra.modules() if m is not heads[0] and isinstance(m, torch.nn.Linear)
+              and m.out_features == heads[0].out_features] if mode == "hydra" else []
+    assert len(heads) == {"adapter": 1, "hydra": 2, "full": 2}[mode]
+    hidden = torch.randn(3, 5, heads[0].in_features)
+    for head in heads:
+        seen = []
+        handle = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+        logits = head(hidden[:, -1:, :])
+        handle.remove()
+        assert seen == [True]
+        torch.testing.assert_close(logits, hidden[:, -1:, :] @ head.weight.T, rtol=0, atol=1e-6)

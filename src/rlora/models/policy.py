@@ -72,6 +72,17 @@ class Recomputed(nn.Module):
         return self.act(x)  # no-grad passes (generation, rollout pass, reference) and small inputs
 
 
+def contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    """A forward pre-hook for the language-model head: its input made contiguous.
+
+    transformers feeds the head `hidden[:, -1:, :]` on a prompt's first decode step, a strided
+    view, and torch's CPU `linear` on a strided 3-D input expands the weight to a batched
+    matmul: GPT-2's 16 x 1 x 768 slice against its 50 257-row head took 1.76 s in bf16 (it
+    copies 1.2 GB) and 71 ms in fp32, against 6 ms and 13 ms contiguous. The copy made here is
+    of the few rows the head reads."""
+    return (args[0].contiguous(), *args[1:])
+
+
 def recompute_activations(module: nn.Module) -> int:
     """Wrap each Hugging Face activation module inside `module` in `Recomputed`; returns how many.
 
@@ -136,6 +147,9 @@ class Policy(nn.Module):
             raise ValueError(f"unknown policy mode {mode!r}; expected one of {MODES}")
         self.lm = lm
         self.mode = mode
+        head = self.base_model.get_output_embeddings()
+        if head is not None:  # before the frozen copies below, which keep it
+            head.register_forward_pre_hook(contiguous_input)
         # group methods have no critic: no value head, and `values` is None
         self.value_head = ValueHead(hidden_width(self.base_model)).to(self.base_model.device) if value_head else None
         self.reward_head: nn.Module | None = None  # set with a reward adapter (`rlora.reward`)
