@@ -107,3 +107,41 @@ def test_the_lm_head_reads_a_contiguous_input_in_every_role(tiny_model_dir, mode
         handle.remove()
         assert seen == [True]
         torch.testing.assert_close(logits, hidden[:, -1:, :] @ head.weight.T, rtol=0, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("target", ["lm_head", "wte"])
+def test_an_adapted_tied_embedding_stays_unmerged_so_the_sampler_is_the_policy(tiny_model_dir, batch, target):
+    """GPT-2 ties its input embedding to its head: merging an adapter on one of them would put the
+    delta into both. Such a layer runs unmerged, so merged and bf16 samplers keep the policy's logits."""
+    policy = build_policy(ModelConfig(model_path=tiny_model_dir("gpt2"), peft_config={
+        "peft_type": "LORA", "r": 4, "target_modules": ["c_attn", target], "init_lora_weights": False}),
+        char_tokenizer()).eval()
+    input_ids, attention_mask = batch
+    with torch.no_grad():
+        expected = policy.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+        with policy.generation_weights(merge=True):
+            merged = policy.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+            assert sum(m.merged for m in policy.lm.modules() if hasattr(m, "merged_adapters")) > 0, "c_attn merges"
+        with policy.generation_weights(dtype=torch.bfloat16):
+            sampler = policy.lm(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-4)
+    assert (sampler - expected).abs().max() < 0.1 * expected.abs().max(), "a bf16 rounding, not another model"
+
+
+def test_a_lora_bias_over_a_bias_free_base_samples_in_bf16_unmerged(tiny_model_dir, batch):
+    policy = build_policy(ModelConfig(model_path=tiny_model_dir("llama"), peft_config={
+        "peft_type": "LORA", "r": 4, "target_modules": "all-linear", "lora_bias": True, "init_lora_weights": False}),
+        char_tokenizer()).eval()
+    out = policy.generate(*batch, dtype=torch.bfloat16, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == batch[0].shape[1] + 4
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+
+
+def test_a_bf16_model_with_a_bf16_sampler_samples_on_its_own_weights(tiny_model_dir, batch):
+    """model.dtype bfloat16 and generation_dtype bfloat16: nothing is recast or merged (the fp32
+    adapter runs as in training)."""
+    policy = lora_policy(tiny_model_dir("llama"), dtype="bfloat16")
+    with policy.generation_weights(dtype=torch.bfloat16):
+        assert not any(m.merged for m in policy.lm.modules() if hasattr(m, "merged_adapters"))
+        assert any(p.dtype == torch.float32 for n, p in policy.lm.named_parameters() if "lora_" in n)

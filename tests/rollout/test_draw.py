@@ -58,9 +58,12 @@ def test_generate_draws_here_with_the_same_settings_otherwise_unchanged():
 @pytest.mark.parametrize("settings", [{"do_sample": False}, {"do_sample": True, "num_beams": 2},
                                       {"do_sample": True, "num_return_sequences": 2},
                                       {"do_sample": True, "typical_p": 0.9},
-                                      {"do_sample": True, "epsilon_cutoff": 0.01}])
+                                      {"do_sample": True, "epsilon_cutoff": 0.01},
+                                      {"do_sample": True, "typical_p": 0.0},
+                                      {"do_sample": True, "penalty_alpha": 0.6},  # greedy would be contrastive search
+                                      {"do_sample": True, "top_k": None}])  # transformers fills in its top_k=50
 def test_generate_keeps_its_own_draw_where_this_one_does_not_apply(settings):
-    config = GenerationConfig(max_new_tokens=4, **settings)
+    config = GenerationConfig(max_new_tokens=4, **{"temperature": 1.0, "top_k": 0, "top_p": 1.0, **settings})
     assert drawn_here(config, {}) == (config, {})
 
 
@@ -86,3 +89,11 @@ def test_sampled_rollouts_match_transformers_sampling_in_distribution(tiny_model
     p = (a + b) / 2
     assert (a - b).abs().max() <= 5 * (2 * p * (1 - p) / len(ids)).sqrt().max() + 1e-3
     assert (a > 0).sum() > 3, "a spread distribution, or this would test nothing"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_row_that_is_no_distribution_is_refused_as_multinomial_refuses_it(bad):
+    scores = torch.randn(3, 10)
+    scores[1] = bad  # nan / +inf logits of a diverged policy, or every token masked
+    with pytest.raises(RuntimeError, match="1 of 3 rows"):
+        DrawToken.draw(scores)

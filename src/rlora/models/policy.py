@@ -72,6 +72,15 @@ class Recomputed(nn.Module):
         return self.act(x)  # no-grad passes (generation, rollout pass, reference) and small inputs
 
 
+def _mergeable(layer: nn.Module, shared: set[int]) -> bool:
+    """Whether merging the policy adapter into the peft `layer` leaves the model's function
+    unchanged: not when its base holds a parameter in `shared` (ids of tied parameters), nor
+    with a LoRA bias over a base without one."""
+    base = layer.get_base_layer()
+    lora_bias = getattr(layer, "lora_bias", {}).get(POLICY, False)
+    return not ({id(p) for p in base.parameters()} & shared) and not (lora_bias and getattr(base, "bias", None) is None)
+
+
 def contiguous_input(module: nn.Module, args: tuple) -> tuple:
     """A forward pre-hook for the language-model head: its input made contiguous.
 
@@ -80,7 +89,7 @@ def contiguous_input(module: nn.Module, args: tuple) -> tuple:
     matmul: GPT-2's 16 x 1 x 768 slice against its 50 257-row head took 1.76 s in bf16 (it
     copies 1.2 GB) and 71 ms in fp32, against 6 ms and 13 ms contiguous. The copy made here is
     of the few rows the head reads."""
-    return (args[0].contiguous(), *args[1:])
+    return (args[0].contiguous(), *args[1:]) if args else args
 
 
 def recompute_activations(module: nn.Module) -> int:
@@ -355,6 +364,13 @@ class Policy(nn.Module):
         finally:
             base.generation_config = saved
 
+    def _shared_parameters(self) -> set[int]:
+        """ids of the parameters that more than one module of the language model holds (tied)."""
+        seen, shared = set(), set()
+        for _, p in self.lm.named_parameters(remove_duplicate=False):
+            (shared if id(p) in seen else seen).add(id(p))
+        return shared
+
     def shares_prompt(self, input_ids: torch.Tensor, generation_config=None, **kwargs) -> bool:
         """Whether `generate(..., num_generations > 1)` runs each prompt once and repeats its KV cache.
 
@@ -428,15 +444,19 @@ class Policy(nn.Module):
           rounded once. Sampling then draws from the bf16 model's distribution, while the scoring
           passes give the float32 model's log-probs of the tokens drawn (as with a vLLM sampler).
 
-        Extra memory inside the block: one base-layer copy at a time while merging, and the whole
-        model once more in `dtype`.
+        A layer whose merge would change the model stays unmerged and runs its adapter as usual:
+        one whose base weight is tied to another module (an adapted `lm_head` or input embedding
+        of a tied model, where merging would put the delta into both), or one with a LoRA bias
+        over a base without a bias (which peft cannot merge). Extra memory inside the block: one
+        base-layer copy at a time while merging, and the whole model once more in `dtype`.
         """
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         params = list(self.lm.parameters())  # each once: tied embeddings are one parameter
-        cast = dtype is not None and any(p.dtype != dtype for p in params if p.is_floating_point())
+        cast = dtype is not None and self.base_model.dtype != dtype  # the adapters' own fp32 does not count
+        shared = self._shared_parameters() if (merge or cast) and self.mode == "adapter" else set()
         layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer) and not m.merged
-                  and any(POLICY in getattr(m, name) for name in m.adapter_layer_names)
+                  and any(POLICY in getattr(m, name) for name in m.adapter_layer_names) and _mergeable(m, shared)
                   ] if (merge or cast) and self.mode == "adapter" else []  # not the critic/reward-only layers
         originals = [(p, p.data) for p in params]
         try:

@@ -99,8 +99,16 @@ class DrawToken:
 
     @staticmethod
     def draw(scores: torch.Tensor) -> torch.Tensor:
-        """One token per row from softmax(scores), as (b, v) scores: 0 there, -inf elsewhere."""
+        """One token per row from softmax(scores), as (b, v) scores: 0 there, -inf elsewhere.
+        Raises, as `torch.multinomial` does, on a row that is no distribution (nan, +inf, or every
+        entry -inf): a diverged policy stops the run instead of sampling its last token id."""
         cdf = scores.softmax(-1).cumsum(-1, dtype=torch.float64)  # (b, v); float64 sums 49k terms exactly enough
+        total = cdf[:, -1]
+        if not bool(((total > 0.5) & (total < 1.5)).all()):  # a softmax sums to 1; nan fails both tests
+            raise RuntimeError("the sampling distribution holds nan or inf (or masks every token) in "
+                               f"{int((~((total > 0.5) & (total < 1.5))).sum())} of {len(total)} rows: the policy's "
+                               "logits are not finite (a diverged update: lower the learning rate, clip gradients "
+                               "with train.max_grad_norm) or a logits processor removed every token")
         u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * cdf[:, -1:]  # (b, 1)
         # the first entry whose cumulative probability exceeds u: never one of probability 0
         token = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)  # (b, 1)
@@ -110,13 +118,16 @@ class DrawToken:
 def drawn_here(config, arguments: dict):
     """`config` and `arguments` with the token draw done by `DrawToken` (the same distribution,
     faster), or both as they were where `generate` must sample itself: greedy or beam search,
-    several sequences per row, or a sampling setting other than `DRAWN_HERE`."""
+    several sequences per row, a sampling setting other than `DRAWN_HERE` (or `penalty_alpha`),
+    or temperature / top_k / top_p set to None (transformers fills them from its own defaults)."""
     from transformers import LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, \
         TopPLogitsWarper
 
-    other_sampling = ((config.typical_p or 1.0) < 1.0 or (config.epsilon_cutoff or 0.0) > 0.0
-                      or (config.eta_cutoff or 0.0) > 0.0 or getattr(config, "top_h", None) is not None)
-    if (not config.do_sample or other_sampling or (config.num_beams or 1) != 1
+    other_sampling = ((config.typical_p is not None and config.typical_p < 1.0)
+                      or (config.epsilon_cutoff or 0.0) > 0.0 or (config.eta_cutoff or 0.0) > 0.0 or getattr(config, "top_h", None) is not None
+                      or config.penalty_alpha is not None)  # penalty_alpha: greedy would become contrastive search
+    unset = any(getattr(config, k) is None for k in ("temperature", "top_k", "top_p"))  # transformers fills these
+    if (not config.do_sample or other_sampling or unset or (config.num_beams or 1) != 1
             or (config.num_return_sequences or 1) != 1 or config.watermarking_config is not None
             or config.renormalize_logits):
         return config, arguments
