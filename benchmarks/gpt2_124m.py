@@ -205,8 +205,9 @@ def main() -> None:
         ours, trl = results["rlora"], results["trl"]
         sampler = results["rlora-bf16-sampler"]
         trl_s = trl['generate_s'] + trl['update_s']
-        rows += ["", f"rlora / TRL 0.11.4 seconds per step, same run: **{(ours['generate_s'] + ours['update_s']) / trl_s:.2f}**"
-                 f" (with the bf16 sampler: {(sampler['generate_s'] + sampler['update_s']) / trl_s:.2f}); "
+        ours_s, sampler_s = ours['generate_s'] + ours['update_s'], sampler['generate_s'] + sampler['update_s']
+        rows += ["", f"rlora / TRL 0.11.4 seconds per step, same run: **{ours_s / trl_s:.2f}**"
+                 f" (with the bf16 sampler: {sampler_s / trl_s:.2f}); "
                  f"rlora LoRA / rlora full-fine-tuning peak RSS: {ours['rss_mib'] / results['rlora-full']['rss_mib']:.2f}."]
     roles, ours = results["rlora-roles"], results["rlora"]
     rows += ["", f"All four roles on one base / policy-only LoRA, same run: peak RSS "

@@ -13,9 +13,9 @@ Each trainer runs in its own process (peak RSS from `wait4`); rlora once in fp32
 `model.generation_dtype: bfloat16` (fp32 training, rollouts sampled on a bf16 copy), with
 `train.mixed_precision: bf16` (bf16 autocast, fp32 weights) and with `model.dtype: bfloat16` (bf16
 weights). rlora's held-out metric: the mean reward of greedy completions of 8 prompts on topics
-the training prompts never draw, before the first step and after the last (not timed). Seconds per step are the median of steps 2..N (step 1 warms up);
-`--floor` adds the step's FLOPs (torch's FlopCounterMode, one rlora step) over this machine's
-matmul rate at the update's shapes.
+the training prompts never draw, before the first step and after the last (not timed). Seconds
+per step are the median of steps 2..N (step 1 warms up); `--floor` adds the step's FLOPs
+(torch's FlopCounterMode, one rlora step) over this machine's matmul rate at the update's shapes.
 
     .venv/bin/python benchmarks/smollm2_grpo.py --steps 10 --floor                        # into BENCHMARKS.md
     .venv/bin/python benchmarks/smollm2_grpo.py --steps 2 --threads 1 --no-record  # a smoke run

@@ -27,5 +27,6 @@ from rlora.config.validation import validate
 
 __all__ = [
     "Config", "TrainConfig", "ModelConfig", "TokenizerConfig", "OptimizerConfig", "SchedulerConfig",
-    "PPOConfig", "GRPOConfig", "TaskConfig", "rollout_gen_kwargs", "load_config", "validate", "config_to_dict", "save_config",
+    "PPOConfig", "GRPOConfig", "TaskConfig", "rollout_gen_kwargs", "load_config", "validate", "config_to_dict",
+    "save_config",
 ]

@@ -438,11 +438,11 @@ class Policy(nn.Module):
           frozen base is not unmerged by subtraction (whose round-off would break "reference ==
           base").
         - `dtype`: every parameter of the language model in `dtype` (the adapter merged in, as a
-          copy is made anyway), e.g. a bfloat16 sampler over
-          a float32 model: each decode step reads half the bytes, and CPUs with AVX-512 BF16 (and
-          GPUs) multiply bf16 faster. A merged weight is formed in the model's precision and
-          rounded once. Sampling then draws from the bf16 model's distribution, while the scoring
-          passes give the float32 model's log-probs of the tokens drawn (as with a vLLM sampler).
+          copy is made anyway), e.g. a bfloat16 sampler over a float32 model: each decode step
+          reads half the bytes, and CPUs with AVX-512 BF16 (and GPUs) multiply bf16 faster. A
+          merged weight is formed in the model's precision and rounded once. Sampling then draws
+          from the bf16 model's distribution, while the scoring passes give the float32 model's
+          log-probs of the tokens drawn (as with a vLLM sampler).
 
         A layer whose merge would change the model stays unmerged and runs its adapter as usual:
         one whose base weight is tied to another module (an adapted `lm_head` or input embedding
@@ -454,10 +454,12 @@ class Policy(nn.Module):
 
         params = list(self.lm.parameters())  # each once: tied embeddings are one parameter
         cast = dtype is not None and self.base_model.dtype != dtype  # the adapters' own fp32 does not count
-        shared = self._shared_parameters() if (merge or cast) and self.mode == "adapter" else set()
-        layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer) and not m.merged
-                  and any(POLICY in getattr(m, name) for name in m.adapter_layer_names) and _mergeable(m, shared)
-                  ] if (merge or cast) and self.mode == "adapter" else []  # not the critic/reward-only layers
+        layers = []
+        if (merge or cast) and self.mode == "adapter":
+            shared = self._shared_parameters()
+            layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer) and not m.merged
+                      and any(POLICY in getattr(m, name) for name in m.adapter_layer_names)  # not critic/reward-only
+                      and _mergeable(m, shared)]
         originals = [(p, p.data) for p in params]
         try:
             for layer in layers:

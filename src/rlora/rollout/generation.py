@@ -84,9 +84,9 @@ class DrawToken:
     The draw is inverse transform sampling: one uniform per row against the row's cumulative
     probabilities (float64). transformers' own draw, `torch.multinomial`, makes an exponential
     variate for every vocabulary entry of every row at every step: on SmolLM2's 49k vocabulary
-    that was 14% of a bf16 decode on this CPU, the draw here 4%. The distribution drawn from is the same; the
-    random stream differs. `warpers` (temperature, top-k, top-p, min-p) run first, as
-    transformers would run them. Shape: scores (b, v) -> (b, v).
+    that was 14% of a bf16 decode on this CPU, the draw here 4%. The distribution drawn from is
+    the same; the random stream differs. `warpers` (temperature, top-k, top-p, min-p) run first,
+    as transformers would run them. Shape: scores (b, v) -> (b, v).
     """
 
     def __init__(self, warpers: list):
@@ -103,13 +103,14 @@ class DrawToken:
         Raises, as `torch.multinomial` does, on a row that is no distribution (nan, +inf, or every
         entry -inf): a diverged policy stops the run instead of sampling its last token id."""
         cdf = scores.softmax(-1).cumsum(-1, dtype=torch.float64)  # (b, v); float64 sums 49k terms exactly enough
-        total = cdf[:, -1]
-        if not bool(((total > 0.5) & (total < 1.5)).all()):  # a softmax sums to 1; nan fails both tests
+        total = cdf[:, -1:]  # (b, 1)
+        valid = (total > 0.5) & (total < 1.5)  # a softmax sums to 1; nan fails both tests
+        if not bool(valid.all()):
             raise RuntimeError("the sampling distribution holds nan or inf (or masks every token) in "
-                               f"{int((~((total > 0.5) & (total < 1.5))).sum())} of {len(total)} rows: the policy's "
-                               "logits are not finite (a diverged update: lower the learning rate, clip gradients "
-                               "with train.max_grad_norm) or a logits processor removed every token")
-        u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * cdf[:, -1:]  # (b, 1)
+                               f"{int((~valid).sum())} of {len(total)} rows: the policy's logits are not finite "
+                               "(a diverged update: lower the learning rate, clip gradients with "
+                               "train.max_grad_norm) or a logits processor removed every token")
+        u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * total  # (b, 1)
         # the first entry whose cumulative probability exceeds u: never one of probability 0
         token = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)  # (b, 1)
         return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
@@ -124,19 +125,20 @@ def drawn_here(config, arguments: dict):
         TopPLogitsWarper
 
     other_sampling = ((config.typical_p is not None and config.typical_p < 1.0)
-                      or (config.epsilon_cutoff or 0.0) > 0.0 or (config.eta_cutoff or 0.0) > 0.0 or getattr(config, "top_h", None) is not None
+                      or (config.epsilon_cutoff or 0.0) > 0.0 or (config.eta_cutoff or 0.0) > 0.0
+                      or getattr(config, "top_h", None) is not None
                       or config.penalty_alpha is not None)  # penalty_alpha: greedy would become contrastive search
     unset = any(getattr(config, k) is None for k in ("temperature", "top_k", "top_p"))  # transformers fills these
     if (not config.do_sample or other_sampling or unset or (config.num_beams or 1) != 1
             or (config.num_return_sequences or 1) != 1 or config.watermarking_config is not None
             or config.renormalize_logits):
         return config, arguments
-    warpers = []
-    if config.temperature is not None and config.temperature != 1.0:
+    warpers = []  # temperature, top_k and top_p are set here (`unset` above)
+    if config.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_k:
+    if config.top_k != 0:
         warpers.append(TopKLogitsWarper(top_k=config.top_k))
-    if config.top_p is not None and config.top_p < 1.0:
+    if config.top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p=config.top_p))
     if config.min_p is not None:
         warpers.append(MinPLogitsWarper(min_p=config.min_p))
