@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import rlora
 from rlora.export import export, export_main
+from rlora.models.activations import fuse_activations
 from rlora.tiny import BOS, DEFAULT_ALPHABET, EOS, UNK, tiny_model, tiny_ppo_config
 
 PROMPTS = ["hello", "abc", "xyz", "the "]
@@ -119,6 +120,7 @@ def test_adapter_only_export_loads_with_peft_and_gives_the_policy_logits(run, tm
     trainer, checkpoint, base_path = run(kind)
     out = export(checkpoint, str(tmp_path / "adapter"), adapter_only=True)
     base = AutoModelForCausalLM.from_pretrained(base_path)
+    fuse_activations(base)  # the kernels the policy ran (model.fused_activations), for a bitwise-tight match
     model = PeftModel.from_pretrained(base, out).eval()
     ids, mask = encode(AutoTokenizer.from_pretrained(out))
     expected = trainer.policy.lm.eval()(input_ids=ids, attention_mask=mask).logits

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import rlora
 from rlora.config import ModelConfig, load_config
-from rlora.models import build_policy, load_tokenizer, position_ids_from_mask
+from rlora.models import build_policy, load_base_model, load_tokenizer, position_ids_from_mask
 from rlora.models.loading import adapter_parameters
 from rlora.models.policy import POLICY, REWARD, VALUE
 from rlora.reward import ScoreHead, load_score_head, save_reward_adapter, sequence_scores
@@ -116,7 +116,7 @@ def test_reference_is_base_bitwise_with_every_role_attached(tiny_model_dir, rewa
     policy = build_policy(ModelConfig(model_path=path, peft_config=LORA, value_adapter=LORA,
                                       reward_adapter=reward_dir), char_tokenizer()).eval()
     input_ids, attention_mask = batch
-    base = AutoModelForCausalLM.from_pretrained(path).eval()
+    base = load_base_model(ModelConfig(model_path=path)).eval()  # as rlora loads it
     with torch.no_grad():
         expected = base(input_ids=input_ids, attention_mask=attention_mask,
                         position_ids=position_ids_from_mask(attention_mask)).logits

@@ -104,6 +104,10 @@ class ModelConfig:
     sampling); the scoring passes and the update stay in the model's precision, so the samples
     come from a distribution a bf16 rounding away from the one scored (as with a vLLM sampler).
     Evaluation samples in the model's precision."""
+    fused_activations: bool = True
+    """rlora: run a tanh GELU that transformers composes of Python ops (`gelu_new` / `gelu_fast`:
+    GPT-2, GPT-J) as torch's one kernel of the same function (`gelu_pytorch_tanh`), equal to float
+    rounding; faster, and it keeps only its input for backward. False runs the model's own."""
     model_extra_configs: dict = field(default_factory=dict)
     """Extra keyword arguments for `from_pretrained`."""
     trust_remote_code: bool = False

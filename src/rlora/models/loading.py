@@ -18,6 +18,7 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_config, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from rlora.models.activations import fuse_activations
 from rlora.models.policy import POLICY, REWARD, VALUE, Policy, hidden_width
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -103,10 +104,18 @@ def load_tokenizer(tokenizer_config, model_path: Any, trust_remote_code: bool = 
 
 
 def load_base_model(model_config) -> PreTrainedModel:
-    """The Hugging Face causal LM named by `model.model_path` (a path, hub name or config object).
+    """The Hugging Face causal LM named by `model.model_path` (a path, hub name or config object),
+    its Python-composed tanh GELUs fused with `model.fused_activations`.
 
     For a peft adapter directory, the base model it names (without the adapter).
     """
+    model = _load_base_model(model_config)
+    if model_config.fused_activations:
+        fuse_activations(model)
+    return model
+
+
+def _load_base_model(model_config) -> PreTrainedModel:
     if model_config.model_arch_type != "causal":
         raise ValueError(f"model.model_arch_type={model_config.model_arch_type!r} is not supported; "
                          "rlora trains causal LMs (set it to 'causal')")

@@ -24,8 +24,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from rlora.models.activations import recompute_activations
 from rlora.models.hydra import HydraBranch, find_decoder_blocks
 from rlora.models.value_head import ValueHead
 
@@ -50,28 +50,6 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-RECOMPUTE_MIN_ELEMENTS = 1 << 20  # 4 MiB of fp32 activation input
-
-
-class Recomputed(nn.Module):
-    """An activation function that keeps only its input for backward and recomputes itself there
-    (`torch.utils.checkpoint`): the same values and gradients, bitwise.
-
-    Inputs under `RECOMPUTE_MIN_ELEMENTS` run as usual: what they would keep is small and the
-    checkpoint's overhead is not (randomwalks step, 640 x 576 inputs: 40 ms plain, 48 ms
-    recomputed); a GPT-2-124M microbatch of 8 x 48 tokens has 1.2 M.
-    """
-
-    def __init__(self, act: nn.Module):
-        super().__init__()
-        self.act = act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad and x.numel() >= RECOMPUTE_MIN_ELEMENTS:
-            return checkpoint(self.act, x, use_reentrant=False)
-        return self.act(x)  # no-grad passes (generation, rollout pass, reference) and small inputs
-
-
 def _mergeable(layer: nn.Module, shared: set[int]) -> bool:
     """Whether merging the policy adapter into the peft `layer` leaves the model's function
     unchanged: not when its base holds a parameter in `shared` (ids of tied parameters), nor
@@ -90,29 +68,6 @@ def contiguous_input(module: nn.Module, args: tuple) -> tuple:
     copies 1.2 GB) and 71 ms in fp32, against 6 ms and 13 ms contiguous. The copy made here is
     of the few rows the head reads."""
     return (args[0].contiguous(), *args[1:]) if args else args
-
-
-def recompute_activations(module: nn.Module) -> int:
-    """Wrap each Hugging Face activation module inside `module` in `Recomputed`; returns how many.
-
-    Several are composed in Python of elementwise ops that each keep a full-size tensor for
-    backward: GPT-2's `gelu_new` keeps four (b, t, 4h) tensors per block, the largest share of a
-    small model's activation memory (216 MiB of 414 for one 8 × 48-token microbatch of GPT-2-124M).
-    Recomputing them costs a few elementwise ops. Hugging Face's gradient checkpointing cannot do
-    this here: it recomputes whole blocks, and only in train mode, while PPO runs in eval mode.
-    torch's own activation modules (nn.SiLU, nn.GELU, ...) are single kernels and stay as they are.
-    """
-    from transformers import activations
-
-    classes = tuple(c for c in vars(activations).values()
-                    if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == activations.__name__)
-    targets = [(parent, name, child) for parent in module.modules() if not isinstance(parent, Recomputed)
-               for name, child in parent.named_children()
-               if isinstance(child, classes) and not any(True for _ in child.parameters())
-               and not any(True for _ in child.buffers())]  # wrapping would rename their weights
-    for parent, name, child in targets:
-        setattr(parent, name, Recomputed(child))
-    return len(targets)
 
 
 def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
