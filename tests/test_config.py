@@ -299,6 +299,7 @@ CROSS_FIELD = {
     "seq2seq": ({"model": {"model_arch_type": "seq2seq"}}, "model.model_arch_type"),
     "model-dtype": ({"model": {"dtype": "float16"}}, "model.dtype"),
     "model-generation-dtype": ({"model": {"generation_dtype": "float16"}}, "model.generation_dtype"),
+    "model-attention-dtype": ({"model": {"attention_dtype": "bfloat16"}}, "model.attention_dtype"),
     "model-path-empty": ({"model": {"model_path": ""}}, "model.model_path"),
     "model-path-int": ({"model": {"model_path": 3}}, "model.model_path"),
 }

@@ -19,6 +19,7 @@ from peft import PeftConfig, PeftModel, get_peft_config, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from rlora.models.activations import fuse_activations
+from rlora.models.attention import float32_attention
 from rlora.models.policy import POLICY, REWARD, VALUE, Policy, hidden_width
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -105,13 +106,15 @@ def load_tokenizer(tokenizer_config, model_path: Any, trust_remote_code: bool = 
 
 def load_base_model(model_config) -> PreTrainedModel:
     """The Hugging Face causal LM named by `model.model_path` (a path, hub name or config object),
-    its Python-composed tanh GELUs fused with `model.fused_activations`.
+    its Python-composed tanh GELUs fused (`model.fused_activations`) and its attention in the
+    precision `model.attention_dtype` says.
 
     For a peft adapter directory, the base model it names (without the adapter).
     """
     model = _load_base_model(model_config)
     if model_config.fused_activations:
         fuse_activations(model)
+    float32_attention(model_config.attention_dtype, model)
     return model
 
 
