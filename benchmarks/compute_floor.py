@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import best_of, record  # noqa: E402
 
 
-def matmul_rate(m: int, k: int, n: int) -> float:
-    """FLOP/s of `(m, k) @ (k, n)` on this machine, best of several runs."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of `(m, k) @ (k, n)` in `dtype` on this machine, best of several runs."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     reps = 50
     seconds = best_of(lambda: [a @ b for _ in range(reps)], repeats=5)
     return 2 * m * k * n * reps / seconds

@@ -11,11 +11,13 @@ it), TRL 1.16's `GRPOConfig` defaults for what it leaves unset:
   no weight decay, constant rate, gradients clipped to norm 1 (TRL's default); fp32.
 Each trainer runs in its own process (peak RSS from `wait4`); rlora once in fp32, once with
 `model.generation_dtype: bfloat16` (fp32 training, rollouts sampled on a bf16 copy), with
-`train.mixed_precision: bf16` (bf16 autocast, fp32 weights) and with `model.dtype: bfloat16` (bf16
-weights). rlora's held-out metric: the mean reward of greedy completions of 8 prompts on topics
+`train.mixed_precision: bf16` (bf16 autocast, fp32 weights), with `model.dtype: bfloat16` (bf16
+weights; attention on float32 inputs, `model.attention_dtype`'s CPU default) and with bf16 weights
+sampled with the adapter merged in (`method.merge_adapter_for_generation`). rlora's held-out metric: the mean reward of greedy completions of 8 prompts on topics
 the training prompts never draw, before the first step and after the last (not timed). Seconds
 per step are the median of steps 2..N (step 1 warms up); `--floor` adds the step's FLOPs
-(torch's FlopCounterMode, one rlora step) over this machine's matmul rate at the update's shapes.
+(torch's FlopCounterMode, one rlora step) over this machine's matmul rate at the update's shapes,
+in fp32 and in bf16 (the bf16 rows' floor: AMX-BF16 runs bf16 matmuls several times faster).
 
     .venv/bin/python benchmarks/smollm2_grpo.py --steps 10 --floor                        # into BENCHMARKS.md
     .venv/bin/python benchmarks/smollm2_grpo.py --steps 2 --threads 1 --no-record  # a smoke run
@@ -71,7 +73,7 @@ def grpo_config(args: argparse.Namespace, steps: int) -> dict:
                   "max_grad_norm": 1.0,  # TRL's default, which peerD keeps
                   "mixed_precision": "bf16" if args.dtype == "bf16-autocast" else "no"},
         "model": {"model_path": args.model, "peft_config": lora,
-                  "dtype": "bfloat16" if args.dtype == "bf16-weights" else "float32",
+                  "dtype": "bfloat16" if args.dtype.startswith("bf16-weights") else "float32",
                   "generation_dtype": "bfloat16" if args.dtype == "bf16-sampler" else None},
         "tokenizer": {"tokenizer_path": args.model},
         "optimizer": {"name": "adamw", "kwargs": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
@@ -80,6 +82,7 @@ def grpo_config(args: argparse.Namespace, steps: int) -> dict:
                    "chunk_size": COMPLETIONS, "ppo_epochs": 1, "loss_type": "dapo", "scale_rewards": "group",
                    "epsilon": 0.2, "epsilon_high": None, "importance_sampling_level": "token", "beta": 0.0,
                    "mask_truncated_completions": False,
+                   "merge_adapter_for_generation": args.dtype == "bf16-weights-merged",
                    "gen_kwargs": {"max_new_tokens": MAX_NEW, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                                   "do_sample": True},
                    "eval_gen_kwargs": {"greedy": {"do_sample": False}}},
@@ -126,7 +129,8 @@ def floor_worker(args: argparse.Namespace) -> None:
     shape = (rows, config.hidden_size, config.intermediate_size)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump({"flops": counter.get_total_flops() - eval_flops, "shape": shape,
-                   "rate": matmul_rate(*shape), "threads": torch.get_num_threads()}, f)
+                   "rate": matmul_rate(*shape), "rate_bf16": matmul_rate(*shape, dtype=torch.bfloat16),
+                   "threads": torch.get_num_threads()}, f)
 
 
 def run_rlora(args: argparse.Namespace, model: str, workdir: str, dtype: str) -> dict:
@@ -180,11 +184,13 @@ def table(rows: list[dict], floor: dict | None) -> str:
                      f"{r['reward'][0]:.3f} -> {r['reward'][1]:.3f} | {held} | {r['rss_mib']:.0f} |")
     if floor is not None:
         floor_s = floor["flops"] / floor["rate"]
-        lines.append(f"| floor: {floor['flops'] / 1e9:.1f} GFLOP / {floor['rate'] / 1e9:.1f} GFLOP/s "
-                     f"({' x '.join(map(str, floor['shape']))} fp32 matmul) | 1 | {floor_s:.2f} | - | - | - | - | - |")
+        for key, precision in (("rate", "fp32"), ("rate_bf16", "bf16")):
+            lines.append(f"| floor: {floor['flops'] / 1e9:.1f} GFLOP / {floor[key] / 1e9:.1f} GFLOP/s "
+                         f"({' x '.join(map(str, floor['shape']))} {precision} matmul) | 1 | "
+                         f"{floor['flops'] / floor[key]:.2f} | - | - | - | - | - |")
     by_key = {r["key"]: r for r in rows}
     fp32, bf16, peer = by_key.get("float32"), by_key.get("bf16-autocast"), by_key.get("peer")
-    sampler = by_key.get("bf16-sampler")
+    sampler, merged = by_key.get("bf16-sampler"), by_key.get("bf16-weights-merged")
     notes = []
     if fp32 and peer:
         notes.append(f"rlora fp32 / TRL 1.16 seconds per step, same run: **{fp32['s_per_step'] / peer['s_per_step']:.2f}**"
@@ -197,10 +203,18 @@ def table(rows: list[dict], floor: dict | None) -> str:
         notes.append(f"rlora fp32 with the bf16 sampler / TRL 1.16 fp32: "
                      f"**{sampler['s_per_step'] / peer['s_per_step']:.2f}**; bf16 sampler / fp32 rlora: "
                      f"{sampler['s_per_step'] / fp32['s_per_step']:.2f}")
+    if merged and peer:
+        notes.append(f"rlora bf16 weights, merged sampler / TRL 1.16 fp32: "
+                     f"**{merged['s_per_step'] / peer['s_per_step']:.2f}**; / fp32 rlora: "
+                     f"{merged['s_per_step'] / fp32['s_per_step']:.2f}")
     if fp32 and floor is not None:
         floor_s = floor["flops"] / floor["rate"]
-        notes.append(f"rlora fp32 / floor: {fp32['s_per_step'] / floor_s:.1f}"
+        notes.append(f"rlora fp32 / fp32 floor: {fp32['s_per_step'] / floor_s:.1f}"
                      + (f", with the bf16 sampler {sampler['s_per_step'] / floor_s:.1f}" if sampler else ""))
+        if merged:
+            notes.append(f"rlora bf16 weights, merged sampler / bf16 floor: "
+                         f"{merged['s_per_step'] / (floor['flops'] / floor['rate_bf16']):.1f} "
+                         f"(/ fp32 floor: {merged['s_per_step'] / floor_s:.1f})")
     return "\n".join(lines + ([""] + ["; ".join(notes) + "."] if notes else []))
 
 
@@ -209,7 +223,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="GRPO steps (generation batches) of each trainer")
     parser.add_argument("--seed", type=int, default=1, help="peerD's default")
     parser.add_argument("--model", default=None, help="the model directory (default: rlora fetch smollm2-135m-instruct)")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the three bf16 rows")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the four bf16 rows")
     parser.add_argument("--floor", action="store_true", help="add the compute-floor row")
     parser.add_argument("--worker", choices=["rlora", "floor"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -228,7 +242,8 @@ def main() -> None:
         rows = [run_rlora(args, args.model, workdir, "float32")]
         rows += [] if args.no_peer else [run_peer(args, args.model, workdir)]
         rows += [] if args.no_bf16 else [run_rlora(args, args.model, workdir, dtype)
-                                          for dtype in ("bf16-sampler", "bf16-autocast", "bf16-weights")]
+                                          for dtype in ("bf16-sampler", "bf16-autocast", "bf16-weights",
+                                                        "bf16-weights-merged")]
         floor = run_floor(args, args.model, workdir) if args.floor else None
     markdown = table(rows, floor)
     print(markdown)
