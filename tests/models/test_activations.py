@@ -125,3 +125,15 @@ def test_the_fused_gelu_keeps_no_more_than_the_recomputed_one(tiny_model_dir, ba
     assert fused_kept <= kept
     for a, b in zip(fused_grads, grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, single", [
+    ("silu", True), ("gelu", True), ("gelu_pytorch_tanh", True), ("mish", True), ("linear", True),
+    ("gelu_python", False), ("gelu_python_tanh", False), ("gelu_new", False), ("quick_gelu", False),
+])
+def test_which_transformers_activations_count_as_one_kernel(name, single):
+    from transformers.activations import ACT2FN
+
+    from rlora.models.activations import _single_kernel
+
+    assert _single_kernel(ACT2FN[name]) == single

@@ -87,3 +87,27 @@ def test_a_bf16_policy_with_float32_attention_keeps_its_invariants(tiny_model_di
     out.logits.float().logsumexp(-1).sum().backward()
     grads = [p.grad for p in policy.trainable_parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_a_model_whose_code_tests_for_the_name_sdpa_keeps_its_attention():
+    """Falcon's modeling code branches on `_attn_implementation == "sdpa"`: under another name it
+    would take the other branch."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from rlora.models.attention import _tests_for_sdpa
+
+    model = FalconForCausalLM(FalconConfig(vocab_size=35, hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                                           attn_implementation="sdpa")).to(torch.bfloat16)
+    assert _tests_for_sdpa(model)
+    assert not float32_attention(None, model) and model.config._attn_implementation == "sdpa"
+
+
+def test_bf16_autocast_does_not_cast_the_float32_attention_back(tiny_model_dir, batch):
+    """`train.mixed_precision: bf16` over a bf16 model: autocast would run SDPA in bf16 again."""
+    model = load_base_model(ModelConfig(model_path=tiny_model_dir("llama"), dtype="bfloat16")).eval()
+    input_ids, attention_mask = batch
+    with torch.no_grad():
+        plain = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert torch.equal(autocast, plain)

@@ -108,8 +108,10 @@ class ModelConfig:
     attention_dtype: str | None = None
     """rlora: the precision attention is computed in for a bf16 model: None = float32 while on CPU
     (torch's CPU flash-attention backward is ~4x slower in bf16 than on float32 inputs), the
-    model's own on GPU; "float32" always; "model" = the model's own. Every pass and role runs the
-    same attention, so the reference and the scoring passes match the update."""
+    model's own on GPU; "float32" always; "model" = the model's own (and any attn_implementation in
+    model_extra_configs). Every pass and role of the model runs the same attention, so the
+    reference and the scoring passes match the update. Models whose code tests for the name
+    "sdpa" (Falcon, Gemma 4) keep theirs."""
     fused_activations: bool = True
     """rlora: run a tanh GELU that transformers composes of Python ops (`gelu_new` / `gelu_fast`:
     GPT-2, GPT-J) as torch's one kernel of the same function (`gelu_pytorch_tanh`), equal to float

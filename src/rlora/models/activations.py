@@ -23,13 +23,13 @@ def _transformers_activations() -> tuple[type, ...]:
 
 def _single_kernel(act: nn.Module) -> bool:
     """Whether a transformers activation module is one torch kernel, keeping only its input for
-    backward: its GELU with torch's `gelu` (exact or tanh), and its SiLU."""
+    backward: its GELU with torch's `gelu` (exact or tanh), its SiLU and Mish, and the identity."""
     from transformers import activations
 
-    if isinstance(act, activations.SiLUActivation):
+    if isinstance(act, (activations.SiLUActivation, activations.LinearActivation)):
         return True
-    if isinstance(act, (activations.GELUActivation, activations.GELUTanh)):
-        return getattr(act.act, "__self__", None) is not act  # not its own `_gelu_python` method
+    if isinstance(act, (activations.GELUActivation, activations.GELUTanh, activations.MishActivation)):
+        return getattr(act.act, "__self__", None) is not act  # not a Python method of its own
     return False
 
 

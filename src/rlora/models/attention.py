@@ -3,12 +3,18 @@
 torch's CPU flash-attention kernel is slow in bfloat16 backward: at a SmolLM2-135M update's
 shapes (32 x 9 heads, 15 queries over 52 keys, head 64) forward + backward takes 11.5 ms in bf16
 against 2.6 ms with float32 inputs, and it was a quarter of a bf16-weights GRPO update. Attention
-holds no weights, so computing it in float32 costs two casts of q, k, v and one of the output,
-and rounds less. Registered with transformers' `AttentionInterface` (and its mask interface) under
-`FLOAT32_SDPA`, so every pass of the model, whatever role or copy, runs the same function.
+holds no weights, so computing it in float32 costs a cast of q, k and v and one of the output
+(and their reverse for the gradients), and rounds less. Registered with transformers'
+`AttentionInterface` (and its mask interface) under its own names, so every pass of the model,
+whatever role or copy, runs the same function. (The bf16 sampler of a float32 model,
+`model.generation_dtype`, samples on a copy that keeps bf16 SDPA: forward only, where it is fast.)
 """
 
 from __future__ import annotations
+
+import inspect
+import re
+import sys
 
 import torch
 from torch import nn
@@ -27,8 +33,9 @@ def _sdpa_in_float32(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     dtype = query.dtype
     if dtype == torch.float32 or (only_on_cpu and query.device.type != "cpu"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                          *args, **kwargs)
+    with torch.autocast(query.device.type, enabled=False):  # bf16 autocast would cast SDPA's inputs back
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              *args, **kwargs)
     return out.to(dtype), weights
 
 
@@ -45,17 +52,27 @@ def _register() -> None:
         AttentionMaskInterface.register(name, sdpa_mask)
 
 
+def _tests_for_sdpa(model: nn.Module) -> bool:
+    """Whether `model`'s modeling code branches on its attention being named "sdpa" (Falcon,
+    Gemma 4, ...): under another name it would take the other branch."""
+    source = inspect.getsource(sys.modules[type(model).__module__])
+    return re.search(r"""_attn_implementation\s*[!=]=\s*["']sdpa["']""", source) is not None
+
+
 def float32_attention(setting: str | None, model: nn.Module) -> bool:
     """Compute the attention of a transformers `model` in float32 as `model.attention_dtype=setting`
     says: "float32" always for a bf16 / fp16 model; None (the default) while its tensors are on
-    CPU; "model" never. Returns whether it switched: a float32 model, or one whose attention is
-    not transformers' pluggable SDPA, keeps its own."""
+    CPU; "model" never. Returns whether it switched: a float32 model, one whose attention is not
+    transformers' pluggable SDPA, or one whose code tests for the name "sdpa" keeps its own. It
+    takes precedence over an `attn_implementation: sdpa` in `model.model_extra_configs` (the two
+    cannot be told apart); `attention_dtype: model` keeps that."""
     if setting not in ATTENTION_DTYPES:
         raise ValueError(f"model.attention_dtype={setting!r}: use null (float32 on CPU for a bf16 model), "
                          "'float32' (always), or 'model' (the model's own precision)")
     if setting == "model" or model.dtype == torch.float32:
         return False
-    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not model._can_set_attn_implementation():
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not model._can_set_attn_implementation() \
+            or _tests_for_sdpa(model):
         return False
     _register()
     name = FLOAT32_SDPA if setting == "float32" else FLOAT32_SDPA_ON_CPU
