@@ -11,6 +11,8 @@ its own process, whose peak RSS comes from `wait4`:
     the system at once instead of staying in malloc's heap (less RSS, slower: page faults);
   - rlora, bf16 sampler: the same as rlora with `model.generation_dtype: bfloat16` (rollouts drawn
     on a merged bf16 copy; scoring and the update in float32);
+  - rlora, bf16 base: `model.dtype: bfloat16` (the frozen base in bf16, attention on float32
+    inputs on CPU; adapter and value head float32), sampled with the adapter merged in;
   - rlora full: full fine-tuning with a frozen reference copy;
   - TRL 0.11.4: PPOTrainer with a peft model (reference = adapter disabled), from .peers/venv-trl011.
 
@@ -101,10 +103,12 @@ def worker(kind: str, model_dir: str, out: str) -> None:
 
     model = {"model_path": model_dir}
     lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 32, "lora_dropout": 0.0, "fan_in_fan_out": True}
-    if kind in ("rlora", "rlora-roles", "rlora-mmap", "rlora-bf16-sampler"):
+    if kind in ("rlora", "rlora-roles", "rlora-mmap", "rlora-bf16-sampler", "rlora-bf16"):
         model["peft_config"] = lora
     if kind == "rlora-bf16-sampler":
         model["generation_dtype"] = "bfloat16"
+    if kind == "rlora-bf16":
+        model["dtype"] = "bfloat16"
     if kind == "rlora-roles":
         model["value_adapter"] = lora
         model["reward_adapter"] = os.path.join(os.path.dirname(model_dir), "reward-adapter")
@@ -113,6 +117,7 @@ def worker(kind: str, model_dir: str, out: str) -> None:
                         "run_dir": os.path.dirname(out) + f"/{kind}-run", "save_best": False},
               "model": model,
               "method": {"num_rollouts": BATCH, "chunk_size": BATCH, "ppo_epochs": EPOCHS, "init_kl_coef": 0.05,
+                         "merge_adapter_for_generation": kind == "rlora-bf16",
                          "gen_kwargs": {"max_new_tokens": NEW, "min_new_tokens": NEW, "top_k": 0, "top_p": 1.0,
                                         "do_sample": True}},
               "optimizer": {"name": "adamw", "kwargs": {"lr": 1e-5}}}
@@ -180,7 +185,8 @@ def main() -> None:
         save_model(model_dir)
         save_reward_adapter_for(model_dir, os.path.join(tmp, "reward-adapter"))
         results = {}
-        for kind in ("inference", "rlora", "rlora-bf16-sampler", "rlora-mmap", "rlora-roles", "rlora-full"):
+        for kind in ("inference", "rlora", "rlora-bf16-sampler", "rlora-bf16", "rlora-mmap", "rlora-roles",
+                     "rlora-full"):
             out = os.path.join(tmp, f"{kind}.json")
             results[kind] = measure([sys.executable, here, "--worker", kind, model_dir, out], out,
                                     MMAP_ENV if kind == "rlora-mmap" else None)
@@ -192,6 +198,7 @@ def main() -> None:
     base = results["inference"]["rss_mib"]
     names = {"inference": "plain inference (generation only)", "rlora": "rlora PPO + LoRA",
              "rlora-bf16-sampler": "rlora PPO + LoRA, bf16 sampler (`model.generation_dtype`)",
+             "rlora-bf16": "rlora PPO + LoRA, bf16 base (`model.dtype`), merged sampler",
              "rlora-mmap": "rlora PPO + LoRA, `MALLOC_MMAP_THRESHOLD_=1048576`",
              "rlora-roles": "rlora PPO + LoRA, critic and reward adapters on the same base",
              "rlora-full": "rlora full fine-tuning + reference copy", "trl": "TRL 0.11.4 PPO + LoRA"}
@@ -203,11 +210,12 @@ def main() -> None:
         rows.append(f"| {names[kind]} | {gen} | {upd} | {r['rss_mib']:.0f} | {r['rss_mib'] / base:.2f} |")
     if "trl" in results:
         ours, trl = results["rlora"], results["trl"]
-        sampler = results["rlora-bf16-sampler"]
+        sampler, bf16 = results["rlora-bf16-sampler"], results["rlora-bf16"]
         trl_s = trl['generate_s'] + trl['update_s']
         ours_s, sampler_s = ours['generate_s'] + ours['update_s'], sampler['generate_s'] + sampler['update_s']
+        bf16_s = bf16['generate_s'] + bf16['update_s']
         rows += ["", f"rlora / TRL 0.11.4 seconds per step, same run: **{ours_s / trl_s:.2f}**"
-                 f" (with the bf16 sampler: {sampler_s / trl_s:.2f}); "
+                 f" (with the bf16 sampler: {sampler_s / trl_s:.2f}; bf16 base: {bf16_s / trl_s:.2f}); "
                  f"rlora LoRA / rlora full-fine-tuning peak RSS: {ours['rss_mib'] / results['rlora-full']['rss_mib']:.2f}."]
     roles, ours = results["rlora-roles"], results["rlora"]
     rows += ["", f"All four roles on one base / policy-only LoRA, same run: peak RSS "

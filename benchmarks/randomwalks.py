@@ -8,6 +8,7 @@ excluded from the timings.
 
     .venv/bin/python benchmarks/randomwalks.py                 # rlora alone
     .venv/bin/python benchmarks/randomwalks.py --peer          # and TRL 0.11.4 (.peers/venv-trl011)
+    .venv/bin/python benchmarks/randomwalks.py --peer --bf16   # and rlora with a bf16 base
 
 The peer needs `../shared/peers/` and its venv (see `../shared/peers/README.md`); with `--peer`,
 both trainers start from the peer's SFT model (built once into `.peers/randomwalks-model`) so the
@@ -38,8 +39,9 @@ def rlora_worker(args: argparse.Namespace) -> None:
     from rlora.demo import run_demo
 
     set_threads(2)
+    bf16 = {"model_keys": {"dtype": "bfloat16"}, "merge_adapter_for_generation": True} if args.bf16 else {}
     summary = run_demo(total_steps=args.phases * STEPS_PER_PHASE, run_dir=args.out, model_dir=args.model,
-                       eval_interval=5 * STEPS_PER_PHASE, seed=args.seed, verbose=False)
+                       eval_interval=5 * STEPS_PER_PHASE, seed=args.seed, verbose=False, **bf16)
     history = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
     phases = [r for r in history if "phase" in r]
     evals = [{"phase": r["step"] // STEPS_PER_PHASE, "sampled": r["metrics/optimality"],
@@ -68,13 +70,14 @@ def summarize(name: str, rollout_s: list[float], update_s: list[float], evals: l
             "rss_mib": rss}
 
 
-def run_rlora(args: argparse.Namespace, model: str | None, workdir: str) -> dict:
-    out = os.path.join(workdir, "rlora")
+def run_rlora(args: argparse.Namespace, model: str | None, workdir: str, bf16: bool = False) -> dict:
+    out = os.path.join(workdir, "rlora-bf16" if bf16 else "rlora")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--phases", str(args.phases), "--out", out,
-           "--seed", str(args.seed)] + (["--model", model] if model else [])
+           "--seed", str(args.seed)] + (["--model", model] if model else []) + (["--bf16"] if bf16 else [])
     rss = run_measured(cmd)
     data = json.load(open(os.path.join(out, "bench.json")))
-    return summarize("rlora (PPO + LoRA)", data["rollout_s"], data["update_s"], data["evals"], rss)
+    name = "rlora (PPO + LoRA), bf16 base, merged sampler" if bf16 else "rlora (PPO + LoRA)"
+    return summarize(name, data["rollout_s"], data["update_s"], data["evals"], rss)
 
 
 def run_peer(args: argparse.Namespace, workdir: str) -> dict:
@@ -93,7 +96,7 @@ def run_peer(args: argparse.Namespace, workdir: str) -> dict:
                      [r["ppo_update_s"] for r in steps], evals, rss)
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], peer: dict | None) -> str:
     def reach(pair):
         phase, seconds = pair
         return "not reached" if phase is None else f"{phase} ({seconds:.1f} s)"
@@ -106,11 +109,13 @@ def table(rows: list[dict]) -> str:
                      f"{r['update_s']:.3f} | {reach(r['reach_0.9'])} | {reach(r['reach_0.95'])} | "
                      f"{r['start'][0]:.3f} -> {r['end'][0]:.3f} | {r['start'][1]:.3f} -> {r['end'][1]:.3f} | "
                      f"{r['rss_mib']:.0f} |")
-    if len(rows) == 2:
-        ours, peer = rows
+    if peer is not None:
+        ours, bf16 = rows[0], next((r for r in rows if "bf16" in r["name"]), None)
         lines.append("")
         lines.append(f"rlora / TRL 0.11.4 seconds per phase, same run: **{ours['s_per_phase'] / peer['s_per_phase']:.2f}**;"
-                     f" peak RSS ratio {ours['rss_mib'] / peer['rss_mib']:.2f}.")
+                     f" peak RSS ratio {ours['rss_mib'] / peer['rss_mib']:.2f}"
+                     + (f"; bf16 base / TRL: {bf16['s_per_phase'] / peer['s_per_phase']:.2f}" if bf16 else "")
+                     + ".")
     return "\n".join(lines)
 
 
@@ -119,6 +124,7 @@ def main() -> None:
     parser.add_argument("--phases", type=int, default=100, help="rollout phases (peers' steps)")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--peer", action="store_true", help="also run TRL 0.11.4 from .peers/venv-trl011")
+    parser.add_argument("--bf16", action="store_true", help="also rlora with model.dtype bfloat16 and a merged sampler")
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -130,8 +136,10 @@ def main() -> None:
         sys.exit(f"--peer needs {PEER_VENV} and {PEERS}; see ../shared/peers/README.md")
     with tempfile.TemporaryDirectory() as workdir:
         peer = run_peer(args, workdir) if args.peer else None  # builds the shared SFT model first
-        rows = [run_rlora(args, PEER_MODEL if args.peer else None, workdir)] + ([peer] if peer else [])
-    markdown = table(rows)
+        model = PEER_MODEL if args.peer else None
+        rows = [run_rlora(args, model, workdir)] + ([peer] if peer else [])
+        rows += [run_rlora(args, model, workdir, bf16=True)] if args.bf16 else []
+    markdown = table(rows, peer)
     print(markdown)
     if not args.no_record:
         record("randomwalks", "randomwalks: PPO + LoRA vs TRL 0.11.4",

@@ -70,12 +70,12 @@ def steps_per_phase(method: str) -> int:
 
 
 def demo_config(model_dir: str, run_dir: str, total_steps: int, seed: int = 1000, eval_interval: int = 80,
-                method: str = "ppo", **method_keys: Any) -> dict:
+                method: str = "ppo", model_keys: dict | None = None, **method_keys: Any) -> dict:
     """trlx's ppo_randomwalks settings, with LoRA (r=8, alpha=32, dropout 0.1) on the SFT model,
     for PPO or GRPO (`method`, see `method_settings`).
 
-    One rollout phase = 128 samples; `total_steps` counts optimizer steps. `method_keys`
-    override keys of the method section.
+    One rollout phase = 128 samples; `total_steps` counts optimizer steps. `model_keys` and
+    `method_keys` override keys of the model and method sections.
     """
     settings = method_settings(method)
     return {
@@ -84,7 +84,8 @@ def demo_config(model_dir: str, run_dir: str, total_steps: int, seed: int = 1000
                   "checkpoint_interval": 10**9, "run_dir": run_dir, "seed": seed},
         "model": {"model_path": model_dir,
                   "peft_config": {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32,
-                                  "lora_dropout": 0.1, "fan_in_fan_out": True}},  # GPT-2's Conv1D layers
+                                  "lora_dropout": 0.1, "fan_in_fan_out": True},  # GPT-2's Conv1D layers
+                  **(model_keys or {})},
         "tokenizer": {"tokenizer_path": model_dir},
         "optimizer": {"name": "adamw", "kwargs": {"lr": settings["lr"], "betas": [0.9, 0.95], "eps": 1e-8,
                                                   "weight_decay": 1e-6}},
@@ -97,7 +98,7 @@ def demo_config(model_dir: str, run_dir: str, total_steps: int, seed: int = 1000
 
 def run_demo(total_steps: int | None = None, run_dir: str | None = None, cache_dir: str | None = None,
              seed: int = 1000, verbose: bool = True, model_dir: str | None = None, eval_interval: int | None = None,
-             method: str = "ppo", **method_keys: Any) -> dict[str, Any]:
+             method: str = "ppo", model_keys: dict | None = None, **method_keys: Any) -> dict[str, Any]:
     """SFT (cached; or the SFT model at `model_dir`) then PPO or GRPO (`method`); returns and
     prints the summary, also written to `run_dir/summary.json`. `total_steps` defaults to
     `PHASES` phases, `eval_interval` to every `EVAL_PHASES` phases."""
@@ -114,7 +115,8 @@ def run_demo(total_steps: int | None = None, run_dir: str | None = None, cache_d
     t_sft = time.perf_counter() - t0
     run_dir = run_dir or os.path.join("runs", f"randomwalks-{method}-" + time.strftime("%Y%m%d-%H%M%S"))
     config = demo_config(model_dir, run_dir, PHASES * per_phase if total_steps is None else total_steps, seed,
-                         EVAL_PHASES * per_phase if eval_interval is None else eval_interval, method, **method_keys)
+                         EVAL_PHASES * per_phase if eval_interval is None else eval_interval, method, model_keys,
+                         **method_keys)
     eval_prompts = [p for p in task.prompts for _ in range(EVAL_SAMPLES_PER_PROMPT)]
     trainer = rlora.train(task.reward_fn, prompts=task.prompts, eval_prompts=eval_prompts, metric_fn=task.metric_fn,
                           config=config, verbose=verbose)
@@ -168,7 +170,7 @@ SENTIMENT_SHOWN = 8  # held-out openings printed before -> after (greedy)
 def run_sentiment_demo(total_steps: int | None = None, run_dir: str | None = None, seed: int = 1000,
                        verbose: bool = True, model_dir: str | None = None, eval_interval: int | None = None,
                        eval_repeats: int = SENTIMENT_EVAL_REPEATS, num_threads: int | None = None,
-                       method: str = "ppo", **method_keys: Any) -> dict[str, Any]:
+                       method: str = "ppo", model_keys: dict | None = None, **method_keys: Any) -> dict[str, Any]:
     """Fetch SmolLM2 (cached; or the model at `model_dir`), then PPO or GRPO (`method`; settings
     in `rlora.tasks.sentiment.method_settings`) on the sentiment task; `total_steps` defaults to
     12 phases of that method, `eval_interval` to the start and the end.
