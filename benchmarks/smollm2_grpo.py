@@ -13,7 +13,9 @@ Each trainer runs in its own process (peak RSS from `wait4`); rlora once in fp32
 `model.generation_dtype: bfloat16` (fp32 training, rollouts sampled on a bf16 copy), with
 `train.mixed_precision: bf16` (bf16 autocast, fp32 weights), with `model.dtype: bfloat16` (bf16
 weights; attention on float32 inputs, `model.attention_dtype`'s CPU default) and with bf16 weights
-sampled with the adapter merged in (`method.merge_adapter_for_generation`). rlora's held-out metric: the mean reward of greedy completions of 8 prompts on topics
+sampled with the adapter merged in (`method.merge_adapter_for_generation`); and in float32 with
+`train.float32_matmul_precision: medium` (torch's setting: matmuls on bf16-rounded inputs with
+float32 accumulation, as TF32 is on GPUs). rlora's held-out metric: the mean reward of greedy completions of 8 prompts on topics
 the training prompts never draw, before the first step and after the last (not timed). Seconds
 per step are the median of steps 2..N (step 1 warms up); `--floor` adds the step's FLOPs
 (torch's FlopCounterMode, one rlora step) over this machine's matmul rate at the update's shapes,
@@ -71,7 +73,8 @@ def grpo_config(args: argparse.Namespace, steps: int) -> dict:
                   "total_steps": steps, "epochs": 10**6, "eval_interval": steps, "checkpoint_interval": 10**9,
                   "save_best": False, "run_dir": args.out, "seed": args.seed, "num_threads": args.threads,
                   "max_grad_norm": 1.0,  # TRL's default, which peerD keeps
-                  "mixed_precision": "bf16" if args.dtype == "bf16-autocast" else "no"},
+                  "mixed_precision": "bf16" if args.dtype == "bf16-autocast" else "no",
+                  "float32_matmul_precision": "medium" if args.dtype == "float32-medium" else None},
         "model": {"model_path": args.model, "peft_config": lora,
                   "dtype": "bfloat16" if args.dtype.startswith("bf16-weights") else "float32",
                   "generation_dtype": "bfloat16" if args.dtype == "bf16-sampler" else None},
@@ -203,6 +206,11 @@ def table(rows: list[dict], floor: dict | None) -> str:
         notes.append(f"rlora fp32 with the bf16 sampler / TRL 1.16 fp32: "
                      f"**{sampler['s_per_step'] / peer['s_per_step']:.2f}**; bf16 sampler / fp32 rlora: "
                      f"{sampler['s_per_step'] / fp32['s_per_step']:.2f}")
+    medium = by_key.get("float32-medium")
+    if medium and peer:
+        notes.append(f"rlora fp32 with bf16 matmul precision / TRL 1.16 fp32: "
+                     f"**{medium['s_per_step'] / peer['s_per_step']:.2f}**; / fp32 rlora: "
+                     f"{medium['s_per_step'] / fp32['s_per_step']:.2f}")
     if merged and peer:
         notes.append(f"rlora bf16 weights, merged sampler / TRL 1.16 fp32: "
                      f"**{merged['s_per_step'] / peer['s_per_step']:.2f}**; / fp32 rlora: "
@@ -223,7 +231,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="GRPO steps (generation batches) of each trainer")
     parser.add_argument("--seed", type=int, default=1, help="peerD's default")
     parser.add_argument("--model", default=None, help="the model directory (default: rlora fetch smollm2-135m-instruct)")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the four bf16 rows")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the five reduced-precision rows")
     parser.add_argument("--floor", action="store_true", help="add the compute-floor row")
     parser.add_argument("--worker", choices=["rlora", "floor"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -242,8 +250,8 @@ def main() -> None:
         rows = [run_rlora(args, args.model, workdir, "float32")]
         rows += [] if args.no_peer else [run_peer(args, args.model, workdir)]
         rows += [] if args.no_bf16 else [run_rlora(args, args.model, workdir, dtype)
-                                          for dtype in ("bf16-sampler", "bf16-autocast", "bf16-weights",
-                                                        "bf16-weights-merged")]
+                                          for dtype in ("float32-medium", "bf16-sampler", "bf16-autocast",
+                                                        "bf16-weights", "bf16-weights-merged")]
         floor = run_floor(args, args.model, workdir) if args.floor else None
     markdown = table(rows, floor)
     print(markdown)

@@ -200,3 +200,16 @@ def test_logged_learning_rate_is_the_rate_each_step_used(tiny_model_dir, tmp_pat
     # LinearLR over total_iters = total_steps = 4 from lr 1e-2: step k uses 1e-2 * (0.5 - 0.5 * k / 4)
     assert steps_of(trainer, "learning_rate") == pytest.approx([5e-3, 3.75e-3, 2.5e-3, 1.25e-3], rel=1e-12)
     assert trainer.optimizer.param_groups[0]["lr"] == 0.0  # the schedule's end, for a step never taken
+
+
+@pytest.mark.parametrize("precision", ["medium", None], ids=["medium", "unset"])
+def test_float32_matmul_precision_is_set_for_the_process_only_when_asked(tiny_model_dir, tmp_path, precision):
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # a user's own setting, which null leaves alone
+        config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path),
+                                 train={"float32_matmul_precision": precision})
+        rlora.build_trainer(lambda samples, **_: [0.0] * len(samples), PROMPTS, config=config, verbose=False)
+        assert torch.get_float32_matmul_precision() == (precision or "high")
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -78,6 +78,8 @@ def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: l
         raise ValueError("no reward: pass reward_fn=..., set task.reward_fn to 'module:function', or set "
                          "model.reward_adapter to a reward adapter trained with `rlora rm`")
     set_threads(config.train.num_threads)
+    if config.train.float32_matmul_precision is not None:  # process-wide, as torch's own setting is
+        torch.set_float32_matmul_precision(config.train.float32_matmul_precision)
     tokenizer = load_tokenizer(config.tokenizer, config.model.model_path, config.model.trust_remote_code)
     if prompts is None:
         prompts = [tokenizer.bos_token or tokenizer.eos_token] * config.train.batch_size

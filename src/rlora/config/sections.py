@@ -67,6 +67,12 @@ class TrainConfig:
     """Directory to dump every rollout batch to; None = no dumps."""
     num_threads: int | None = None
     """torch CPU threads; None = $RLORA_NUM_THREADS, else the cores divided among local processes."""
+    float32_matmul_precision: str | None = None
+    """rlora: `torch.set_float32_matmul_precision` for the process: "highest" (IEEE float32),
+    "high" (TF32 on NVIDIA GPUs), "medium" (also bf16-rounded inputs with float32 accumulation,
+    which oneDNN runs on CPUs with AMX-BF16); None = leave torch's setting. On this CPU "medium"
+    made a SmolLM2 GRPO step slower (1.08x; a lone large product runs 3.9x faster, but each
+    converts its fp32 weight): a bf16 frozen base (`model.dtype`) is the fast setting there."""
     pipeline: str = "PromptPipeline"
     """trlx compatibility: only "PromptPipeline"."""
     trainer: str = "AcceleratePPOTrainer"

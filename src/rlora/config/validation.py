@@ -174,6 +174,8 @@ def _validate_train(t: TrainConfig) -> None:
            "use null, 'tensorboard' or 'wandb'")
     _check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads,
            "set at least 1, or null for the cores divided among local processes")
+    _check(t.float32_matmul_precision in (None, "highest", "high", "medium"), "train.float32_matmul_precision",
+           t.float32_matmul_precision, "use 'highest', 'high', 'medium' (torch's names), or null to leave torch's setting")
 
 
 def _validate_model(m: ModelConfig) -> None:
