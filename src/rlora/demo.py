@@ -170,7 +170,7 @@ SENTIMENT_SHOWN = 8  # held-out openings printed before -> after (greedy)
 def run_sentiment_demo(total_steps: int | None = None, run_dir: str | None = None, seed: int = 1000,
                        verbose: bool = True, model_dir: str | None = None, eval_interval: int | None = None,
                        eval_repeats: int = SENTIMENT_EVAL_REPEATS, num_threads: int | None = None,
-                       method: str = "ppo", model_keys: dict | None = None, **method_keys: Any) -> dict[str, Any]:
+                       method: str = "ppo", **method_keys: Any) -> dict[str, Any]:
     """Fetch SmolLM2 (cached; or the model at `model_dir`), then PPO or GRPO (`method`; settings
     in `rlora.tasks.sentiment.method_settings`) on the sentiment task; `total_steps` defaults to
     12 phases of that method, `eval_interval` to the start and the end.

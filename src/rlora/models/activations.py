@@ -87,8 +87,8 @@ def recompute_activations(module: nn.Module) -> int:
     a small model's activation memory (216 MiB of 414 for one 8 x 48-token microbatch of
     GPT-2-124M). Recomputing them costs a few elementwise ops. Hugging Face's gradient
     checkpointing cannot do this here: it recomputes whole blocks, and only in train mode, while
-    PPO runs in eval mode. Single kernels (torch's own modules, transformers' `GELUTanh`, its
-    SiLU and default GELU) keep only their input anyway and stay as they are.
+    PPO runs in eval mode. Single kernels (torch's own modules, and transformers' that
+    `_single_kernel` names) keep only their input anyway and stay as they are.
     """
     classes = _transformers_activations()
 
