@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlora.algo import entropy_from_logits, logprobs_of_labels, masked_mean, policy_loss, value_loss
+from rlora.algo import entropy_from_logits, logprobs_and_entropy, logprobs_of_labels, masked_mean, policy_loss, value_loss
+from rlora.algo import token_entropy
 
 NAN = float("nan")
 F64 = torch.float64
@@ -231,6 +232,34 @@ def test_logprobs_of_labels_at_a_temperature_are_those_of_softmax_logits_over_t(
     assert not torch.allclose(out, logprobs_of_labels(logits, labels))  # the temperature matters
     with pytest.raises(ValueError, match="temperature=0 must be > 0"):
         logprobs_of_labels(logits, labels, temperature=0)
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 50, 120], ids=["small-autograd-path", "one-row-chunks", "uneven-chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_logprobs_and_entropy_are_logprobs_of_labels_and_token_entropy(monkeypatch, chunk, dtype):
+    import rlora.algo.logprobs as module
+
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(3, 7, 50, generator=g) * 4).to(dtype)
+    logits[0, 1, :10] = -math.inf  # banned tokens: p = 0, and they add nothing to the entropy
+    labels = torch.randint(10, 50, (3, 7), generator=g)
+    weights = torch.randn(3, 7, generator=g)
+    for temperature in (1.0, 0.7):
+        fused, plain = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        logprobs, entropy = logprobs_and_entropy(fused, labels, temperature)
+        expected = logprobs_of_labels(plain, labels, temperature)
+        assert torch.equal(logprobs, expected)  # the same computation, bitwise
+        (logprobs * weights).sum().backward()
+        (expected * weights).sum().backward()
+        assert torch.equal(fused.grad, plain.grad)
+        assert not entropy.requires_grad and entropy.dtype == torch.float32 and entropy.shape == (3, 7)
+        z = logits.double() / temperature
+        by_hand = -(F.softmax(z, -1) * F.log_softmax(z, -1).nan_to_num(neginf=0.0)).sum(-1)
+        torch.testing.assert_close(entropy.double(), by_hand, rtol=0, atol=1e-5)
+        torch.testing.assert_close(entropy, token_entropy(logits, temperature), rtol=0, atol=1e-5)
+    assert entropy[0, 1] < entropy[0, 0] + 1.0  # finite with the -inf entries
+    assert torch.isfinite(entropy).all()
 
 
 def test_logprobs_of_labels_rejects_misaligned_shapes():

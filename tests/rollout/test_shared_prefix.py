@@ -154,3 +154,32 @@ def test_bad_group_size_names_the_value(tiny_model_dir, group_size):
     policy = make_policy(tiny_model_dir, "gpt2")
     with pytest.raises(ValueError, match=f"group_size={group_size!r}; give the number of completions per prompt"):
         forward_group_responses(policy, *group_batch(2, "ragged"), group_size)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["forward_responses", "forward_group_responses"])
+def test_entropy_from_the_logprob_chunks_equals_token_entropy(tiny_model_dir, monkeypatch, shared):
+    """With logits over `CHUNK_ELEMENTS` the entropy comes from the log-prob pass's own chunks
+    (`logprobs_and_entropy`); below it, from `token_entropy`: the same values either way, and
+    the log-probs and their gradients bitwise those of the pass without entropy."""
+    import rlora.algo.logprobs as module
+
+    policy = make_policy(tiny_model_dir, "llama")
+    batch = group_batch(2, "ragged")
+    mask = batch[3]
+
+    def scores(with_entropy: bool):
+        policy.zero_grad()
+        out = forward_group_responses(policy, *batch, 2, temperature=TEMPERATURE, with_entropy=with_entropy) \
+            if shared else forward_responses(policy, *batch, temperature=TEMPERATURE, with_entropy=with_entropy)
+        out.logprobs[mask].sum().backward()
+        return out, [p.grad.clone() for p in policy.trainable_parameters()]
+
+    small, _ = scores(True)  # these logits are below one chunk: token_entropy
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 50)  # now the chunked Function, a row or two at a time
+    fused, fused_grads = scores(True)
+    plain, plain_grads = scores(False)
+    assert plain.entropy is None and not fused.entropy.requires_grad
+    assert torch.equal(fused.logprobs, plain.logprobs)
+    assert all(torch.equal(a, b) for a, b in zip(fused_grads, plain_grads))
+    torch.testing.assert_close(fused.entropy[mask], small.entropy[mask], rtol=0, atol=1e-5)
+    assert (fused.entropy[mask] > 0.1).all()  # a random model's entropies are far from 0

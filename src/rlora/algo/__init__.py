@@ -16,7 +16,7 @@ from rlora.algo.kl import (
     make_kl_controller,
 )
 from rlora.algo.group import aggregate_loss, clipped_token_loss, group_advantages, group_policy_loss, overlong_penalty
-from rlora.algo.logprobs import entropy_from_logits, logprobs_of_labels, token_entropy
+from rlora.algo.logprobs import entropy_from_logits, logprobs_and_entropy, logprobs_of_labels, token_entropy
 from rlora.algo.losses import policy_loss, value_loss
 from rlora.algo.masked import (
     RunningMoments,
@@ -44,6 +44,7 @@ __all__ = [
     "group_policy_loss",
     "kl_k1",
     "kl_k3",
+    "logprobs_and_entropy",
     "logprobs_of_labels",
     "make_kl_controller",
     "masked_mean",

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from rlora.algo import logprobs_of_labels, token_entropy
+from rlora.algo import logprobs_and_entropy, logprobs_of_labels
 
 
 def _bad_number(x: Any) -> bool:
@@ -148,10 +148,11 @@ def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor,
     out = logprobs = values = entropy = ref_logprobs = None
     if with_policy:
         out = policy(input_ids, attention_mask, logits_to_keep=keep)
-        logprobs = at(logprobs_of_labels(out.logits, labels, temperature), before - first)
-        values = None if out.values is None else at(out.values, before)
         if with_entropy:
-            entropy = at(token_entropy(out.logits, temperature), before - first)
+            logprobs, entropy = (at(x, before - first) for x in logprobs_and_entropy(out.logits, labels, temperature))
+        else:
+            logprobs = at(logprobs_of_labels(out.logits, labels, temperature), before - first)
+        values = None if out.values is None else at(out.values, before)
     if with_reference:
         ref_logits = policy.reference_logits(input_ids, attention_mask, policy_output=out, logits_to_keep=keep)
         ref_logprobs = at(logprobs_of_labels(ref_logits, labels, temperature), before - first)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from rlora.algo import logprobs_of_labels, token_entropy
+from rlora.algo import logprobs_and_entropy, logprobs_of_labels, token_entropy
 from rlora.models.policy import position_ids_from_mask
 from rlora.rollout.scoring import ResponseScores, forward_responses, pack_sequences
 
@@ -87,15 +87,12 @@ def forward_group_responses(policy, query_ids: torch.Tensor, query_mask: torch.T
     if with_policy:
         last, tail = _group_pass(policy.lm, prompt_ids, prompt_mask.long(), lengths, response_ids, response_mask,
                                  group_size)
-        logprobs = _label_logprobs(last, tail, response_ids, group_size, temperature)
-        if with_entropy:
-            first = token_entropy(last[:, None], temperature).repeat_interleave(group_size, 0)  # (b, 1)
-            entropy = first if tail is None else torch.cat([first, token_entropy(tail, temperature)], 1)
+        logprobs, entropy = _label_logprobs(last, tail, response_ids, group_size, temperature, with_entropy)
     if with_reference:
         with torch.no_grad(), policy.reference() as ref:
             last, tail = _group_pass(ref, prompt_ids, prompt_mask.long(), lengths, response_ids, response_mask,
                                      group_size)
-        ref_logprobs = _label_logprobs(last, tail, response_ids, group_size, temperature)
+        ref_logprobs, _ = _label_logprobs(last, tail, response_ids, group_size, temperature)
     assert all(x is None or x.shape == (b, response_ids.shape[1]) for x in (logprobs, ref_logprobs, entropy))
     return ResponseScores(logprobs, None, ref_logprobs, entropy)
 
@@ -130,15 +127,22 @@ def _group_pass(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, leng
 
 
 def _label_logprobs(last: torch.Tensor, tail: torch.Tensor | None, response_ids: torch.Tensor, group_size: int,
-                    temperature: float) -> torch.Tensor:
+                    temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens: the first from its prompt's last logits (one row per
-    group, repeated for its G labels), the rest from the completions' logits.
+    group, repeated for its G labels), the rest from the completions' logits; with
+    `with_entropy`, the entropy at each of those positions too (else None).
 
-    Shape: last (n, v), tail (b, r - 1, v) or None, response_ids (b, r) -> (b, r).
+    Shape: last (n, v), tail (b, r - 1, v) or None, response_ids (b, r) -> (b, r), (b, r).
     """
     n, v = last.shape
     firsts = response_ids[:, 0].reshape(n, group_size)  # (n, G)
     first = logprobs_of_labels(last[:, None].expand(n, group_size, v), firsts, temperature).reshape(-1, 1)  # (b, 1)
+    first_entropy = token_entropy(last[:, None], temperature).repeat_interleave(group_size, 0) if with_entropy \
+        else None  # (b, 1)
     if tail is None:
-        return first
-    return torch.cat([first, logprobs_of_labels(tail, response_ids[:, 1:], temperature)], 1)
+        return first, first_entropy
+    labels = response_ids[:, 1:]
+    if not with_entropy:
+        return torch.cat([first, logprobs_of_labels(tail, labels, temperature)], 1), None
+    logprobs, entropy = logprobs_and_entropy(tail, labels, temperature)
+    return torch.cat([first, logprobs], 1), torch.cat([first_entropy, entropy], 1)
