@@ -12,8 +12,10 @@ it), TRL 1.16's `GRPOConfig` defaults for what it leaves unset:
 Each trainer runs in its own process (peak RSS from `wait4`); rlora once in fp32, once with
 `model.generation_dtype: bfloat16` (fp32 training, rollouts sampled on a bf16 copy), with
 `train.mixed_precision: bf16` (bf16 autocast, fp32 weights), with `model.dtype: bfloat16` (bf16
-weights; attention on float32 inputs, `model.attention_dtype`'s CPU default) and with bf16 weights
-sampled with the adapter merged in (`method.merge_adapter_for_generation`); and in float32 with
+weights; attention on float32 inputs, `model.attention_dtype`'s CPU default; the float32 adapters
+computing in bf16 under autocast, `model.adapter_compute_dtype`'s default) and with bf16 weights
+sampled with the adapter merged in (`method.merge_adapter_for_generation`), that also with the
+adapters computing in float32 (`adapter_compute_dtype: float32`, peft's upcast); and in float32 with
 `train.float32_matmul_precision: medium` (torch's setting: matmuls on bf16-rounded inputs with
 float32 accumulation, as TF32 is on GPUs). rlora's held-out metric: the mean reward of greedy completions of 8 prompts on topics
 the training prompts never draw, before the first step and after the last (not timed). Seconds
@@ -77,7 +79,8 @@ def grpo_config(args: argparse.Namespace, steps: int) -> dict:
                   "float32_matmul_precision": "medium" if args.dtype == "float32-medium" else None},
         "model": {"model_path": args.model, "peft_config": lora,
                   "dtype": "bfloat16" if args.dtype.startswith("bf16-weights") else "float32",
-                  "generation_dtype": "bfloat16" if args.dtype == "bf16-sampler" else None},
+                  "generation_dtype": "bfloat16" if args.dtype == "bf16-sampler" else None,
+                  "adapter_compute_dtype": "float32" if args.dtype.endswith("-fp32-adapters") else "model"},
         "tokenizer": {"tokenizer_path": args.model},
         "optimizer": {"name": "adamw", "kwargs": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
         "scheduler": {"name": "constant", "kwargs": {}},
@@ -85,7 +88,7 @@ def grpo_config(args: argparse.Namespace, steps: int) -> dict:
                    "chunk_size": COMPLETIONS, "ppo_epochs": 1, "loss_type": "dapo", "scale_rewards": "group",
                    "epsilon": 0.2, "epsilon_high": None, "importance_sampling_level": "token", "beta": 0.0,
                    "mask_truncated_completions": False,
-                   "merge_adapter_for_generation": args.dtype == "bf16-weights-merged",
+                   "merge_adapter_for_generation": args.dtype.startswith("bf16-weights-merged"),
                    "gen_kwargs": {"max_new_tokens": MAX_NEW, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                                   "do_sample": True},
                    "eval_gen_kwargs": {"greedy": {"do_sample": False}}},
@@ -215,6 +218,11 @@ def table(rows: list[dict], floor: dict | None) -> str:
         notes.append(f"rlora bf16 weights, merged sampler / TRL 1.16 fp32: "
                      f"**{merged['s_per_step'] / peer['s_per_step']:.2f}**; / fp32 rlora: "
                      f"{merged['s_per_step'] / fp32['s_per_step']:.2f}")
+    peft_way = by_key.get("bf16-weights-merged-fp32-adapters")
+    if merged and peft_way:
+        notes.append(f"bf16 weights, merged sampler: adapters computing in bf16 (the default) / in float32 "
+                     f"(`model.adapter_compute_dtype: float32`), update seconds: "
+                     f"**{merged['parts'][1] / peft_way['parts'][1]:.2f}**")
     if fp32 and floor is not None:
         floor_s = floor["flops"] / floor["rate"]
         notes.append(f"rlora fp32 / fp32 floor: {fp32['s_per_step'] / floor_s:.1f}"
@@ -231,7 +239,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="GRPO steps (generation batches) of each trainer")
     parser.add_argument("--seed", type=int, default=1, help="peerD's default")
     parser.add_argument("--model", default=None, help="the model directory (default: rlora fetch smollm2-135m-instruct)")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the five reduced-precision rows")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the six reduced-precision rows")
     parser.add_argument("--floor", action="store_true", help="add the compute-floor row")
     parser.add_argument("--worker", choices=["rlora", "floor"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -251,7 +259,8 @@ def main() -> None:
         rows += [] if args.no_peer else [run_peer(args, args.model, workdir)]
         rows += [] if args.no_bf16 else [run_rlora(args, args.model, workdir, dtype)
                                           for dtype in ("float32-medium", "bf16-sampler", "bf16-autocast",
-                                                        "bf16-weights", "bf16-weights-merged")]
+                                                        "bf16-weights", "bf16-weights-merged",
+                                                        "bf16-weights-merged-fp32-adapters")]
         floor = run_floor(args, args.model, workdir) if args.floor else None
     markdown = table(rows, floor)
     print(markdown)

@@ -300,6 +300,7 @@ CROSS_FIELD = {
     "model-dtype": ({"model": {"dtype": "float16"}}, "model.dtype"),
     "model-generation-dtype": ({"model": {"generation_dtype": "float16"}}, "model.generation_dtype"),
     "model-attention-dtype": ({"model": {"attention_dtype": "bfloat16"}}, "model.attention_dtype"),
+    "adapter-compute-dtype": ({"model": {"adapter_compute_dtype": "bfloat16"}}, "model.adapter_compute_dtype"),
     "matmul-precision": ({"train": {"float32_matmul_precision": "bf16"}}, "train.float32_matmul_precision"),
     "model-path-empty": ({"model": {"model_path": ""}}, "model.model_path"),
     "model-path-int": ({"model": {"model_path": 3}}, "model.model_path"),

@@ -1,11 +1,12 @@
 """What differs between PPO and the group methods, chosen by `method.name`: which no-grad passes
-a phase runs, and the loss of one microbatch. The loop in `rlora.trainer` is the same for all.
+a phase runs, the per-process layout a group method needs, and the loss of one microbatch. The loop in `rlora.trainer` is the same for all.
 
 Notation: `b` microbatch, `r` response length.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,23 @@ def rollout_passes(method, batch_size: int) -> Passes:
     kl = method.beta > 0
     one_step = method.ppo_epochs == 1 and batch_size >= method.num_rollouts
     return Passes(not one_step or kl and method.advantage_estimator.startswith("reinforce++"), False, kl)
+
+
+def check_group_layout(method: GRPOConfig, batch_size: int, minibatch_size: int, rollouts: int, world: int) -> None:
+    """Refuses a group method's per-process layout (`batch_size`, `minibatch_size`, `rollouts`
+    a phase, on `world` processes) that its settings cannot run, naming the fix."""
+    G = method.num_generations
+    if method.shared_prefix and (batch_size % G or minibatch_size % G):
+        raise ValueError(
+            f"with method.shared_prefix each pass takes whole groups, but on {world} processes a process gets "
+            f"batches of {batch_size} and microbatches of {minibatch_size} completions, not multiples of "
+            f"num_generations={G}; raise train.batch_size / train.minibatch_size to multiples of {G * world}, "
+            "or set method.shared_prefix: false")
+    if method.dynamic_sampling and method.max_num_gen_batches:
+        least = math.ceil(rollouts / method.chunk_size)  # draws with nothing dropped
+        if method.max_num_gen_batches < least:
+            raise ValueError(f"method.max_num_gen_batches={method.max_num_gen_batches} is fewer than the {least} "
+                             "chunks a phase needs even when no group is dropped; raise it (or method.chunk_size)")
 
 
 def ppo_loss(out: ResponseScores, mb: Experience, method: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

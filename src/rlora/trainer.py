@@ -39,8 +39,9 @@ from rlora.algo import (
 )
 from rlora.config import Config, GRPOConfig, config_to_dict, rollout_gen_kwargs
 from rlora.distributed import Processes, call_through
-from rlora.methods import group_loss, ppo_loss, rollout_passes
+from rlora.methods import check_group_layout, group_loss, ppo_loss, rollout_passes
 from rlora.models import Policy
+from rlora.models.precision import pass_precision
 from rlora.optim import build_optimizer, build_scheduler, default_run_dir
 from rlora.rollout.generation import Rollouts, generate_rollouts, sampling_temperature, stop_token_ids
 from rlora.rollout.prompts import Prompt, PromptLoader, end_of_turn_id, normalize_prompts, render_prompt, \
@@ -88,18 +89,8 @@ class Trainer:
             "method.num_rollouts / num_generations" if self.group else "method.num_rollouts")
         self.batch_size = self.dist.share(train.batch_size, "train.batch_size")
         self.minibatch_size = self.dist.share(train.minibatch_size or train.batch_size, "train.minibatch_size")
-        if self.group and method.shared_prefix and (self.batch_size % self.group_size or
-                                                     self.minibatch_size % self.group_size):
-            raise ValueError(
-                f"with method.shared_prefix each pass takes whole groups, but on {self.dist.world} processes a process "
-                f"gets batches of {self.batch_size} and microbatches of {self.minibatch_size} completions, not "
-                f"multiples of num_generations={self.group_size}; raise train.batch_size / train.minibatch_size to "
-                f"multiples of {self.group_size * self.dist.world}, or set method.shared_prefix: false")
-        if self.group and method.dynamic_sampling and method.max_num_gen_batches:
-            least = math.ceil(self.rollouts_per_rank / method.chunk_size)  # draws with nothing dropped
-            if method.max_num_gen_batches < least:
-                raise ValueError(f"method.max_num_gen_batches={method.max_num_gen_batches} is fewer than the {least} "
-                                 "chunks a phase needs even when no group is dropped; raise it (or method.chunk_size)")
+        if self.group:
+            check_group_layout(method, self.batch_size, self.minibatch_size, self.rollouts_per_rank, self.dist.world)
         set_seed(train.seed, device_specific=True)  # each process samples differently; weights were seeded alike
         self.policy = policy
         self.optimizer = build_optimizer(config, policy.trainable_parameters())
@@ -286,7 +277,7 @@ class Trainer:
         if eot is not None and "eos_token_id" not in gen_kwargs:
             stops = stop_token_ids(gen_kwargs, self.tokenizer, self.policy.base_model.generation_config)
             gen_kwargs = {**gen_kwargs, "eos_token_id": stops + [eot] * (eot not in stops)}
-        with self.accelerator.autocast():
+        with self._autocast():
             return generate_rollouts(self.policy, self.tokenizer, [p.prompt for p in chosen],
                                      [prompt_ids[i] for i in index], {**gen_kwargs, **self.gen_extra},
                                      self.stop_sequences, merged=merged, dtype=dtype,
@@ -316,7 +307,7 @@ class Trainer:
         ids, mask = rollout_rows(rollouts.query_ids, rollouts.query_mask, rollouts.response_ids,
                                  rollouts.response_mask, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         device = self.accelerator.device
-        with self.accelerator.autocast():
+        with self._autocast():
             return torch.cat([self.policy.reward_scores(i.to(device), m.to(device)).float().cpu()
                               for i, m in zip(ids.split(self.minibatch_size), mask.split(self.minibatch_size))])
 
@@ -450,13 +441,17 @@ class Trainer:
         device = self.accelerator.device
         for index in order.split(self.minibatch_size):
             mb = exp.select(index).to(device)
-            with self.accelerator.autocast():  # the reference in the policy's precision, as the update's forward
+            with self._autocast():  # the reference in the policy's precision, as the update's forward
                 out = self._forward(self.policy, mb, with_reference=passes.reference, with_policy=passes.old_logprobs)
             width = mb.response_ids.shape[1]
             for name in ("logprobs", "values", "ref_logprobs"):
                 if getattr(out, name) is not None:
                     getattr(exp, name)[index, :width] = getattr(out, name).float().cpu()
         return exp
+
+    def _autocast(self):
+        """The context every pass runs in: generation, scoring, the reference and the update."""
+        return pass_precision(self.accelerator, self.policy.base_model, self.config.model.adapter_compute_dtype)
 
     def _shuffled(self, n: int) -> torch.Tensor:
         """A random order of the phase's `n` samples; with `shared_prefix`, of its groups, each
@@ -470,14 +465,15 @@ class Trainer:
     def _forward(self, model, mb: Experience, **flags) -> ResponseScores:
         """`forward_responses` of a microbatch at the sampling temperature, through `model` (the
         prepared one in the update); with `shared_prefix`, each group's prompt runs once
-        (`forward_group_responses`), as the forward of that wrapper so DDP still syncs gradients."""
+        (`forward_group_responses`), as the forward of that wrapper so DDP still syncs gradients.
+        Callers run it under `_autocast()`: the shared pass calls the model's parts, not the
+        forward accelerate wrapped."""
         if not (self.group and self.config.method.shared_prefix):
             return forward_responses(model, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
                                      temperature=self.temperature, **flags)
-        with self.accelerator.autocast():  # it calls the model's parts, not the forward accelerate wrapped
-            return call_through(model, self.policy, lambda: forward_group_responses(
-                self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, self.group_size,
-                temperature=self.temperature, **flags))
+        return call_through(model, self.policy, lambda: forward_group_responses(
+            self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, self.group_size,
+            temperature=self.temperature, **flags))
 
     def train_step(self, exp: Experience, batch: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """One optimizer step on the samples `batch` of `exp`, split into microbatches.
@@ -499,7 +495,8 @@ class Trainer:
             mb = exp.select(index).to(self.accelerator.device)
             last = i == len(micro) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.model):  # one gradient all-reduce a step
-                out = self._forward(self.model, mb, with_entropy=self.group)
+                with self._autocast():
+                    out = self._forward(self.model, mb, with_entropy=self.group)
                 loss, step_stats = group_loss(out, mb, method, self.passes, total_tokens) if self.group else \
                     ppo_loss(out, mb, method)
                 loss = loss * (self.dist.world if dapo else 1 / len(micro))

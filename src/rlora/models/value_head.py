@@ -19,5 +19,6 @@ class ValueHead(nn.Module):
         ).float()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Shape: hidden (b, t, h) in any dtype -> values (b, t) in fp32."""
-        return self.net(hidden.float()).squeeze(-1)
+        """Shape: hidden (b, t, h) in any dtype -> values (b, t) in fp32, under autocast too."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.net(hidden.float()).squeeze(-1)
