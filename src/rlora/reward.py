@@ -42,8 +42,9 @@ class ScoreHead(nn.Module):
         self.linear = nn.Linear(hidden_size, 1).float()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Shape: hidden (b, h) in any dtype -> scores (b,) in fp32."""
-        return self.linear(hidden.float()).squeeze(-1)
+        """Shape: hidden (b, h) in any dtype -> scores (b,) in fp32, under autocast too."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.linear(hidden.float()).squeeze(-1)
 
 
 @dataclass

@@ -270,14 +270,15 @@ class Trainer:
                   merged: bool = False, num_generations: int = 1, dtype: torch.dtype | None = None) -> Rollouts:
         """Rollouts for the prompts at `index`, in the run's precision: under accelerate's
         autocast, as the prepared policy's forward runs (bf16 sampling, bf16 scoring), on weights
-        in `dtype` when given (`model.generation_dtype`). A chat prompt's response also ends at
+        in `dtype` when given (`model.generation_dtype`; float32 then runs without autocast). A chat prompt's response also ends at
         the template's end-of-turn token."""
         chosen = [prompts[i] for i in index]
         eot = self._end_of_turn if any(p.is_chat for p in chosen) else None
         if eot is not None and "eos_token_id" not in gen_kwargs:
             stops = stop_token_ids(gen_kwargs, self.tokenizer, self.policy.base_model.generation_config)
             gen_kwargs = {**gen_kwargs, "eos_token_id": stops + [eot] * (eot not in stops)}
-        with self._autocast():
+        float32_sampler = dtype is not None and dtype != torch.bfloat16  # model.generation_dtype: float32 is float32
+        with torch.autocast(self.accelerator.device.type, enabled=False) if float32_sampler else self._autocast():
             return generate_rollouts(self.policy, self.tokenizer, [p.prompt for p in chosen],
                                      [prompt_ids[i] for i in index], {**gen_kwargs, **self.gen_extra},
                                      self.stop_sequences, merged=merged, dtype=dtype,

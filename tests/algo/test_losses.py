@@ -258,8 +258,15 @@ def test_logprobs_and_entropy_are_logprobs_of_labels_and_token_entropy(monkeypat
         by_hand = -(F.softmax(z, -1) * F.log_softmax(z, -1).nan_to_num(neginf=0.0)).sum(-1)
         torch.testing.assert_close(entropy.double(), by_hand, rtol=0, atol=1e-5)
         torch.testing.assert_close(entropy, token_entropy(logits, temperature), rtol=0, atol=1e-5)
-    assert entropy[0, 1] < entropy[0, 0] + 1.0  # finite with the -inf entries
-    assert torch.isfinite(entropy).all()
+    assert torch.isfinite(entropy).all()  # finite with the -inf entries
+    broken = logits.clone()
+    broken[1, 2, 5] = math.nan  # a diverged update's logit
+    broken[2, 3] = -math.inf  # a row with no possible token
+    _, entropy = logprobs_and_entropy(broken, labels)
+    expected = token_entropy(broken)
+    assert expected[1, 2].isnan() and expected[2, 3].isnan()
+    assert entropy[1, 2].isnan() and entropy[2, 3].isnan()  # logged as nan, as token_entropy does, never 0
+    assert torch.isfinite(entropy[0]).all()
 
 
 def test_logprobs_of_labels_rejects_misaligned_shapes():

@@ -16,6 +16,7 @@ from rlora.models import build_policy
 from rlora.tiny import char_tokenizer
 from rlora.models.precision import bf16_adapter_compute
 from rlora.models.value_head import ValueHead
+from rlora.reward import ScoreHead
 from rlora.tiny import random_experience, tiny_group_config, tiny_ppo_config
 
 PROMPTS = ["hello", "abc", "xyz", "the "]
@@ -65,13 +66,52 @@ def test_bf16_adapter_compute_runs_the_deltas_in_bf16_and_restores_peft_casting(
     assert set(seen) == {torch.float32}  # and outside the context peft's upcast is back
 
 
-def test_the_value_head_stays_float32_under_autocast():
-    head = ValueHead(8)
-    hidden = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+@pytest.mark.parametrize("head, shape", [(ValueHead(8), (2, 3, 8)), (ScoreHead(8), (2, 8))],
+                         ids=["value-head", "reward-score-head"])
+def test_the_heads_stay_float32_under_autocast(head, shape):
+    hidden = torch.randn(*shape, dtype=torch.bfloat16)
     plain = head(hidden)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = head(hidden)
     assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+
+
+@pytest.mark.parametrize("peft_config", [
+    {"peft_type": "IA3", "target_modules": ["q_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+    {"peft_type": "LORA", "r": 4, "trainable_token_indices": [3, 4]},
+], ids=["ia3", "lora-trainable-tokens"])
+def test_adapter_layers_without_peft_cast_switch_train_under_bf16_adapter_compute(tiny_model_dir, tmp_path,
+                                                                                    peft_config):
+    """peft's IA3 layers and its trainable-token layers have no `cast_input_dtype_enabled`: they
+    keep their own way, and the LoRA layers beside them still switch."""
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path), model={"dtype": "bfloat16",
+                                                                             "peft_config": peft_config})
+    trainer = rlora.build_trainer(count_s, PROMPTS, config=config, verbose=False)
+    stats = trainer.train_step(random_experience(8, 3, 6, vocab_size=30), torch.arange(8))
+    assert torch.isfinite(torch.tensor(float(stats["loss"])))
+
+
+def test_peft_casting_comes_back_after_an_error_inside(tiny_model_dir):
+    config = ModelConfig(model_path=tiny_model_dir("llama"), dtype="bfloat16", peft_config={"peft_type": "LORA", "r": 4})
+    policy = build_policy(config, char_tokenizer(), value_head=False)
+    layers = [m for m in policy.base_model.modules() if isinstance(m, LoraLayer)]
+    with pytest.raises(RuntimeError, match="inside"):
+        with bf16_adapter_compute(policy.base_model, "cpu"):
+            assert not any(m.cast_input_dtype_enabled for m in layers)
+            raise RuntimeError("inside")
+    assert layers and all(m.cast_input_dtype_enabled for m in layers) and not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("adapter_compute_dtype", ["model", "float32"])
+def test_a_float32_sampler_over_a_bf16_base_samples_in_float32(tiny_model_dir, tmp_path, adapter_compute_dtype):
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path), model={
+        "dtype": "bfloat16", "generation_dtype": "float32", "adapter_compute_dtype": adapter_compute_dtype})
+    trainer = rlora.build_trainer(count_s, PROMPTS, config=config, verbose=False)
+    seen = []
+    trainer.policy.base_model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: seen.append((m.weight.dtype, out.dtype)))
+    trainer._collect()
+    assert seen and set(seen) == {(torch.float32, torch.float32)}
 
 
 @pytest.mark.parametrize("setting, expected", [("model", torch.bfloat16), ("float32", torch.float32)])

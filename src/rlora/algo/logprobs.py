@@ -41,9 +41,9 @@ class _LabelLogprobs(torch.autograd.Function):
             part = slice(start, start + rows)
             z = _tempered(flat[part], out_dtype, temperature)
             lse[part] = torch.logsumexp(z, -1)
-            if with_entropy:  # H = −Σ p log p, log p = z − lse (no cancellation); nansum: 0·(−inf) := 0
+            if with_entropy:  # H = −Σ p log p, log p = z − lse (no cancellation), 0·(−inf) := 0; nan stays nan
                 logp = z - lse[part, None]
-                entropy[part] = -torch.nansum(logp.exp().mul_(logp), -1)
+                entropy[part] = -logp.exp().mul_(logp.nan_to_num_(neginf=0.0)).sum(-1)
         picked = _tempered(flat.gather(-1, flat_labels).squeeze(-1), out_dtype, temperature)
         ctx.save_for_backward(logits, labels, lse)
         ctx.temperature = temperature
