@@ -270,15 +270,14 @@ class Trainer:
                   merged: bool = False, num_generations: int = 1, dtype: torch.dtype | None = None) -> Rollouts:
         """Rollouts for the prompts at `index`, in the run's precision: under accelerate's
         autocast, as the prepared policy's forward runs (bf16 sampling, bf16 scoring), on weights
-        in `dtype` when given (`model.generation_dtype`; float32 then runs without autocast). A chat prompt's response also ends at
-        the template's end-of-turn token."""
+        in `dtype` when given (`model.generation_dtype`; float32 then runs without autocast). A
+        chat prompt's response also ends at the template's end-of-turn token."""
         chosen = [prompts[i] for i in index]
         eot = self._end_of_turn if any(p.is_chat for p in chosen) else None
         if eot is not None and "eos_token_id" not in gen_kwargs:
             stops = stop_token_ids(gen_kwargs, self.tokenizer, self.policy.base_model.generation_config)
             gen_kwargs = {**gen_kwargs, "eos_token_id": stops + [eot] * (eot not in stops)}
-        float32_sampler = dtype is not None and dtype != torch.bfloat16  # model.generation_dtype: float32 is float32
-        with torch.autocast(self.accelerator.device.type, enabled=False) if float32_sampler else self._autocast():
+        with self._autocast(dtype):
             return generate_rollouts(self.policy, self.tokenizer, [p.prompt for p in chosen],
                                      [prompt_ids[i] for i in index], {**gen_kwargs, **self.gen_extra},
                                      self.stop_sequences, merged=merged, dtype=dtype,
@@ -450,9 +449,11 @@ class Trainer:
                     getattr(exp, name)[index, :width] = getattr(out, name).float().cpu()
         return exp
 
-    def _autocast(self):
-        """The context every pass runs in: generation, scoring, the reference and the update."""
-        return pass_precision(self.accelerator, self.policy.base_model, self.config.model.adapter_compute_dtype)
+    def _autocast(self, weights_dtype: torch.dtype | None = None):
+        """The context every pass runs in: generation, scoring, the reference and the update;
+        `weights_dtype` is the sampler's recast precision, when generation has one."""
+        return pass_precision(self.accelerator, self.policy.base_model, self.config.model.adapter_compute_dtype,
+                              weights_dtype)
 
     def _shuffled(self, n: int) -> torch.Tensor:
         """A random order of the phase's `n` samples; with `shared_prefix`, of its groups, each

@@ -41,10 +41,15 @@ def bf16_adapter_compute(model: nn.Module, device_type: str) -> Iterator[None]:
             layer.cast_input_dtype_enabled = True
 
 
-def pass_precision(accelerator, model: nn.Module, adapter_compute_dtype: str):
+def pass_precision(accelerator, model: nn.Module, adapter_compute_dtype: str,
+                   weights_dtype: torch.dtype | None = None):
     """The context a trainer runs each pass in: accelerate's autocast when its mixed precision is
     on (`train.mixed_precision`); else, over a bf16 base, `bf16_adapter_compute` unless
-    `model.adapter_compute_dtype` is "float32"; else none (a float32 model runs as it is)."""
+    `model.adapter_compute_dtype` is "float32"; else none (a float32 model runs as it is). A pass
+    on weights recast to float32 (`weights_dtype`: a `model.generation_dtype: float32` sampler)
+    runs without autocast, which would multiply them in bf16 again."""
+    if weights_dtype is not None and weights_dtype != torch.bfloat16:
+        return torch.autocast(accelerator.device.type, enabled=False)
     if accelerator.mixed_precision != "no":
         return accelerator.autocast()
     if model.dtype == torch.bfloat16 and adapter_compute_dtype == "model":
