@@ -205,19 +205,18 @@ def table(rows: list[dict], floor: dict | None) -> str:
         notes.append(f"rlora bf16 autocast / fp32 seconds per step: {bf16['s_per_step'] / fp32['s_per_step']:.2f}")
     if bf16 and peer:
         notes.append(f"rlora bf16 autocast / TRL 1.16 fp32: **{bf16['s_per_step'] / peer['s_per_step']:.2f}**")
+
+    def against_peer_and_fp32(row: dict, name: str, fp32_name: str = "") -> str:
+        return (f"{name} / TRL 1.16 fp32: **{row['s_per_step'] / peer['s_per_step']:.2f}**; {fp32_name}/ fp32 "
+                f"rlora: {row['s_per_step'] / fp32['s_per_step']:.2f}")
+
     if sampler and peer:
-        notes.append(f"rlora fp32 with the bf16 sampler / TRL 1.16 fp32: "
-                     f"**{sampler['s_per_step'] / peer['s_per_step']:.2f}**; bf16 sampler / fp32 rlora: "
-                     f"{sampler['s_per_step'] / fp32['s_per_step']:.2f}")
+        notes.append(against_peer_and_fp32(sampler, "rlora fp32 with the bf16 sampler", "bf16 sampler "))
     medium = by_key.get("float32-medium")
     if medium and peer:
-        notes.append(f"rlora fp32 with bf16 matmul precision / TRL 1.16 fp32: "
-                     f"**{medium['s_per_step'] / peer['s_per_step']:.2f}**; / fp32 rlora: "
-                     f"{medium['s_per_step'] / fp32['s_per_step']:.2f}")
+        notes.append(against_peer_and_fp32(medium, "rlora fp32 with bf16 matmul precision"))
     if merged and peer:
-        notes.append(f"rlora bf16 weights, merged sampler / TRL 1.16 fp32: "
-                     f"**{merged['s_per_step'] / peer['s_per_step']:.2f}**; / fp32 rlora: "
-                     f"{merged['s_per_step'] / fp32['s_per_step']:.2f}")
+        notes.append(against_peer_and_fp32(merged, "rlora bf16 weights, merged sampler"))
     peft_way = by_key.get("bf16-weights-merged-fp32-adapters")
     if merged and peft_way:
         notes.append(f"bf16 weights, merged sampler: adapters computing in bf16 (the default) / in float32 "

@@ -1,5 +1,6 @@
 """What differs between PPO and the group methods, chosen by `method.name`: which no-grad passes
-a phase runs, the per-process layout a group method needs, and the loss of one microbatch. The loop in `rlora.trainer` is the same for all.
+a phase runs, the per-process layout a group method needs, and the loss of one microbatch. The
+loop in `rlora.trainer` is the same for all.
 
 Notation: `b` microbatch, `r` response length.
 """

@@ -97,8 +97,8 @@ def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor, temperature: 
 def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`logprobs_of_labels` and `token_entropy` of the same logits in one pass over them: the
-    entropy reuses each chunk's float32 copy and logsumexp (a bf16 SmolLM2 update: 131 ms for
-    `token_entropy` alone against ~40 ms more here). The log-probs are those of
+    entropy reuses each chunk's float32 copy and logsumexp (on (32, 15, 49152) logits, 49 ms
+    against 85 ms for the two calls in float32, 60 against 108 in bf16). The log-probs are those of
     `logprobs_of_labels`, bitwise; the entropy, as `token_entropy`'s, carries no gradient.
 
     Shape: logits (b, t, v), labels (b, t) integer -> (b, t), (b, t).

@@ -125,7 +125,8 @@ class ModelConfig:
     mixed precision TRL's `bf16=True` gives; a SmolLM2 GRPO update here: 1.41 s against 1.69 s,
     peak RSS 1953 against 2263 MiB); "float32" keeps peft's way, inputs upcast to float32 and the
     sum of base and delta rounded to bf16 once. No effect on a float32 base, nor when
-    `train.mixed_precision` turns autocast on itself. The value head stays float32 either way."""
+    `train.mixed_precision` turns autocast on itself. The value head and the reward adapter's score
+    head stay float32 either way."""
     fused_activations: bool = True
     """rlora: run a tanh GELU that transformers composes of Python ops (`gelu_new` / `gelu_fast`:
     GPT-2, GPT-J) as torch's one kernel of the same function (`gelu_pytorch_tanh`), equal to float
