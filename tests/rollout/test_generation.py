@@ -159,3 +159,40 @@ def test_pad_equal_to_eos_keeps_a_generated_eos_real(gpt2_bpe_dir):
     zeros = torch.zeros(out.response_ids.shape)
     rewards, _ = token_rewards(zeros, zeros, out.response_mask, 0.1, torch.tensor([1.0, 2.0]))
     assert rewards[0, n] == 1.0 and rewards[0].sum() == 1.0  # the score lands on the generated EOS
+
+
+def test_unpadded_prompts_sample_without_the_padding_warning_and_padding_changes_nothing(tiny_model_dir, tokenizer):
+    """transformers' `generate` drops an all-ones attention mask and then feeds rows that finished
+    their pad id, which its padding check takes for unmasked padding. No pass of rlora's runs padded
+    ids without a mask, so sampling says nothing; greedy outputs are those of each prompt alone."""
+    import logging
+
+    from rlora.config import ModelConfig
+    from rlora.models import build_policy
+
+    policy = build_policy(ModelConfig(model_path=tiny_model_dir("gpt2"), peft_config={"peft_type": "LORA", "r": 4}),
+                          tokenizer).eval()
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        prompts = ["ab", "cd", "ef"]
+        greedy = {"max_new_tokens": 6, "do_sample": False}
+        free = generate_rollouts(policy, tokenizer, prompts, [ids(tokenizer, p) for p in prompts], greedy)
+        stop = int(free.response_ids[0, 0])  # the first row ends at once; the others go on (checked below)
+        out = generate_rollouts(policy, tokenizer, prompts, [ids(tokenizer, p) for p in prompts],
+                                {**greedy, "eos_token_id": stop})
+    finally:
+        logger.removeHandler(handler)
+    lengths = out.response_mask.sum(1)
+    assert lengths[0] == 1 and lengths.max() >= 3  # pad ids followed the first row's stop for 2+ steps
+    assert not [r for r in records if "attention_mask" in r.getMessage()]
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    alone = generate_rollouts(policy, tokenizer, ["ab"], [ids(tokenizer, "ab")], greedy)
+    padded = generate_rollouts(policy, tokenizer, ["ab", "a longer prompt"],
+                               [ids(tokenizer, "ab"), ids(tokenizer, "a longer prompt")], greedy)
+    assert padded.outputs[0] == alone.outputs[0]
+    assert torch.equal(padded.response_ids[0][padded.response_mask[0]], alone.response_ids[0][alone.response_mask[0]])

@@ -70,6 +70,30 @@ def contiguous_input(module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:]) if args else args
 
 
+@contextmanager
+def no_padding_check(model: nn.Module) -> Iterator[None]:
+    """transformers' padding check off in `model`'s submodules while it samples.
+
+    `generate` drops an attention mask of all ones (unpadded prompts) and feeds each row that has
+    finished its pad id; the check (`warn_if_padding_and_no_attention_mask`) then takes those for
+    padding run without a mask and warns, although nothing is padded. Every pass of rlora's gives
+    its mask, so the check has nothing to find there either."""
+    from transformers import PreTrainedModel
+
+    modules = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    for m in modules:
+        m.warn_if_padding_and_no_attention_mask = _no_check
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("warn_if_padding_and_no_attention_mask", None)
+
+
+def _no_check(*args, **kwargs) -> None:
+    return None
+
+
 def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The trunk's last hidden state (after its final norm) of a causal LM or a peft model on
@@ -308,7 +332,7 @@ class Policy(nn.Module):
         if generation_config is not None:
             base.generation_config = generation_config
         try:
-            with self.generation_weights(merged, dtype):
+            with self.generation_weights(merged, dtype), no_padding_check(base):
                 if shared:
                     return self._generate_from_shared_prompts(input_ids, attention_mask, num_generations,
                                                               generation_config, **kwargs)
