@@ -117,3 +117,26 @@ def test_a_saved_datasets_dataset_with_a_messages_column_loads_as_chat_prompts(t
     assert [p.prompt for p in prompts] == [CHAT] * 3 and [p.metadata for p in prompts] == [{"answer": "0"},
                                                                                           {"answer": "1"},
                                                                                           {"answer": "2"}]
+
+
+def test_a_long_conversation_keeps_its_end_and_drops_its_earliest_messages(chat_tokenizer):
+    """A rendered conversation over the limit keeps its generation prompt: whole earliest messages
+    go first (the system message stays while it can), and the warning says so."""
+    chat = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "the quick brown fox " * 3},
+            {"role": "assistant", "content": "jumps"}, {"role": "user", "content": "over what?"}]
+    text = "plain text that is long enough to be cut on the right, as trlx cuts it"
+    prompts = normalize_prompts([chat, text])
+    with pytest.warns(UserWarning, match=r"earliest messages"):
+        ids = tokenize_prompts(prompts, chat_tokenizer, 40)
+    kept = chat_tokenizer.apply_chat_template([chat[0], chat[3]], add_generation_prompt=True, tokenize=False)
+    assert kept.endswith("<|bos|>a:") and "over what?" in kept and "be kind" in kept
+    assert ids[0] == chat_tokenizer(kept, add_special_tokens=False).input_ids and len(ids[0]) <= 40
+    assert chat_tokenizer.decode(ids[1]) == text[:40]  # plain text keeps trlx's truncation side
+
+
+def test_a_single_message_too_long_is_cut_from_the_left(chat_tokenizer):
+    chat = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog " * 3}]
+    with pytest.warns(UserWarning, match=r"cut from the left"):
+        ids = tokenize_prompts(normalize_prompts([chat]), chat_tokenizer, 24)
+    full = chat_tokenizer(render_prompt(normalize_prompts([chat])[0], chat_tokenizer), add_special_tokens=False)
+    assert ids[0] == full.input_ids[-24:]  # the end, generation prompt included

@@ -144,7 +144,8 @@ class TokenizerConfig:
     padding_side: str = "left"
     """"left" or "right"."""
     truncation_side: str = "right"
-    """"left" or "right"."""
+    """"left" or "right": the side a plain-text prompt over the limit is cut from (trlx's); a
+    conversation keeps its end, its earliest messages dropped whole."""
     chat_template: str | None = None
     """rlora: a Jinja chat template for chat-message prompts, instead of the tokenizer's own."""
     add_special_tokens: bool = True

@@ -114,11 +114,14 @@ def encode(tokenizer, texts: Sequence[str], add_special_tokens: bool = True) -> 
 
 def tokenize_prompts(prompts: list[Prompt], tokenizer, max_length: int, what: str = "prompts",
                      add_special_tokens: bool = True) -> list[list[int]]:
-    """Token ids of each prompt, truncated to `max_length` from the tokenizer's truncation side.
+    """Token ids of each prompt, at most `max_length` of them.
 
-    Text is encoded with `encode`; chat messages are rendered with the chat template, which
-    places every special token itself (none is added). Leading special tokens (a BOS) are kept
-    through truncation. Truncation is warned about once per call, naming how many prompts were cut.
+    Text is encoded with `encode` and cut from the tokenizer's truncation side (trlx's way),
+    keeping leading special tokens (a BOS). Chat messages are rendered with the chat template,
+    which places every special token itself (none is added); a conversation over the limit keeps
+    its end, the generation prompt the model continues from: its earliest messages are dropped
+    whole (`fit_conversation`), and one still too long is cut from the left. Each kind of cut is
+    warned about once per call, naming how many prompts it touched.
     """
     texts = [render_prompt(p, tokenizer, f"{what}[{i}]") for i, p in enumerate(prompts)]
     chat = [i for i, p in enumerate(prompts) if p.is_chat]
@@ -131,7 +134,7 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, max_length: int, what: st
         for i, ids in zip(chat, tokenizer([texts[i] for i in chat], add_special_tokens=False).input_ids):
             parts[i] = ([], ids)
     ids = [lead + x for lead, x in parts]
-    too_long = [i for i, x in enumerate(ids) if len(x) > max_length]
+    too_long = [i for i in plain if len(ids[i]) > max_length]
     if too_long:
         warnings.warn(
             f"{len(too_long)} of {len(ids)} {what} are longer than {max_length} tokens (train.seq_length minus "
@@ -142,10 +145,48 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, max_length: int, what: st
             lead, x = parts[i]
             room = max(0, max_length - len(lead))
             ids[i] = (lead + x)[:max_length] if keep_left else lead[:max_length] + (x[len(x) - room:] if room else [])
+    long_chats = [i for i in chat if len(ids[i]) > max_length]
+    dropped, cut = [], []
+    for i in long_chats:
+        ids[i], whole = fit_conversation(prompts[i].prompt, tokenizer, max_length)
+        (dropped if whole else cut).append(i)
+    if long_chats:
+        warnings.warn(
+            f"{len(long_chats)} of {len(ids)} {what} are conversations longer than {max_length} tokens "
+            f"(train.seq_length minus max_new_tokens), e.g. {what}[{long_chats[0]}]. Each keeps its end and "
+            f"generation prompt: {len(dropped)} lost their earliest messages, {len(cut)} (a last message alone too "
+            "long) were cut from the left. Raise train.seq_length or shorten the conversations.", stacklevel=3)
     empty = [i for i, (lead, x) in enumerate(parts) if not x]
     if empty:
         raise ValueError(f"{what}[{empty[0]}] is empty after tokenisation; every prompt needs at least one token")
     return ids
+
+
+def fit_conversation(messages: list[dict[str, Any]], tokenizer, max_length: int) -> tuple[list[int], bool]:
+    """The rendered ids of the latest part of a conversation that fits in `max_length` tokens.
+
+    Earliest messages go first, whole, and the kept part starts at a user message (chat
+    templates expect one there); a leading system message stays while a fit with it exists.
+    When not even the last user turn fits, the rendering of that turn is cut from the left,
+    so the generation prompt at its end survives. Returns the ids and whether whole messages
+    sufficed.
+    """
+    system = messages[:1] if messages[0].get("role") == "system" else []
+    rest = messages[len(system):]
+    starts = [k for k, m in enumerate(rest) if m.get("role") == "user"] or list(range(len(rest)))
+    tried = [system + rest[k:] for k in starts if k > 0 or not system] + [rest[k:] for k in starts[-1:]]
+    last = None
+    for kept in tried:
+        try:
+            text = tokenizer.apply_chat_template(kept, tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template that refuses this shape of conversation: try a shorter one
+            continue
+        last = tokenizer(text, add_special_tokens=False).input_ids
+        if len(last) <= max_length:
+            return last, True
+    if last is None:
+        last = tokenizer(render_prompt(Prompt(messages), tokenizer), add_special_tokens=False).input_ids
+    return last[len(last) - max_length:], False
 
 
 class PromptLoader:
