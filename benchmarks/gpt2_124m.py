@@ -122,9 +122,11 @@ def worker(kind: str, model_dir: str, out: str) -> None:
                                         "do_sample": True}},
               "optimizer": {"name": "adamw", "kwargs": {"lr": 1e-5}}}
     trainer = rlora.train(reward_fn, prompts(BATCH), config=config, verbose=False)
-    phases = [r for r in trainer.history if "phase" in r][1:]  # the first is warm-up
-    json.dump({"generate_s": sum(r["time/rollout"] for r in phases) / len(phases),
-               "update_s": sum(r["time/rollout_pass"] + r["time/update"] for r in phases) / len(phases)},
+    from rlora.tracking import phase_seconds
+
+    phases = phase_seconds(trainer.history)[1:]  # the first is warm-up
+    json.dump({"generate_s": sum(r["rollout"] for r in phases) / len(phases),
+               "update_s": sum(r["rollout_pass"] + r["update"] for r in phases) / len(phases)},
               open(out, "w"))
 
 

@@ -37,18 +37,19 @@ def rlora_worker(args: argparse.Namespace) -> None:
     """In the measured process: the demo's PPO run, then its phases and evals as JSON."""
     from rlora.api import set_threads
     from rlora.demo import run_demo
+    from rlora.tracking import phase_seconds
 
     set_threads(2)
     bf16 = {"model_keys": {"dtype": "bfloat16"}, "merge_adapter_for_generation": True} if args.bf16 else {}
     summary = run_demo(total_steps=args.phases * STEPS_PER_PHASE, run_dir=args.out, model_dir=args.model,
                        eval_interval=5 * STEPS_PER_PHASE, seed=args.seed, verbose=False, **bf16)
     history = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
-    phases = [r for r in history if "phase" in r]
+    phases = phase_seconds(history)
     evals = [{"phase": r["step"] // STEPS_PER_PHASE, "sampled": r["metrics/optimality"],
               "greedy": r["metrics/greedy/optimality"]} for r in history if r.get("eval")]
     with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"rollout_s": [r["time/rollout"] for r in phases],
-                   "update_s": [r["time/rollout_pass"] + r["time/update"] for r in phases],
+        json.dump({"rollout_s": [r["rollout"] for r in phases],
+                   "update_s": [r["rollout_pass"] + r["update"] for r in phases],
                    "evals": evals, "trainable": summary["trainable_params"]}, f)
 
 

@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import peer_benchmark_parser, peer_command, peer_model, record, require_peer  # noqa: E402
@@ -64,27 +63,17 @@ def rlora_worker(args: argparse.Namespace) -> None:
     inside a phase's update loop) and its evals as JSON."""
     import rlora
     from rlora.tasks.randomwalks import make_task
+    from rlora.tracking import phase_seconds
 
     task = make_task()
     eval_prompts = [p for p in task.prompts for _ in range(EVAL_SAMPLES_PER_PROMPT)]
     trainer = rlora.build_trainer(task.reward_fn, prompts=task.prompts, eval_prompts=eval_prompts,
                                   metric_fn=task.metric_fn, config=grpo_config(args), verbose=False)
-    evaluate, eval_in_phase = trainer.evaluate, {}
-
-    def timed_evaluate():  # the loop evaluates inside a phase, whose time/update then holds it
-        t0 = time.perf_counter()
-        result = evaluate()
-        if trainer.pending is not None:
-            eval_in_phase[trainer.phase + 1] = time.perf_counter() - t0
-        return result
-
-    trainer.evaluate = timed_evaluate
     trainer.learn()
-    phases = [r for r in trainer.history if "phase" in r]
+    phases = phase_seconds(trainer.history)  # step times: the evaluations inside a phase are not in them
     with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"rollout_s": [r["time/rollout"] for r in phases],
-                   "update_s": [r["time/rollout_pass"] + r["time/update"] - eval_in_phase.get(r["phase"], 0.0)
-                                for r in phases],
+        json.dump({"rollout_s": [r["rollout"] for r in phases],
+                   "update_s": [r["rollout_pass"] + r["update"] for r in phases],
                    "evals": [{"phase": r["step"] // STEPS_PER_PHASE, "sampled": r["metrics/optimality"],
                               "greedy": r["metrics/greedy/optimality"]} for r in trainer.history if r.get("eval")]}, f)
 

@@ -107,11 +107,13 @@ def rlora_worker(args: argparse.Namespace) -> None:
     """In the measured process: `--steps` GRPO steps; each step's seconds (generation and scoring,
     update) and mean reward as JSON."""
     trainer = build(args, args.steps).learn()
-    phases = [r for r in trainer.history if "phase" in r]
+    from rlora.tracking import phase_seconds
+
+    seconds = phase_seconds(trainer.history)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"rollout_s": [r["time/rollout"] for r in phases],
-                   "update_s": [r["time/rollout_pass"] + r["time/update"] for r in phases],
-                   "reward": [r["reward"] for r in phases],
+        json.dump({"rollout_s": [r["rollout"] for r in seconds],
+                   "update_s": [r["rollout_pass"] + r["update"] for r in seconds],
+                   "reward": [r["reward"] for r in trainer.history if "phase" in r],
                    "held_out": [r["reward/greedy/mean"] for r in trainer.history if r.get("eval")]}, f)
 
 

@@ -172,3 +172,13 @@ def test_non_finite_step_is_skipped_then_repeated_ones_abort(tiny_model_dir, tmp
     assert all(torch.equal(b, a) for b, a in zip(before, after))  # NaN never reached the weights
 
 
+
+
+def test_a_seq_length_beyond_the_models_positions_is_refused_up_front(tiny_model_dir, tmp_path):
+    import rlora
+    from rlora.tiny import tiny_ppo_config
+
+    # trlx's default seq_length against a tiny GPT-2 of 128 positions, with a long prompt
+    config = tiny_ppo_config(tiny_model_dir("gpt2"), str(tmp_path), train={"seq_length": 1024})
+    with pytest.raises(ValueError, match=r"train\.seq_length=1024 .*128 positions.*set train\.seq_length to at most 128"):
+        rlora.build_trainer(lambda samples, **_: [0.0] * len(samples), ["abc " * 100], config=config, verbose=False)

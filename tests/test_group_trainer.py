@@ -114,10 +114,11 @@ def test_logs_trl_names_and_groups_are_whole(tiny_model_dir, tmp_path):
         assert prompts[0] != prompts[4]
     phase = phases_of(trainer)[0]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
-                "completions/clipped_ratio", "time/rollout", "time/update"):
+                "completions/clipped_ratio", "time/rollout", "time/rollout_pass"):
         assert key in phase, key
     step = [r for r in trainer.history if "loss" in r][0]
-    for key in ("loss", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy"):
+    for key in ("loss", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy",
+                "time/step"):
         assert key in step, key
     assert "kl" not in step and "values/mean" not in step
     assert 0 <= phase["frac_reward_zero_std"] <= 1 and step["entropy"] > 0
@@ -141,17 +142,6 @@ def build(model_dir, run_dir, **sections):
                    verbose=False)
 
 
-def uneven_experience(n=8, group_size=4):
-    """Two groups of 4 completions (each group one prompt) of uneven lengths."""
-    exp = random_experience(n, 3, 6, vocab_size=30)
-    exp.query_ids = exp.query_ids[::group_size].repeat_interleave(group_size, 0)
-    lengths = torch.tensor([6, 1, 4, 2, 5, 3, 6, 2])[:n]
-    exp.response_mask = torch.arange(6)[None, :] < lengths[:, None]
-    exp.loss_mask = exp.response_mask.clone()
-    exp.advantages = torch.randn(n)[:, None] * exp.response_mask
-    return exp
-
-
 def step_gradient(trainer, exp):
     """The gradient of one train_step (SGD with lr 1: the update is minus the gradient)."""
     before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
@@ -160,27 +150,35 @@ def step_gradient(trainer, exp):
     return torch.cat([(b - p.detach()).flatten() for p, b in zip(trainer.policy.trainable_parameters(), before)])
 
 
-@pytest.mark.parametrize(("loss_type", "shared", "invariant"), [
-    ("dapo", False, True), ("dapo", True, True), ("grpo", False, True), ("bnpo", False, False)],
-    ids=["dapo", "dapo-shared-prefix", "grpo", "bnpo-per-microbatch"])
-def test_step_gradient_and_microbatching(tiny_model_dir, tmp_path, loss_type, shared, invariant):
-    """DAPO divides by the step's real tokens, so 1 or 4 microbatches (2 with whole groups) give
-    one gradient; BNPO's per-microbatch token count does not (with uneven lengths), which shows
-    the check can fail."""
+def uneven_experience(n=8, group_size=4):
+    """Groups of 4 completions (each group one prompt) of uneven lengths."""
+    exp = random_experience(n, 3, 6, vocab_size=30)
+    exp.query_ids = exp.query_ids[::group_size].repeat_interleave(group_size, 0)
+    lengths = torch.tensor([6, 1, 4, 2, 5, 3, 6, 2, 1, 1, 2, 6])[:n]
+    exp.response_mask = torch.arange(6)[None, :] < lengths[:, None]
+    exp.loss_mask = exp.response_mask.clone()
+    exp.advantages = torch.randn(n)[:, None] * exp.response_mask
+    return exp
+
+
+@pytest.mark.parametrize(("loss_type", "shared"), [
+    ("dapo", False), ("dapo", True), ("grpo", False), ("bnpo", False), ("dr_grpo", False), ("grpo", True)],
+    ids=["dapo", "dapo-shared-prefix", "grpo", "bnpo", "dr_grpo", "grpo-shared-prefix"])
+def test_step_gradient_does_not_depend_on_the_microbatch_split(tiny_model_dir, tmp_path, loss_type, shared):
+    """12 completions of uneven lengths as one microbatch, as [8, 4] (the last batch of a phase whose
+    num_rollouts is no multiple of batch_size) or [4, 4, 4]: one gradient for every loss_type, each
+    microbatch weighted by its share of the batch (rows, or tokens where the loss divides by them)."""
     model_dir = tiny_model_dir("gpt2")
     grads = {}
-    for minibatch in (8, 4 if shared else 2):
-        trainer = build(model_dir, str(tmp_path / str(minibatch)), train={"minibatch_size": minibatch},
+    for minibatch in (12, 8, 4):
+        trainer = build(model_dir, str(tmp_path / str(minibatch)), train={"batch_size": 24, "minibatch_size": minibatch},
                         method={"loss_type": loss_type, "ppo_epochs": 2, "shared_prefix": shared},
                         model={"peft_config": {"peft_type": "LORA", "r": 4, "init_lora_weights": False}},
                         optimizer={"name": "sgd", "kwargs": {"lr": 1.0}})
-        grads[minibatch] = step_gradient(trainer, uneven_experience())
-    small = 4 if shared else 2
-    assert grads[8].abs().max() > 1e-4
-    if invariant:
-        torch.testing.assert_close(grads[small], grads[8], rtol=0, atol=1e-6)
-    else:
-        assert (grads[small] - grads[8]).abs().max() > 1e-4
+        grads[minibatch] = step_gradient(trainer, uneven_experience(12))
+    assert grads[12].abs().max() > 1e-4
+    torch.testing.assert_close(grads[8], grads[12], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[4], grads[12], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -225,26 +223,39 @@ def constant_for_some(samples, prompts, outputs, tokenizer, **_):
     return [1.0 if p in ("abc", "xyz") else o.count("s") + len(o) / 10 for p, o in zip(prompts, outputs)]
 
 
-def test_dynamic_sampling_keeps_only_groups_that_differ_and_carries_the_rest(tiny_model_dir, tmp_path):
+def constant_for_abc(samples, prompts, outputs, tokenizer, **_):
+    return [1.0 if p == "abc" else o.count("s") + len(o) / 10 for p, o in zip(prompts, outputs)]
+
+
+def test_dynamic_sampling_keeps_only_groups_that_differ_and_discards_the_surplus(tiny_model_dir, tmp_path):
+    # each draw of all 4 prompts keeps 3 groups: 2 draws give 6 for a phase of 4
     config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path), method={"dynamic_sampling": True,
-                                                                               "chunk_size": 8})
-    trainer = rlora.build_trainer(constant_for_some, PROMPTS, config=config, verbose=False)
+                                                                               "chunk_size": 16})
+    trainer = rlora.build_trainer(constant_for_abc, PROMPTS, config=config, verbose=False)
     scored, stats = trainer._collect()
     groups = scored.scores.reshape(-1, 4)
     assert len(scored) == 16 and (groups.std(1) > 0).all()
-    assert all(p not in ("abc", "xyz") for p in scored.rollouts.prompts)
+    assert all(p != "abc" for p in scored.rollouts.prompts)
     assert stats["dynamic_sampling/dropped_groups"] >= 1 and stats["dynamic_sampling/filled"] == 0
     assert stats["frac_reward_zero_std"] > 0  # over every group drawn, before dropping
-    drawn = stats["dynamic_sampling/draws"] * 2  # prompts drawn; 4 are kept
-    assert len(trainer.buffer or []) == 4 * (drawn - stats["dynamic_sampling/dropped_groups"] - 4)
+    drawn = stats["dynamic_sampling/draws"] * 4  # prompts drawn; 4 are kept
+    surplus = drawn - stats["dynamic_sampling/dropped_groups"] - 4
+    assert surplus > 0 and stats["dynamic_sampling/discarded_groups"] == surplus
+    # the surplus was sampled by this phase's policy: the next phase draws afresh, nothing carried over
+    prompts_before = trainer.loader.state_dict()
+    again, again_stats = trainer._collect()
+    assert trainer.loader.state_dict() != prompts_before and again_stats["dynamic_sampling/draws"] >= 2
 
 
-def test_dynamic_sampling_fills_up_with_equal_groups_after_the_cap(tiny_model_dir, tmp_path):
-    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path),
-                               method={"dynamic_sampling": True, "chunk_size": 8, "max_num_gen_batches": 2})
-    trainer = rlora.build_trainer(lambda samples, **_: [0.5] * len(samples), PROMPTS, config=config, verbose=False)
-    scored, stats = trainer._collect()
-    assert len(scored) == 16 and stats["dynamic_sampling/draws"] == 2 and stats["dynamic_sampling/filled"] == 4
+@pytest.mark.parametrize("reward", [0.5, 0.1, 1 / 3], ids=["half", "tenth", "third"])
+def test_dynamic_sampling_fills_up_with_equal_groups_after_the_cap(tiny_model_dir, tmp_path, reward):
+    # 8 x 0.1 in float32 has a std of 8e-9, not 0: equality of the rewards is what counts
+    config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path), train={"minibatch_size": 8},
+                               method={"dynamic_sampling": True, "num_generations": 8, "chunk_size": 8,
+                                       "max_num_gen_batches": 2})
+    trainer = rlora.build_trainer(lambda samples, **_: [reward] * len(samples), PROMPTS, config=config, verbose=False)
+    scored, stats = trainer._collect()  # one group a draw
+    assert len(scored) == 16 and stats["dynamic_sampling/draws"] == 2 and stats["dynamic_sampling/filled"] == 2
     assert stats["frac_reward_zero_std"] == 1.0
 
 
@@ -280,8 +291,6 @@ def test_resume_mid_phase_equals_the_uninterrupted_run(tiny_model_dir, tmp_path,
     rlora.train(config=config(tmp_path / "resumed", 6), verbose=False)  # stops mid-phase 2
     state = json.load(open(tmp_path / "resumed" / "ckpts" / "step_6" / "trainer_state.json"))
     assert state["pending_phase"]["cursor"] == 2
-    if method:
-        assert json.load(open(tmp_path / "resumed" / "ckpts" / "step_6" / "rank_0.json"))["buffer"] is not None
     resumed = rlora.train(config=config(tmp_path / "resumed", 12, resume_from_checkpoint="latest"), verbose=False)
     assert resumed.step == full.step == 12
     a, b = final_tensors(tmp_path / "full", 12), final_tensors(tmp_path / "resumed", 12)
@@ -406,3 +415,48 @@ def test_a_group_checkpoint_evaluates_and_a_ppo_run_cannot_resume_it(tiny_model_
     ppo = tiny_ppo_config(tiny_model_dir("gpt2"), str(tmp_path / "run"), train={"resume_from_checkpoint": path})
     with pytest.raises(ValueError, match="without a value head"):
         rlora.train(count_s, PROMPTS, config=ppo, verbose=False)
+
+
+def test_a_run_that_stops_mid_phase_logs_the_phase_rollouts(tiny_model_dir, tmp_path):
+    # a phase of 4 optimizer steps (2 epochs x 2 batches), a run of 2: its rollouts were still scored
+    config = tiny_group_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 2, "batch_size": 8})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    phase = phases_of(trainer)
+    assert len(phase) == 1 and phase[0]["phase"] == 1 and phase[0]["step"] == 1  # logged with its first step
+    assert "reward" in phase[0] and "completions/mean_length" in phase[0]
+
+
+def test_a_microbatch_without_loss_tokens_keeps_the_statistics_finite(tiny_model_dir, tmp_path):
+    trainer = build(tiny_model_dir("gpt2"), str(tmp_path), train={"minibatch_size": 4},
+                    method={"beta": 0.1, "mask_truncated_completions": True})
+    exp = uneven_experience()
+    exp.loss_mask[:4] = False  # every completion of the first microbatch was truncated
+    trainer.policy.eval()
+    stats = trainer.train_step(exp, torch.arange(8))
+    for key in ("loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "policy/ratio_mean", "entropy"):
+        assert torch.isfinite(torch.as_tensor(stats[key])), key
+
+
+def test_entropy_is_the_mean_over_the_tokens_the_loss_counts(tiny_model_dir, tmp_path):
+    from rlora.rollout.scoring import forward_responses
+
+    trainer = build(tiny_model_dir("gpt2"), str(tmp_path), train={"minibatch_size": 8},
+                    method={"shared_prefix": False})
+    exp = uneven_experience()
+    exp.loss_mask[::2] = False
+    trainer.policy.eval()
+    with torch.no_grad():
+        out = forward_responses(trainer.policy, exp.query_ids, exp.query_mask, exp.response_ids, exp.response_mask,
+                                temperature=trainer.temperature, with_entropy=True)
+    expected = out.entropy[exp.loss_mask].mean()
+    stats = trainer.train_step(exp, torch.arange(8))
+    assert float(stats["entropy"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(stats["entropy"]) != pytest.approx(float(out.entropy[exp.response_mask].mean()), rel=1e-3)
+
+
+def test_reinforce_plus_plus_logs_its_reward_kl_under_its_own_name(tiny_model_dir, tmp_path):
+    config = tiny_group_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 2},
+                               method={"beta": 0.1, "advantage_estimator": "reinforce++"})
+    trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
+    assert "kl" not in phases_of(trainer)[0] and "kl_in_reward" in phases_of(trainer)[0]
+    assert not any("kl" in r for r in trainer.history if "loss" in r)  # the loss holds no KL term

@@ -213,3 +213,56 @@ def test_float32_matmul_precision_is_set_for_the_process_only_when_asked(tiny_mo
         assert torch.get_float32_matmul_precision() == (precision or "high")
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def build_ppo(model_dir, run_dir, **sections):
+    from rlora.config import load_config
+    from rlora.models import build_policy, load_tokenizer
+    from rlora.rollout.prompts import normalize_prompts
+    from rlora.trainer import PPOTrainer
+
+    torch.manual_seed(0)
+    config = load_config(tiny_run_config(model_dir, run_dir, **sections))
+    tokenizer = load_tokenizer(config.tokenizer, config.model.model_path)
+    return PPOTrainer(config, build_policy(config.model, tokenizer), tokenizer, count_s, normalize_prompts(PROMPTS),
+                      normalize_prompts(PROMPTS), verbose=False)
+
+
+def test_unequal_microbatches_weigh_by_their_share_of_the_batch(tiny_model_dir, tmp_path):
+    """12 samples of uneven lengths as [12], [8, 4] or [4, 4, 4]: one gradient (the PPO loss is a
+    mean over the batch's real tokens, so each microbatch counts by its tokens)."""
+    model_dir = tiny_model_dir("gpt2")
+    exp = random_experience(12, 3, 6, vocab_size=30)
+    exp.response_mask = torch.arange(6)[None, :] < torch.tensor([6, 1, 4, 2, 5, 3, 6, 2, 1, 1, 2, 6])[:, None]
+    exp.loss_mask = exp.response_mask.clone()
+    grads = {}
+    for minibatch in (12, 8, 4):
+        trainer = build_ppo(model_dir, str(tmp_path / str(minibatch)),
+                            train={"batch_size": 24, "minibatch_size": minibatch},
+                            model={"peft_config": {"peft_type": "LORA", "r": 4, "init_lora_weights": False}},
+                            optimizer={"name": "sgd", "kwargs": {"lr": 1.0}})
+        before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+        trainer.policy.eval()
+        trainer.train_step(exp, torch.arange(12))
+        grads[minibatch] = torch.cat([(b - p.detach()).flatten()
+                                      for p, b in zip(trainer.policy.trainable_parameters(), before)])
+    assert grads[12].abs().max() > 1e-4
+    torch.testing.assert_close(grads[8], grads[12], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[4], grads[12], rtol=0, atol=1e-6)
+
+
+def test_an_epochs_cap_below_total_steps_is_said_before_the_run_starts(tiny_model_dir, tmp_path):
+    # 16 rollouts, batches of 8, 2 epochs: 4 optimizer steps a phase; 2 phases allow 8 of the 20 asked
+    config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 20, "epochs": 2})
+    with pytest.warns(UserWarning, match=r"train\.epochs=2 .*8 optimizer steps.*train\.total_steps=20"):
+        trainer = rlora.build_trainer(count_s, PROMPTS, config=config, verbose=False)
+    assert trainer.total_steps == 8
+
+
+def test_by_default_a_run_lasts_total_steps(tiny_model_dir, tmp_path, recwarn):
+    # one optimizer step a phase: trlx's epochs=100 used to stop this run at step 100
+    config = tiny_run_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 1000, "batch_size": 16},
+                             method={"ppo_epochs": 1})
+    trainer = rlora.build_trainer(count_s, PROMPTS, config=config, verbose=False)
+    assert trainer.total_steps == 1000
+    assert not [w for w in recwarn if "train.epochs" in str(w.message)]

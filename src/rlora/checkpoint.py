@@ -11,9 +11,8 @@ Layout of a checkpoint directory:
   optimizer.pt, scheduler.pt   their state dicts (tensors and plain data; loaded weights_only)
   rng.safetensors          the PPO shuffle generator (the same on every process)
   rank_R.safetensors       process R's torch RNG states and, for a phase stopped between its
-                           optimizer steps, its share of the experience; with dynamic sampling, the
-                           scored groups it drew beyond the last phase's need (`buffer.*`)
-  rank_R.json              process R's python and numpy RNG states, and that buffer's texts
+                           optimizer steps, its share of the experience
+  rank_R.json              process R's python and numpy RNG states
   trainer_state.json       steps, KL coefficient, reward moments, ref stats, prompt-loader
                            position, history, run directory, number of processes
   config.yaml              the resolved config
@@ -39,14 +38,12 @@ from safetensors.torch import load_file, save_file
 
 from rlora.config import save_config
 from rlora.models.policy import POLICY, VALUE
-from rlora.rollout.generation import Rollouts
-from rlora.rollout.store import Experience, PhaseState, Scored
+from rlora.rollout.store import Experience, PhaseState
 
 REQUIRED = ("trainer_state.json", "config.yaml", "rng.safetensors", "rank_0.json",
             "rank_0.safetensors")
 STEP_DIR = re.compile(r"^step_(\d+)$")
 PROMPT_ENCODER = "prompt_encoder.safetensors"
-TENSORS_OF_ROLLOUTS = ("query_ids", "query_mask", "response_ids", "response_mask", "truncated")
 
 
 def save(trainer, path: str) -> str:
@@ -109,18 +106,11 @@ def _write_rank(trainer, directory: str) -> None:
         tensors.update({f"rng.cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
     if trainer.pending is not None:
         tensors.update({f"exp.{name}": value for name, value in vars(trainer.pending.exp).items()})
-    buffer, texts = trainer.buffer, None
-    if buffer is not None:
-        rollouts = buffer.rollouts
-        tensors.update({f"buffer.{name}": getattr(rollouts, name) for name in TENSORS_OF_ROLLOUTS})
-        tensors.update({"buffer.scores": buffer.scores, **{f"buffer.values.{k}": v for k, v in buffer.values.items()}})
-        texts = {name: getattr(rollouts, name) for name in ("prompts", "outputs", "prompt_texts")}
-        texts["values"] = list(buffer.values)
     save_file(_contiguous(tensors), os.path.join(directory, f"rank_{rank}.safetensors"))
     numpy_state = np.random.get_state()
     with open(os.path.join(directory, f"rank_{rank}.json"), "w", encoding="utf-8") as f:
         json.dump({"python_rng": random.getstate(),
-                   "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]], "buffer": texts}, f)
+                   "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}, f)
 
 
 def _write(trainer, directory: str) -> None:
@@ -236,16 +226,15 @@ def load(trainer, path: str) -> None:
     trainer.history = state["history"]
     if not trainer.config.train.run_dir:
         trainer.run_dir = state["run_dir"]
-    texts = host_rng.get("buffer")
-    if texts is not None:
-        rollouts = Rollouts(**{name: mine[f"buffer.{name}"] for name in TENSORS_OF_ROLLOUTS},
-                            **{name: texts[name] for name in ("prompts", "outputs", "prompt_texts")})
-        trainer.buffer = Scored(rollouts, mine["buffer.scores"], {k: mine[f"buffer.values.{k}"] for k in texts["values"]})
+    if host_rng.get("buffer") is not None and trainer.dist.is_main:
+        warnings.warn(f"{path} holds dynamic-sampling groups drawn beyond its last phase's need (an older rlora kept "
+                      "them for the next phase); they are discarded, as the policy that sampled them has moved. The "
+                      "resumed run draws fresh prompts instead, so it differs from the run that wrote it.")
     pending = state["pending_phase"]
     if pending is not None:
         exp = Experience(**{k[len("exp."):]: v for k, v in mine.items() if k.startswith("exp.")})
         batches = [rng[f"batch.{i}"] for i in range(pending["n_batches"])]
-        trainer.pending = PhaseState(exp, batches, pending["cursor"], pending["stats"], 0.0)
+        trainer.pending = PhaseState(exp, batches, pending["cursor"], pending["stats"])
 
 
 def _warn_if_schedule_length_differs(saved: dict, built: dict, config, path: str) -> None:

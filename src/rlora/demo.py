@@ -80,7 +80,7 @@ def demo_config(model_dir: str, run_dir: str, total_steps: int, seed: int = 1000
     settings = method_settings(method)
     return {
         "train": {"seq_length": 10, "batch_size": settings["batch_size"], "minibatch_size": settings["minibatch_size"],
-                  "total_steps": total_steps, "epochs": 10_000, "eval_interval": eval_interval,
+                  "total_steps": total_steps, "eval_interval": eval_interval,
                   "checkpoint_interval": 10**9, "run_dir": run_dir, "seed": seed},
         "model": {"model_path": model_dir,
                   "peft_config": {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlora.algo import group_policy_loss, masked_mean, masked_var, policy_loss, value_loss
+from rlora.algo import group_policy_loss, masked_mean, masked_var, policy_loss, token_mean, value_loss
 from rlora.config import GRPOConfig, PPOConfig, rollout_gen_kwargs
 from rlora.rollout.scoring import ResponseScores
 from rlora.rollout.store import Experience
@@ -56,6 +56,26 @@ def check_group_layout(method: GRPOConfig, batch_size: int, minibatch_size: int,
                              "chunks a phase needs even when no group is dropped; raise it (or method.chunk_size)")
 
 
+def microbatch_shares(method, exp: Experience, micro: list[torch.Tensor]) -> tuple[list[float], torch.Tensor]:
+    """Each microbatch's weight in its optimizer step, and its loss tokens (which weigh its stats).
+
+    A microbatch's loss is a mean over its own rows (grpo, dr_grpo) or its own tokens (PPO's
+    masked means over the response, bnpo over the loss mask); weighted by its share of the
+    batch's rows or tokens, the step's loss is that mean over the whole batch, however it is
+    split. dapo's loss is divided by the step's tokens already (weight 1, set by the caller).
+    Shape: micro, index tensors into exp's n samples -> shares (len(micro),), tokens (len(micro),).
+    """
+    loss_tokens = torch.stack([exp.loss_mask[index].sum() for index in micro]).double()
+    if not isinstance(method, GRPOConfig):
+        counts = torch.stack([exp.response_mask[index].sum() for index in micro]).double()
+    elif method.loss_type == "bnpo":
+        counts = loss_tokens
+    else:
+        counts = torch.tensor([float(len(index)) for index in micro], dtype=torch.float64)
+    shares = counts / counts.sum() if counts.sum() > 0 else torch.full_like(counts, 1 / len(micro))
+    return shares.tolist(), loss_tokens
+
+
 def ppo_loss(out: ResponseScores, mb: Experience, method: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped policy loss plus `vf_coef` × the clipped value loss of one microbatch."""
     pg_loss, pg_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.response_mask, method.cliprange)
@@ -86,4 +106,4 @@ def group_loss(out: ResponseScores, mb: Experience, method: GRPOConfig, passes: 
         max_completion_length=rollout_gen_kwargs(method)["max_new_tokens"],
         beta=0.0 if method.advantage_estimator.startswith("reinforce++") else method.beta,
         ref_logprobs=mb.ref_logprobs, total_tokens=total_tokens)
-    return loss, {**stats, "entropy": masked_mean(out.entropy, mb.response_mask)}
+    return loss, {**stats, "entropy": token_mean(out.entropy, mb.loss_mask)}

@@ -89,12 +89,25 @@ def log_rollouts(directory: str | None, phase: int, step: int, rollouts, scores)
             f.write(json.dumps({"step": step, "prompt": prompt, "output": output, "score": score}) + "\n")
 
 
+def phase_seconds(history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Seconds of each rollout phase of `history`: generation and scoring (`rollout`), the no-grad
+    rollout pass (`rollout_pass`) and its optimizer steps (`update`, the `time/step` of the steps
+    logged after the phase's record and before the next one's; evaluations and checkpoints are
+    not in it)."""
+    phases: list[dict[str, float]] = []
+    for record in history:
+        if "phase" in record:
+            phases.append({"phase": record["phase"], "rollout": record["time/rollout"],
+                           "rollout_pass": record["time/rollout_pass"], "update": 0.0})
+        elif phases and "time/step" in record:
+            phases[-1]["update"] += record["time/step"]
+    return phases
+
+
 def mean_phase_seconds(history: list[dict[str, Any]]) -> dict[str, float]:
-    """Seconds per rollout phase, averaged over the phases of `history`: generation and scoring
-    (`rollout`), the no-grad rollout pass (`rollout_pass`) and the PPO epochs (`update`)."""
-    phases = [r for r in history if "phase" in r]
-    return {name: sum(r[f"time/{name}"] for r in phases) / max(1, len(phases))
-            for name in ("rollout", "rollout_pass", "update")}
+    """`phase_seconds` averaged over the phases of `history`."""
+    phases = phase_seconds(history)
+    return {name: sum(p[name] for p in phases) / max(1, len(phases)) for name in ("rollout", "rollout_pass", "update")}
 
 
 def plot_history(history: list[dict[str, Any]], run_dir: str, extra_keys: tuple[str, ...] = ()) -> list[str]:

@@ -39,8 +39,9 @@ from rlora.algo import (
 )
 from rlora.config import Config, GRPOConfig, config_to_dict, rollout_gen_kwargs
 from rlora.distributed import Processes, call_through
-from rlora.methods import check_group_layout, group_loss, ppo_loss, rollout_passes
+from rlora.methods import check_group_layout, group_loss, microbatch_shares, ppo_loss, rollout_passes
 from rlora.models import Policy
+from rlora.models.loading import check_positions
 from rlora.models.precision import pass_precision
 from rlora.optim import build_optimizer, build_scheduler, default_run_dir
 from rlora.rollout.generation import Rollouts, generate_rollouts, sampling_temperature, stop_token_ids
@@ -91,6 +92,7 @@ class Trainer:
         self.minibatch_size = self.dist.share(train.minibatch_size or train.batch_size, "train.minibatch_size")
         if self.group:
             check_group_layout(method, self.batch_size, self.minibatch_size, self.rollouts_per_rank, self.dist.world)
+        check_positions(train.seq_length, policy.base_model.config)
         set_seed(train.seed, device_specific=True)  # each process samples differently; weights were seeded alike
         self.policy = policy
         self.optimizer = build_optimizer(config, policy.trainable_parameters())
@@ -130,7 +132,6 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.phase = 0  # rollout phases completed
         self.pending: PhaseState | None = None  # the phase whose PPO epochs are under way
-        self.buffer: Scored | None = None  # dynamic sampling: groups drawn beyond the last phase's need
         self.bad_steps = 0  # non-finite steps skipped in a row
         self.best_reward = -math.inf
         self.history: list[dict[str, Any]] = []
@@ -145,12 +146,18 @@ class Trainer:
                                enabled=self.accelerator.is_main_process, history=self.history if resumed else None,
                                run_name=train.run_name)
         steps_per_phase = method.ppo_epochs * math.ceil(method.num_rollouts / train.batch_size)
-        self.total_steps = min(train.total_steps, train.epochs * steps_per_phase)
+        self.total_steps = train.total_steps
+        if train.epochs is not None and train.epochs * steps_per_phase < train.total_steps:
+            self.total_steps = train.epochs * steps_per_phase
+            warnings.warn(f"train.epochs={train.epochs} rollout phases of {steps_per_phase} optimizer steps each "
+                          f"allow {self.total_steps} optimizer steps, fewer than train.total_steps="
+                          f"{train.total_steps}: the run stops at step {self.total_steps}. Raise train.epochs (or "
+                          "set it to null for no cap), or lower train.total_steps.", stacklevel=2)
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ the loop
     def learn(self) -> "Trainer":
-        """Train until `train.total_steps` optimizer steps or `train.epochs` rollout phases.
+        """Train until `train.total_steps` optimizer steps (or `train.epochs` rollout phases, when set).
 
         SIGINT / SIGTERM (to any one process or to all) save a checkpoint at the next step boundary,
         then raise `TrainingInterrupted`; `train.resume_from_checkpoint` continues from it exactly.
@@ -211,8 +218,8 @@ class Trainer:
                         exp.advantages, exp.returns = self.dist.whiten(advantages, mask), returns
                     kl_stats = {k: self.dist.mean(v) for k, v in kl_stats.items()}  # the KL controller's is global
                     t_pass = time.perf_counter()
-                    if self.group:
-                        stats.update({"kl": kl_stats["kl"]} if "kl" in kl_stats else {})  # REINFORCE++'s reward KL
+                    if self.group:  # REINFORCE++'s per-sequence k1 in its rewards (grpo's k3 in the loss is "kl")
+                        stats.update({"kl_in_reward": kl_stats["kl"]} if "kl" in kl_stats else {})
                     else:
                         stats.update({
                             "rollout_scores/mean": score_sums.mean(), "rollout_scores/std": score_sums.std(),
@@ -223,25 +230,25 @@ class Trainer:
                             "rewards/non_score": kl_stats["non_score_reward"], "kl_ctl_value": self.kl_ctl.value,
                         })
                     stats.update({"time/rollout": t_rollout - t0, "time/rollout_pass": t_pass - t_rollout})
+                    # the phase's rollouts are logged now, with its first step: a run that stops mid-phase has them
+                    phase_stats = self._record(stats, step=self.step + 1, phase=self.phase + 1)
                     batches = [batch for order in orders for batch in order.split(self.batch_size)]
-                    self.pending = PhaseState(exp, batches, 0, {k: float(v) for k, v in stats.items()},
-                                              time.perf_counter())
+                    self.pending = PhaseState(exp, batches, 0, phase_stats)
 
                 # 7. ppo_epochs passes over the shuffled experience, batch_size samples per optimizer
                 #    step, resuming where a checkpoint left the phase
                 phase = self.pending
                 while phase.cursor < len(phase.batches) and self.step < self.total_steps:
+                    t0 = time.perf_counter()
                     stats = self.train_step(phase.exp, phase.batches[phase.cursor])
                     phase.cursor += 1
                     self.step += 1
-                    self._record(stats)
+                    self._record({**stats, "time/step": time.perf_counter() - t0})
                     progress.update(task, completed=self.step, reward=phase.stats[self._reward_key])
-                    paused = time.perf_counter()  # evaluation and checkpoints are not the phase's update time
                     if self.step % train.eval_interval == 0:
                         self.evaluate()
                     if self.step % train.checkpoint_interval == 0 and self.step < self.total_steps:
                         self.save()
-                    phase.t_update += time.perf_counter() - paused
                     if (signum := self._agreed_stop_signal()) is not None:
                         raise TrainingInterrupted(signum, self.save())
 
@@ -250,8 +257,6 @@ class Trainer:
                     if not self.group:
                         self.kl_ctl.update(phase.stats["policy/kl"], n_steps=method.num_rollouts)
                     self.phase += 1
-                    self._record({**phase.stats, "time/update": time.perf_counter() - phase.t_update},
-                                 phase=self.phase)
                     self.pending = None
 
         # 9. Checkpoint and evaluate at the end (saved before an eval that an uninterrupted longer
@@ -319,16 +324,16 @@ class Trainer:
         The group methods draw whole groups and shape overlong completions (DAPO). With
         `dynamic_sampling`, a group whose rewards are all equal is dropped and more chunks are
         drawn; every process draws until all are full (the prompt order and the collectives stay
-        in step), the groups left over wait in `self.buffer` for the next phase, and after
-        `max_num_gen_batches` draws the phase is filled up with dropped groups.
+        in step), groups drawn beyond the phase's need are discarded (as DAPO does: sampled by this
+        phase's policy, they would be off-policy in the next), and after `max_num_gen_batches` draws
+        the phase is filled up with dropped groups.
         """
         method, G = self.config.method, self.group_size
         dynamic = self.group and method.dynamic_sampling
         need = self.rollouts_per_rank // G  # groups (PPO: samples) this process needs
         per_chunk = method.chunk_size // G  # prompts generated at once
-        kept = [self.buffer] if self.buffer is not None else []
+        kept: list[Scored] = []
         aside: list[Scored] = []  # dynamic sampling: dropped groups, to fill up with after the cap
-        self.buffer = None
         draws = groups = equal_groups = 0
         while True:
             short = need - sum(len(c) for c in kept) // G
@@ -346,7 +351,8 @@ class Trainer:
                                                       dtype=self._generation_dtype))
             draws += 1
             if self.group:
-                equal = chunk.scores.reshape(-1, G).std(1) == 0  # (size,) groups whose rewards are all equal
+                grouped = chunk.scores.reshape(-1, G)
+                equal = grouped.amax(1) == grouped.amin(1)  # (size,) groups whose rewards are all equal, exactly
                 groups, equal_groups = groups + len(equal), equal_groups + int(equal.sum())
                 if dynamic:
                     rows = torch.arange(len(chunk)).reshape(-1, G)
@@ -357,8 +363,8 @@ class Trainer:
         if short > 0:  # dynamic sampling's cap was reached
             kept.append(Scored.concat(aside, self.tokenizer.pad_token_id).select(list(range(short * G))))
         phase = Scored.concat(kept, self.tokenizer.pad_token_id)
-        if len(phase) > self.rollouts_per_rank:
-            self.buffer = phase.select(list(range(self.rollouts_per_rank, len(phase))))
+        surplus = (len(phase) - self.rollouts_per_rank) // G
+        if surplus > 0:
             phase = phase.select(list(range(self.rollouts_per_rank)))
 
         stats: dict[str, torch.Tensor] = {}
@@ -368,7 +374,8 @@ class Trainer:
         if not self.group:
             return phase, {**stats, "response_length/mean": lengths.mean()}
         scores = self.dist.all_values(phase.scores)
-        counts = self.dist.all_values(torch.tensor([[draws, groups, equal_groups, max(short, 0)]], dtype=torch.float64))
+        counts = self.dist.all_values(torch.tensor([[draws, groups, equal_groups, max(short, 0), max(surplus, 0)]],
+                                                   dtype=torch.float64))
         stats.update({  # TRL's names
             "reward": scores.mean(), "reward_std": scores.reshape(-1, G).std(1).mean(),
             "frac_reward_zero_std": counts[:, 2].sum() / counts[:, 1].sum(),
@@ -379,7 +386,8 @@ class Trainer:
         if dynamic:
             stats.update({"dynamic_sampling/draws": counts[:, 0].mean(),
                           "dynamic_sampling/dropped_groups": counts[:, 2].sum(),
-                          "dynamic_sampling/filled": counts[:, 3].sum()})
+                          "dynamic_sampling/filled": counts[:, 3].sum(),
+                          "dynamic_sampling/discarded_groups": counts[:, 4].sum()})
         return phase, stats
 
     def _score(self, index: list[int], rollouts: Rollouts) -> Scored:
@@ -480,9 +488,11 @@ class Trainer:
     def train_step(self, exp: Experience, batch: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """One optimizer step on the samples `batch` of `exp`, split into microbatches.
 
-        Each microbatch's loss is divided by the number of microbatches, so the step's gradient
-        is their mean whatever `minibatch_size` is; DAPO's token-level loss is instead divided by
-        the real tokens of the whole step on every process. Stats are detached tensors (no host
+        Each microbatch's loss is weighted by its share of the batch (`microbatch_shares`: rows,
+        or tokens where the loss is a mean over tokens), so the step's gradient does not depend
+        on `minibatch_size`, unequal last microbatches included; DAPO's token-level loss is
+        instead divided by the real tokens of the whole step on every process. Stats are
+        detached tensors, their step values token-weighted means of the microbatches' (no host
         sync here, but DAPO's one token count).
         """
         method = self.config.method
@@ -492,6 +502,7 @@ class Trainer:
         if dapo:  # Σ ℓ over the step's real tokens on every process: DDP averages, hence × world below
             total_tokens = max(1.0, float(self.dist.mean(exp.loss_mask[batch].sum().double().reshape(1))) *
                                self.dist.world)
+        shares, tokens = microbatch_shares(method, exp, micro)
         stats: list[dict[str, torch.Tensor]] = []
         for i, index in enumerate(micro):
             mb = exp.select(index).to(self.accelerator.device)
@@ -501,7 +512,7 @@ class Trainer:
                     out = self._forward(self.model, mb, with_entropy=self.group)
                 loss, step_stats = group_loss(out, mb, method, self.passes, total_tokens) if self.group else \
                     ppo_loss(out, mb, method)
-                loss = loss * (self.dist.world if dapo else 1 / len(micro))
+                loss = loss * (self.dist.world if dapo else shares[i])
                 self.accelerator.backward(loss)
             stats.append({"loss": loss.detach(), **step_stats})
         # The gradient's norm, clipped to train.max_grad_norm when set (after DDP's all-reduce: the same
@@ -530,7 +541,8 @@ class Trainer:
             warnings.warn(f"step {self.step + 1}: non-finite loss or gradient; step skipped "
                           f"({self.bad_steps} in a row, train.max_bad_steps={self.config.train.max_bad_steps})")
         self.optimizer.zero_grad(set_to_none=True)
-        out = {key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]}
+        weights = tokens / tokens.sum() if tokens.sum() > 0 else torch.full_like(tokens, 1 / len(tokens))
+        out = {key: (torch.stack([s[key] for s in stats]).double().cpu() * weights).sum().float() for key in stats[0]}
         loss = torch.stack([s.pop("loss") for s in stats]).sum()  # each was scaled to its share of the step
         if self.group:
             out["loss"] = loss
@@ -549,7 +561,7 @@ class Trainer:
         if not extra.get("eval"):  # per-process step statistics -> the run's (eval stats are global already)
             values = torch.where(torch.tensor(["max" in k for k in keys]), self.dist.max(values),
                                  self.dist.mean(values))
-        record = {"step": self.step, **extra, **dict(zip(keys, values.tolist()))}
+        record = {"step": self.step, **extra, **dict(zip(keys, values.tolist()))}  # `step` in extra overrides
         self.history.append(record)
         self.tracker.log(record)
         return record

@@ -26,6 +26,7 @@ from rlora.algo.masked import (
     masked_var,
     masked_whiten,
     nan_moments,
+    token_mean,
     zero_padding,
 )
 from rlora.algo.rewards import scale_and_clip_scores, token_rewards
@@ -56,6 +57,7 @@ __all__ = [
     "policy_loss",
     "scale_and_clip_scores",
     "token_entropy",
+    "token_mean",
     "token_rewards",
     "value_loss",
     "zero_padding",

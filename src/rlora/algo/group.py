@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from rlora.algo.kl import kl_k3
-from rlora.algo.masked import masked_mean, masked_sum
+from rlora.algo.masked import masked_sum, token_mean
 
 ESTIMATORS = ("grpo", "rloo", "reinforce++", "reinforce++_baseline")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -96,8 +96,8 @@ def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
     with torch.no_grad():
         low = (ratio < 1 - epsilon) & (adv < 0)  # the clip is active below (TRL's clip_ratio/low)
         up = (ratio > 1 + high) & (adv > 0)
-        stats = {"clip_ratio/low_mean": masked_mean(low.float(), mask),
-                 "clip_ratio/high_mean": masked_mean(up.float(), mask)}
+        stats = {"clip_ratio/low_mean": token_mean(low.float(), mask),
+                 "clip_ratio/high_mean": token_mean(up.float(), mask)}
     return loss, stats
 
 
@@ -135,7 +135,8 @@ def group_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     reference (GRPO, Shao et al. 2024, eq. 3), aggregated by `loss_type` (`aggregate_loss`).
 
     Returns the loss and detached stats: clip fractions, the ratio's mean (1 on the first
-    minibatch of a phase), and `kl` (mean k3 per real token) when `beta > 0`.
+    minibatch of a phase), and `kl` (mean k3 per real token) when `beta > 0`; each a mean over
+    the loss's tokens counting at least one, so a microbatch without any gives 0, not nan.
     Shape: logprobs, old_logprobs, mask (n, t), advantages (n,) or (n, t) -> ().
     """
     per_token, stats = clipped_token_loss(logprobs, old_logprobs, advantages, mask, epsilon, epsilon_high, level)
@@ -144,9 +145,9 @@ def group_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
             raise ValueError("beta > 0 needs the reference log-probs (ref_logprobs)")
         kl = kl_k3(logprobs, ref_logprobs).masked_fill(~mask, 0.0)
         per_token = per_token + beta * kl
-        stats["kl"] = masked_mean(kl.detach(), mask)
+        stats["kl"] = token_mean(kl.detach(), mask)
     loss = aggregate_loss(per_token, mask, loss_type, max_completion_length, total_tokens)
     with torch.no_grad():
-        stats["policy/ratio_mean"] = masked_mean(torch.exp(logprobs - old_logprobs), mask)
+        stats["policy/ratio_mean"] = token_mean(torch.exp(logprobs - old_logprobs), mask)
         stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
     return loss, stats

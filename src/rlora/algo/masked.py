@@ -21,6 +21,7 @@ __all__ = [
     "zero_padding",
     "masked_sum",
     "masked_mean",
+    "token_mean",
     "masked_var",
     "masked_whiten",
     "check_right_padded",
@@ -62,6 +63,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     total = masked_sum(x, mask, dim)
     count = mask.sum() if dim is None else mask.sum(dim)
     return total / count
+
+
+def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over the real positions, counting at least one (TRL's `clamp(min=1)`): 0, not
+    nan, where there are none, as for a microbatch whose completions were all truncated and
+    masked out of the loss. For logged statistics. Shape: x, mask (b, t) -> ()."""
+    return masked_sum(x, mask) / mask.sum().clamp(min=1)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:

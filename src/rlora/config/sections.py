@@ -11,8 +11,10 @@ from typing import Any
 class TrainConfig:
     seq_length: int = 1024
     """Maximum tokens of prompt + response; prompts are cut to `seq_length - max_new_tokens`."""
-    epochs: int = 100
-    """Passes over the prompt set (training stops at `total_steps` first if it comes sooner)."""
+    epochs: int | None = None
+    """Rollout phases before training stops, trlx's meaning (each phase collects `method.num_rollouts`
+    and trains `ppo_epochs` passes over them); None = no cap, `total_steps` alone decides. A cap that
+    ends the run before `total_steps` is warned about before the run starts."""
     total_steps: int = 10000
     """Optimizer steps before training stops."""
     batch_size: int = 128

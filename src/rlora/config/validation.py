@@ -160,9 +160,11 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.pipeline == "PromptPipeline", "train.pipeline", t.pipeline, "only 'PromptPipeline' is supported")
     _check(not t.trainer_kwargs, "train.trainer_kwargs", t.trainer_kwargs,
            "rlora's PPO trainer takes no extra arguments (trlx passed these to its trainer class); set it to {}")
-    for key in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval",
+    for key in ("seq_length", "total_steps", "batch_size", "checkpoint_interval", "eval_interval",
                 "keep_checkpoints", "max_bad_steps"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "it must be at least 1")
+    _check(t.epochs is None or t.epochs >= 1, "train.epochs", t.epochs,
+           "it must be at least 1, or null for no cap on rollout phases")
     _check(t.mixed_precision in (None, "no", "bf16", "fp16"), "train.mixed_precision", t.mixed_precision,
            "use 'bf16' (bf16 autocast, fp32 weights), 'no', 'fp16' (GPUs) or null for accelerate's setting")
     _check(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm,

@@ -41,6 +41,20 @@ def _from_pretrained(loader: Any, path: str, what: str, key: str, **kwargs):
                       "save_pretrained, or a hub name with network access (or a warm cache).") from err
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")  # where configs keep it
+
+
+def check_positions(seq_length: int, config: PretrainedConfig) -> None:
+    """Refuse a `train.seq_length` beyond the positions the model has (trlx's default 1024 against
+    a small model), before a long prompt runs off its position embeddings mid-run."""
+    text = config.get_text_config()
+    positions = next((getattr(text, key) for key in POSITION_KEYS if isinstance(getattr(text, key, None), int)), None)
+    if positions is not None and seq_length > positions:
+        raise ValueError(f"train.seq_length={seq_length} is more than the {positions} positions this model has "
+                         f"({type(config).__name__}); prompt plus response must fit in them: set train.seq_length to "
+                         f"at most {positions}")
+
+
 def adapter_dir(path: Any) -> str | None:
     """`path` expanded, if it is a local directory holding a saved peft adapter; else None."""
     if not isinstance(path, str) or not path:

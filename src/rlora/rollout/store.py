@@ -26,8 +26,7 @@ def select_rollouts(rollouts: Rollouts, rows: list[int]) -> Rollouts:
 
 @dataclass
 class Scored:
-    """Rollouts with their scores: what a phase is built from (and, for dynamic sampling, what is
-    kept for the next phase)."""
+    """Rollouts with their scores: the chunks a phase is built from."""
 
     rollouts: Rollouts
     scores: torch.Tensor  # (n,) or (n, r)
@@ -109,5 +108,4 @@ class PhaseState:
     exp: Experience
     batches: list[torch.Tensor]  # sample indices of each optimizer step, all PPO epochs in order
     cursor: int  # optimizer steps of this phase already taken
-    stats: dict[str, float]  # the phase's rollout statistics, logged when it completes
-    t_update: float  # when its PPO epochs started (perf_counter)
+    stats: dict[str, float]  # the phase's rollout statistics (logged with its first step)

@@ -252,7 +252,7 @@ def make_config(model_path: str, total_steps: int | None = None, run_dir: str | 
     settings, per_phase = method_settings(method), steps_per_phase(method)
     return {
         "train": {"seq_length": 80, "batch_size": settings["batch_size"], "minibatch_size": settings["minibatch_size"],
-                  "total_steps": PHASES * per_phase if total_steps is None else total_steps, "epochs": 10_000,
+                  "total_steps": PHASES * per_phase if total_steps is None else total_steps,
                   "eval_interval": EVAL_PHASES * per_phase if eval_interval is None else eval_interval,
                   "checkpoint_interval": 10**9, "run_dir": run_dir, "seed": seed, "save_best": False},
         "model": {"model_path": model_path,
@@ -278,7 +278,7 @@ def run(total_steps: int | None = None, run_dir: str | None = None, model_path: 
     import rlora
     from rlora.demo import group_signals
     from rlora.fetch import fetch
-    from rlora.tracking import mean_phase_seconds
+    from rlora.tracking import mean_phase_seconds, phase_seconds
 
     t0 = time.perf_counter()
     method_settings(method)  # an unknown method fails before the fetch
@@ -289,7 +289,7 @@ def run(total_steps: int | None = None, run_dir: str | None = None, model_path: 
                           config=make_config(model_path, total_steps, run_dir, seed, eval_interval, method),
                           overrides=list(overrides), verbose=verbose)
     evals = [r for r in trainer.history if r.get("eval")]
-    phases = [r for r in trainer.history if "phase" in r]
+    phases = phase_seconds(trainer.history)
     summary = {
         "method": method,
         "correct": [evals[0]["metrics/correct"], evals[-1]["metrics/correct"]],
@@ -297,8 +297,8 @@ def run(total_steps: int | None = None, run_dir: str | None = None, model_path: 
         "curve": [(r["step"], round(r["metrics/correct"], 4)) for r in evals],
         "held_out_prompts": len(held_out), "optimizer_steps": trainer.step, "rollout_phases": trainer.phase,
         "s_per_phase": sum(mean_phase_seconds(trainer.history).values()),
-        "s_rollout": [round(r["time/rollout"], 2) for r in phases],
-        "s_update": [round(r["time/rollout_pass"] + r["time/update"], 2) for r in phases],
+        "s_rollout": [round(r["rollout"], 2) for r in phases],
+        "s_update": [round(r["rollout_pass"] + r["update"], 2) for r in phases],
         "wall_seconds": time.perf_counter() - t0, "run_dir": trainer.run_dir, **group_signals(trainer.history),
     }
     with open(os.path.join(trainer.run_dir, "summary.json"), "w", encoding="utf-8") as f:

@@ -162,7 +162,7 @@ def make_config(model_path: str, run_dir: str | None = None, total_steps: int | 
     total_steps = PHASES * steps_per_phase(method) if total_steps is None else total_steps
     return {
         "train": {"seq_length": 48, "batch_size": settings["batch_size"], "minibatch_size": settings["minibatch_size"],
-                  "total_steps": total_steps, "epochs": 10_000,
+                  "total_steps": total_steps,
                   "eval_interval": total_steps if eval_interval is None else eval_interval,
                   "checkpoint_interval": 10**9, "run_dir": run_dir, "seed": seed, "num_threads": num_threads},
         "model": {"model_path": model_path, "peft_config": lora,
