@@ -21,6 +21,12 @@ def test_terminal_scores_accepted(scores):
     assert out.tolist() == [float(x) for x in list(scores)]
 
 
+@pytest.mark.parametrize("scores", [[True, False, 2], np.array([True, False, True]), [np.bool_(True), 0, 1.5]],
+                         ids=["list", "numpy", "numpy-scalars"])
+def test_bool_scores_count_one_and_zero_as_in_trl(scores):
+    assert validate_scores(scores, LENGTHS).tolist() == [1.0, 0.0, float(scores[2])]
+
+
 def test_dense_scores_padded_to_the_longest_response():
     out = validate_scores([[1, 2, 3], [4], []], LENGTHS)
     assert out.tolist() == [[1, 2, 3, 0], [4, 0, 0, 0], [0, 0, 0, 0]]
@@ -34,12 +40,12 @@ def test_dense_scores_padded_to_the_longest_response():
         ([1.0, 2.0, math.inf], r"returned inf for sample 2"),
         ([1.0, "good", 2.0], r"returned 'good' for sample 1"),
         ([1.0, None, 2.0], r"returned None for sample 1"),
-        ([True, 1.0, 2.0], r"returned True for sample 0"),
+        ([1.0, np.array([1.0, 2.0]), 2.0], r"returned array\(\[1., 2.\]\) for sample 1"),
         ([[1.0, 2.0, 3.0, 4.0], [1.0], [1.0]], r"4 per-token scores for sample 0, whose response has 3 tokens"),
         ([[1.0], 2.0, [1.0]], r"but 2.0 for sample 1"),
         ([[1.0], [float("nan")], [1.0]], r"nan at token 0 of sample 1"),
     ],
-    ids=["count", "nan", "inf", "string", "none", "bool", "dense-too-long", "mixed", "dense-nan"],
+    ids=["count", "nan", "inf", "string", "none", "array", "dense-too-long", "mixed", "dense-nan"],
 )
 def test_bad_scores_name_the_sample_and_value(scores, match):
     with pytest.raises(ValueError, match=match):

@@ -15,16 +15,19 @@ from rlora.algo import logprobs_and_entropy, logprobs_of_labels
 
 
 def _bad_number(x: Any) -> bool:
+    """Whether `x` is no finite real number. Bools count (as 0 and 1): TRL accepts them."""
     if isinstance(x, torch.Tensor) and x.numel() == 1:
         x = x.item()
-    return isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(float(x))
+    elif hasattr(x, "item") and getattr(x, "shape", None) == ():  # numpy scalars, np.bool_ included
+        x = x.item()
+    return not isinstance(x, numbers.Real) or not math.isfinite(float(x))
 
 
 def validate_scores(scores: Any, response_lengths: list[int], what: str = "reward_fn") -> torch.Tensor:
     """Scores as a tensor: (b,) for one score per sample, or (b, r) for per-token scores.
 
-    Raises naming the sample index and value: a wrong count, a non-number, NaN/inf, or a
-    per-token list longer than its response.
+    Raises naming the sample index and value: a wrong count, a non-number (bools count as 0 and
+    1), NaN/inf, or a per-token list longer than its response.
     """
     n = len(response_lengths)
     if isinstance(scores, torch.Tensor):
