@@ -358,6 +358,44 @@ def test_a_config_names_several_functions_and_their_weights(tiny_model_dir, tmp_
     assert total.tolist() == [0.5 * -3 + 2.0]
 
 
+def test_a_trlx_dense_reward_over_the_retokenized_output_trains(gpt2_bpe_model_dir, tmp_path, monkeypatch):
+    import rlora
+    from rlora.tiny import tiny_ppo_config
+
+    returned = []  # what the function returned for each sample
+
+    def dense_reward_fn(samples, prompts, outputs, tokenizer, **kwargs):  # trlx's example, sentiment fixed
+        tok_scores = []
+        for response in outputs:
+            toks = tokenizer(response).input_ids
+            tok_score = [0] * len(toks)
+            tok_score[len(tok_score) // 2] = 0.25
+            tok_score[-1] = 0.5
+            tok_scores.append(tok_score)
+        returned.extend(tok_scores)
+        return tok_scores
+
+    scored = []  # (sampled ids, output, per-token reward row) of every scored sample
+    call = RewardFunctions.__call__
+
+    def recording(self, batch, tokenizer, *args, **kwargs):
+        total, values = call(self, batch, tokenizer, *args, **kwargs)
+        scored.extend(zip(batch.completion_ids, batch.outputs, total.tolist()))
+        return total, values
+
+    monkeypatch.setattr(RewardFunctions, "__call__", recording)
+    config = tiny_ppo_config(gpt2_bpe_model_dir("gpt2"), str(tmp_path), train={"total_steps": 2},
+                             method={"gen_kwargs": {"max_new_tokens": 12, "top_k": 0, "do_sample": True}})
+    trainer = rlora.train(dense_reward_fn, ["The movie was", "I think", "Hello"] * 3, config=config, verbose=False)
+    assert trainer.step == 2 and all(math.isfinite(r["loss"]) for r in trainer.history if "loss" in r)
+    tok = trainer.tokenizer
+    assert any(len(tok(output).input_ids) != len(ids) for ids, output, _ in scored)  # trlx's form was met
+    assert len(scored) == len(returned)
+    for (ids, output, row), tok_score in zip(scored, returned):
+        text_end = len(ids) - 1 - (ids[-1] == tok.eos_token_id)  # the token completing the output's text
+        assert row[text_end] >= 0.5 and sum(row) == sum(tok_score) and not any(row[len(ids):])
+
+
 def test_trl_reward_forms_train_a_group_method(tiny_model_dir, tmp_path):
     import rlora
     from rlora.tiny import tiny_group_config

@@ -21,7 +21,8 @@ With several functions the reward is `Σ_k w_k r_k` (weights `task.reward_weight
 each). Scores may be numbers or bools (1 and 0). A function may return None for a sample it does
 not judge; it counts 0 in the sum (as TRL's nansum), and a sample no function judges trains on 0
 with a warning (as TRL warns). Per-token rewards (a list per sample) need a single reward
-function.
+function; a list may hold one score per sampled token or, as trlx's dense example, one per token
+of `tokenizer(output)`, which are placed on the sampled tokens by character.
 
 Notation: `b` samples, `r` response length.
 """
@@ -39,7 +40,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlora.rollout.scoring import collate_metadata, validate_scores
+from rlora.rollout.scoring import collate_metadata, place_by_character, validate_scores
 
 RLORA_PARAMETERS = frozenset({"samples", "outputs", "tokenizer"})
 TRL_PARAMETERS = frozenset({"completions", "completion_ids", "trainer_state", "log_extra", "log_metric"})
@@ -139,7 +140,9 @@ class RewardFunctions:
         unjudged_by_all = torch.ones(len(batch), dtype=torch.bool)
         for name, weight, raw in zip(self.names, self.weights, self._call_all(batch, tokenizer, trainer_state)):
             what = self._what(name)
-            scores = validate_scores(_without_none(raw), lengths, what=what)
+            place = lambda i, row, what=what: place_by_character(  # noqa: E731  trlx's form: over tokenizer(output)
+                row, batch.completion_ids[i], batch.outputs[i], tokenizer, i, what)
+            scores = validate_scores(_without_none(raw), lengths, what=what, place=place)
             if scores.dim() == 2:
                 if len(self.functions) > 1:
                     raise ValueError(f"{what} returned per-token scores; per-token rewards need a single reward "
