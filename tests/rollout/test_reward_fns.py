@@ -189,6 +189,23 @@ def test_a_function_without_kwargs_gets_only_the_keywords_it_names():
     assert total.tolist() == [134.0, 14.0, 34.0]
 
 
+@pytest.mark.parametrize(("column", "fn"), [("outputs", lambda samples, **kw: [0.0] * 3),
+                                            ("trainer_state", lambda completions, **kw: [0.0] * 3)],
+                         ids=["rlora", "trl"])
+def test_metadata_named_like_an_argument_is_refused(column, fn):
+    b = batch()
+    b.metadata = [{column: 1}] * 3
+    with pytest.raises(ValueError, match=f"prompt metadata '{column}' has the name of an argument that reward_fn "
+                                         "receives; rename that key"):
+        RewardFunctions(fn)(b, tokenizer=None)
+
+
+def test_a_column_named_like_an_rlora_argument_reaches_a_kwargs_only_function():
+    b = batch()
+    b.metadata = [{"outputs": "column"}] * 3  # TRL passes the column; rlora's `outputs` gives way
+    assert RewardFunctions(lambda **kw: [float(o == "column") for o in kw["outputs"]])(b, None)[0].tolist() == [1.0] * 3
+
+
 def test_naming_parameters_of_both_forms_is_refused_up_front():
     def mixed(samples, completions, **kwargs):
         return [0.0] * len(samples)

@@ -176,8 +176,9 @@ class RewardFunctions:
         pending: dict[int, Any] = {}
         try:
             for i, fn in enumerate(self.functions):
+                keywords = self._keywords(i, batch, tokenizer, trainer_state)
                 try:
-                    results.append(fn(**self._keywords(i, batch, tokenizer, trainer_state)))
+                    results.append(fn(**keywords))
                 except Exception as err:
                     raise _raised(self._what(self.names[i]), err, batch) from err
                 if inspect.isawaitable(results[-1]):
@@ -201,15 +202,21 @@ class RewardFunctions:
                  "outputs": batch.outputs, "tokenizer": tokenizer}
         named, takes_kwargs = self.parameters[i]
         if self.conventions[i] == "rlora":
-            wants_ids = "completion_ids" in named  # given by name only: trlx's keywords stay as they were
-            keywords = {**rlora, **({"completion_ids": batch.completion_ids} if wants_ids else {}), **columns}
+            own = {**rlora, **({"completion_ids": batch.completion_ids} if "completion_ids" in named else {})}
+            extra = {}
         else:
             completions = [[{"role": "assistant", "content": o}] if not isinstance(p, str) else o
                            for p, o in zip(batch.prompts, batch.outputs)]
-            trl = {"prompts": batch.prompts, "completions": completions, "completion_ids": batch.completion_ids,
+            own = {"prompts": batch.prompts, "completions": completions, "completion_ids": batch.completion_ids,
                    "trainer_state": trainer_state, "log_extra": self._log_extra, "log_metric": self._log_metric}
             columns = {k: v for k, v in columns.items() if k not in ("completion", "completion_ids")}  # as TRL
-            keywords = {**trl, **(rlora if self.conventions[i] == "both" else {}), **columns}
+            extra = {k: v for k, v in rlora.items() if k not in own and k not in columns} \
+                if self.conventions[i] == "both" else {}
+        clash = sorted(set(own) & set(columns))
+        if clash:
+            raise ValueError(f"prompt metadata {', '.join(map(repr, clash))} has the name of an argument that "
+                             f"{self._what(self.names[i])} receives; rename that key (dataset column)")
+        keywords = {**own, **extra, **columns}
         return keywords if takes_kwargs else {k: v for k, v in keywords.items() if k in named}
 
     def _log_metric(self, name: str, value: float) -> None:
