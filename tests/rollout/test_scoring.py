@@ -4,13 +4,14 @@ over the re-tokenized output (trlx's dense form) are placed on the sampled token
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
 import torch
 
 from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch
-from rlora.rollout.scoring import validate_scores
+from rlora.rollout.scoring import _incremental_ends, _prefix_ends, character_ends, validate_scores
 
 LENGTHS = [3, 2, 4]
 
@@ -188,3 +189,24 @@ def test_placement_without_offsets_matches_placement_with_them(bpe, view):
     assert bpe.convert_ids_to_tokens(bpe(b.outputs[0]).input_ids) == ["Ġhello", "Ċ", "Ċ", "world", "ĠcafÃ©"]
     total, _ = RewardFunctions(scores_per_retokenized_token([1.0, 2.0, 4.0, 8.0, 16.0]))(b, tok)
     assert total.tolist() == [[0.0, 1.0, 6.0, 0.0, 0.0, 8.0, 0.0, 0.0, 16.0, 0.0]]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_incremental_character_ends_agree_with_decoded_prefixes(bpe, seed):
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_token = bytes_to_unicode()  # GPT-2's token for each single byte
+    rng = random.Random(seed)
+    for _ in range(200):  # texts of 1-, 2-, 3- and 4-byte characters, each sampled whole or byte by byte
+        ids = []
+        for ch in rng.choices("ab é€😀\n,中", k=rng.randrange(1, 12)):
+            whole = rng.random() < 0.5
+            ids += bpe.encode(ch) if whole else bpe.convert_tokens_to_ids([byte_token[b] for b in ch.encode()])
+        text = bpe.decode(ids)
+        assert _incremental_ends(ids, text, bpe) == _prefix_ends(ids, text, bpe) == character_ends(ids, text, bpe)
+
+
+def test_an_undecodable_byte_counts_where_it_is_sampled(bpe):
+    ids = bpe.convert_tokens_to_ids(["a", "©", "b"])  # "©" alone is a continuation byte: "\ufffd" in the text
+    text = bpe.decode(ids)
+    assert text == "a\ufffdb" and character_ends(ids, text, bpe) == [1, 2, 3]

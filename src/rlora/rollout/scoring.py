@@ -73,9 +73,38 @@ def validate_scores(scores: Any, response_lengths: list[int], what: str = "rewar
 
 def character_ends(ids: list[int], text: str, tokenizer) -> list[int]:
     """For each token of `ids`, how many characters of `text` (their decoded text) are complete
-    once it is decoded: the common prefix of `text` and `decode(ids[:k + 1])`, never decreasing.
-    A token holding the first bytes of a character ends where the previous one did; the one
-    with its last byte completes it. Decoded as generation decodes (special tokens skipped)."""
+    once it is decoded, never decreasing: a token holding the first bytes of a character ends
+    where the previous one did, the one with its last byte completes it. Decoded as generation
+    decodes (special tokens skipped). Incrementally where that rebuilds `text` exactly, else from
+    every decoded prefix (quadratic in the length): also where `text` holds an undecodable byte
+    ("\ufffd"), which the incremental pass cannot tell from a character still incomplete."""
+    ends = None if "\ufffd" in text else _incremental_ends(ids, text, tokenizer)
+    return ends if ends is not None else _prefix_ends(ids, text, tokenizer)
+
+
+def _incremental_ends(ids: list[int], text: str, tokenizer) -> list[int] | None:
+    """`character_ends` as streaming detokenizers compute it (TGI, vLLM): each token adds what
+    decoding from the previous token's start adds, once that is no incomplete character ("\ufffd"
+    at the end); the context keeps SentencePiece's leading spaces. None unless the pieces join
+    to `text`: then decoding is not a concatenation (clean-up of spaces), and prefixes decide."""
+    ends, pieces, start, read, before, done = [], [], 0, 0, "", 0
+
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=True)
+
+    for k in range(len(ids)):
+        after = decode(ids[start:k + 1])
+        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+            pieces.append(after[len(before):])
+            done += len(pieces[-1])
+            start, read = read, k + 1
+            before = decode(ids[start:read])
+        ends.append(done)
+    return ends if "".join(pieces) == text else None
+
+
+def _prefix_ends(ids: list[int], text: str, tokenizer) -> list[int]:
+    """`character_ends` from each prefix `decode(ids[:k + 1])`: its common prefix with `text`."""
     ends, reached = [], 0
     prefixes = tokenizer.batch_decode([ids[:k + 1] for k in range(len(ids))], skip_special_tokens=True)
     for prefix in prefixes:
