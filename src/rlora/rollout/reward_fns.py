@@ -8,8 +8,8 @@ Two calling conventions, told apart by the parameters a function names:
   completion_ids=..., trainer_state=..., log_extra=..., log_metric=..., **columns)`, every
   metadata key (dataset column) a keyword. `completions` are the output texts, or for chat
   prompts `[{"role": "assistant", "content": text}]` per sample. A function that names neither
-  form's own parameters (only `prompts`, columns or `**kwargs`) gets rlora's `samples`,
-  `outputs` and `tokenizer` too, so a trlx-era `fn(**kwargs)` keeps working.
+  form's own parameters (at most `prompts` and columns) and takes `**kwargs` gets rlora's
+  `samples`, `outputs` and `tokenizer` too, so a trlx-era `fn(**kwargs)` keeps working.
 Prompts reach both exactly as given: text, or chat messages. A function without `**kwargs` gets
 only the keywords it names (TRL would fail it on the first keyword it does not take).
 
