@@ -93,18 +93,19 @@ class Processes:
         """Every process's `x` (same shape on each), concatenated along dim 0."""
         return x if self.world == 1 else self.accelerator.gather(x.to(self.accelerator.device)).cpu()
 
-    def score(self, reward_fns: RewardFunctions, batch: ScoreBatch, tokenizer, on_all_ranks: bool
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score(self, reward_fns: RewardFunctions, batch: ScoreBatch, tokenizer, on_all_ranks: bool,
+              trainer_state=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The reward functions on this process's samples: called once on the main process with
         every process's samples (trlx's contract) and the scores sent back, or on each process
-        when `on_all_ranks` (a reward model per device). Returns this process's (weighted reward,
-        per-function values), as `RewardFunctions` does."""
+        when `on_all_ranks` (a reward model per device). `trainer_state` (a
+        `transformers.TrainerState`) reaches TRL-style functions. Returns this process's (weighted
+        reward, per-function values), as `RewardFunctions` does."""
         if self.world == 1 or on_all_ranks:
-            return reward_fns(batch, tokenizer)
+            return reward_fns(batch, tokenizer, trainer_state)
         parts = self.gather([batch])
         mine = None
         if self.is_main:
-            total, values = reward_fns(ScoreBatch.concat(parts), tokenizer)
+            total, values = reward_fns(ScoreBatch.concat(parts), tokenizer, trainer_state)
             sizes = [len(part) for part in parts]
             mine = list(zip(total.split(sizes), *[v.split(sizes) for v in values.values()]))
             mine = [(t, dict(zip(values, vs))) for t, *vs in mine]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
+import warnings
 
 import pytest
 import torch
+from transformers import TrainerState
 
-from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch, is_trl_style
+from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch, calling_convention
 
 CHAT = [{"role": "user", "content": "think, then answer"}]
 
@@ -57,12 +60,14 @@ def test_trl_style_gets_prompts_completions_ids_and_columns_rlora_style_gets_sam
         seen["rlora"] = dict(samples=samples, prompts=prompts, outputs=outputs, tokenizer=tokenizer, **metadata)
         return [0.0] * len(samples)
 
-    assert is_trl_style(trl) and not is_trl_style(mine) and not is_trl_style(lambda samples, **kw: kw)
+    assert calling_convention(trl) == "trl" and calling_convention(mine) == "rlora"
+    assert calling_convention(lambda samples, **kw: kw) == "rlora"  # trlx's usual form keeps rlora's keywords
     b = batch()
     RewardFunctions([trl, mine])(b, tokenizer="TOK")
     assert seen["trl"] == {"prompts": [CHAT] * 3, "completions": [[{"role": "assistant", "content": o}]
                                                                    for o in b.outputs],
-                           "completion_ids": [[5, 6], [7], [8, 9, 2]], "answer": ["4"] * 3, "extra": []}
+                           "completion_ids": [[5, 6], [7], [8, 9, 2]], "answer": ["4"] * 3,
+                           "extra": ["log_extra", "log_metric", "trainer_state"]}  # what TRL 1.16 passes besides
     assert seen["rlora"] == {"samples": ["<rendered>" + o for o in b.outputs], "prompts": [CHAT] * 3,
                              "outputs": b.outputs, "tokenizer": "TOK", "answer": ["4"] * 3}
 
@@ -130,6 +135,195 @@ def test_rlora_signature_keeps_working_with_metadata():
     assert total.tolist() == [float(len(p + o)) for p, o in zip(b.prompts, b.outputs)]
 
 
+# TRL 1.16 calls every custom reward function with the same keywords, whatever it names:
+# prompts, completions, completion_ids, trainer_state, log_extra, log_metric and the dataset's
+# columns; `async def` functions are awaited together; scores may be bools.
+def by_token_count(completion_ids, **kwargs):  # TRL's documentation, "Reward longer completions"
+    return [float(len(ids)) for ids in completion_ids]
+
+
+def only_kwargs(**kwargs):
+    return [float(len(c if isinstance(c, str) else c[0]["content"])) for c in kwargs["completions"]]
+
+
+def test_a_function_naming_completion_ids_only_gets_trls_keywords():
+    assert calling_convention(by_token_count) == "trl"
+    total, values = RewardFunctions(by_token_count)(batch(), tokenizer=None)
+    assert total.tolist() == [2.0, 1.0, 3.0] and list(values) == ["by_token_count"]
+
+
+def test_a_kwargs_only_function_gets_trls_keywords_and_rloras():
+    seen = {}
+
+    def record(**kwargs):
+        seen.update(kwargs)
+        return [0.0] * len(kwargs["prompts"])
+
+    assert calling_convention(only_kwargs) == "both"
+    b = batch()
+    total, _ = RewardFunctions(only_kwargs)(b, tokenizer="TOK")
+    assert total.tolist() == [float(len(o)) for o in b.outputs]
+    RewardFunctions(record)(b, tokenizer="TOK")
+    assert sorted(seen) == ["answer", "completion_ids", "completions", "log_extra", "log_metric", "outputs",
+                            "prompts", "samples", "tokenizer", "trainer_state"]
+    assert seen["samples"] == ["<rendered>" + o for o in b.outputs] and seen["tokenizer"] == "TOK"
+
+
+def test_an_rlora_function_may_ask_for_completion_ids():
+    def sampled(samples, outputs, completion_ids, **metadata):
+        return [[1.0] * len(ids) for ids in completion_ids]
+
+    assert calling_convention(sampled) == "rlora"
+    total, _ = RewardFunctions(sampled)(batch(), tokenizer=None)
+    assert total.tolist() == [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+
+
+def test_a_function_without_kwargs_gets_only_the_keywords_it_names():
+    def trl_strict(completions, answer):
+        return [float(c[0]["content"].endswith(f"{a}</answer>")) for c, a in zip(completions, answer)]
+
+    def rlora_strict(samples, outputs):
+        return [float(len(o)) for o in outputs]
+
+    total, _ = RewardFunctions([trl_strict, rlora_strict], weights=[100, 1])(batch(), tokenizer=None)
+    assert total.tolist() == [134.0, 14.0, 34.0]
+
+
+@pytest.mark.parametrize(("column", "fn"), [("outputs", lambda samples, **kw: [0.0] * 3),
+                                            ("trainer_state", lambda completions, **kw: [0.0] * 3)],
+                         ids=["rlora", "trl"])
+def test_metadata_named_like_an_argument_is_refused(column, fn):
+    b = batch()
+    b.metadata = [{column: 1}] * 3
+    with pytest.raises(ValueError, match=f"prompt metadata '{column}' has the name of an argument that reward_fn "
+                                         "receives; rename that key"):
+        RewardFunctions(fn)(b, tokenizer=None)
+
+
+def test_a_column_named_like_an_rlora_argument_reaches_a_kwargs_only_function():
+    b = batch()
+    b.metadata = [{"outputs": "column"}] * 3  # TRL passes the column; rlora's `outputs` gives way
+    assert RewardFunctions(lambda **kw: [float(o == "column") for o in kw["outputs"]])(b, None)[0].tolist() == [1.0] * 3
+
+
+def test_naming_parameters_of_both_forms_is_refused_up_front():
+    def mixed(samples, completions, **kwargs):
+        return [0.0] * len(samples)
+
+    with pytest.raises(TypeError, match=r"reward function 'mixed' names samples \(rlora's and trlx's form\) and "
+                                        r"completions \(TRL's\); name the parameters of one form"):
+        RewardFunctions(mixed)
+
+
+def test_bool_scores_count_one_and_zero():
+    def long_enough(completions, **kwargs):
+        return [len(c[0]["content"]) > 20 for c in completions]
+
+    total, values = RewardFunctions([long_enough, by_token_count])(batch(), tokenizer=None)
+    assert values["long_enough"].tolist() == [1.0, 0.0, 1.0] and total.tolist() == [3.0, 1.0, 4.0]
+
+
+def test_trainer_state_reaches_trl_functions_step_0_when_none_is_given():
+    def by_step(completions, trainer_state, **kwargs):
+        assert isinstance(trainer_state, TrainerState)
+        return [trainer_state.global_step / max(1, trainer_state.max_steps)] * len(completions)
+
+    fns = RewardFunctions(by_step)
+    assert fns(batch(), tokenizer=None)[0].tolist() == [0.0] * 3
+    state = TrainerState(global_step=3, max_steps=4)
+    assert fns(batch(), None, trainer_state=state)[0].tolist() == [0.75] * 3
+
+
+def test_log_metric_and_log_extra_are_collected_until_drained():
+    def accuracy(completions, answer, log_extra=None, log_metric=None, **kwargs):
+        rewards = [float(f"<answer>{a}</answer>" in c[0]["content"]) for c, a in zip(completions, answer)]
+        log_extra("golden_answer", list(answer))
+        log_metric("accuracy", sum(rewards) / len(rewards))
+        return rewards
+
+    fns = RewardFunctions(accuracy)
+    fns(batch(), tokenizer=None)
+    fns(batch(), tokenizer=None)
+    metrics, columns = fns.drain_logs()
+    assert metrics == {"accuracy": pytest.approx(1 / 3)} and columns == {"golden_answer": ["4"] * 6}
+    assert fns.drain_logs() == ({}, {})
+
+
+async def slow_length(completions, **kwargs):  # TRL's documentation, "Asynchronous reward functions"
+    await asyncio.sleep(0.01)
+    return [float(len(c[0]["content"])) for c in completions]
+
+
+class AsyncJudge:
+    async def __call__(self, prompts, completions, **kwargs):
+        return [1.0 if "<answer>" in c[0]["content"] else 0.0 for c in completions]
+
+
+def test_async_functions_are_awaited_in_order_of_the_list():
+    b = batch()
+    total, values = RewardFunctions([slow_length, by_token_count, AsyncJudge()], weights=[1, 10, 100])(b, None)
+    assert list(values) == ["slow_length", "by_token_count", "AsyncJudge"]
+    assert values["AsyncJudge"].tolist() == [1.0, 0.0, 1.0]
+    assert total.tolist() == [len(b.outputs[0]) + 20 + 100, len(b.outputs[1]) + 10, len(b.outputs[2]) + 30 + 100]
+
+
+def test_several_async_functions_run_concurrently():
+    both_started = asyncio.Barrier(2)  # each waits for the other: run one after the other, they time out
+
+    async def first(completions, **kwargs):
+        await asyncio.wait_for(both_started.wait(), timeout=10)
+        return [1.0] * len(completions)
+
+    async def second(completions, **kwargs):
+        await asyncio.wait_for(both_started.wait(), timeout=10)
+        return [2.0] * len(completions)
+
+    total, _ = RewardFunctions([first, second])(batch(), tokenizer=None)
+    assert total.tolist() == [3.0] * 3
+
+
+def test_async_functions_work_when_the_caller_runs_an_event_loop():
+    async def notebook_cell():  # Jupyter runs cells inside a running loop
+        return RewardFunctions(slow_length)(batch(), tokenizer=None)
+
+    total, _ = asyncio.run(notebook_cell())
+    assert total.tolist() == [float(len(o)) for o in batch().outputs]
+
+
+def test_an_async_function_that_raises_is_named():
+    async def broken(completions, **kwargs):
+        raise KeyError("answer")
+
+    with pytest.raises(RuntimeError, match=r"reward function 'broken' raised KeyError: 'answer' while scoring"):
+        RewardFunctions([slow_length, broken])(batch(), tokenizer=None)
+
+
+def test_samples_no_function_judges_warn_naming_the_functions():
+    def math_only(completions, **kwargs):
+        return [None, 1.0, None]
+
+    def code_only(completions, **kwargs):
+        return [None, None, 0.5]
+
+    with pytest.warns(UserWarning, match=r"every reward function \(math_only, code_only\) returned None for 1 of 3 "
+                                         r"samples \(the first: sample 0, output '<think>a</think>.*'\); they train "
+                                         r"on reward 0"):
+        total, _ = RewardFunctions([math_only, code_only])(batch(), tokenizer=None)
+    assert total.tolist() == [0.0, 1.0, 0.5]
+    with pytest.warns(UserWarning, match=r"^reward_fn returned None for 3 of 3 samples"):
+        total, _ = RewardFunctions(lambda completions, **kw: [None] * 3)(batch(), tokenizer=None)
+    assert total.tolist() == [0.0] * 3
+
+
+def test_no_warning_while_some_function_judges_every_sample():
+    def half(completions, **kwargs):
+        return [None, 1.0, None]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RewardFunctions([half, by_token_count])(batch(), tokenizer=None)
+
+
 def test_a_run_with_several_functions_logs_and_plots_each(tiny_model_dir, tmp_path):
     import json
     import os
@@ -179,3 +373,64 @@ def test_a_config_names_several_functions_and_their_weights(tiny_model_dir, tmp_
     assert trainer.reward_fn.names == ["short", "has_s"] and trainer.reward_fn.weights == [0.5, 2.0]
     total, _ = trainer.reward_fn(ScoreBatch(["p"], ["p"], ["sss"], [[3, 3, 3]], [{}]), trainer.tokenizer)
     assert total.tolist() == [0.5 * -3 + 2.0]
+
+
+def test_a_trlx_dense_reward_over_the_retokenized_output_trains(gpt2_bpe_model_dir, tmp_path, monkeypatch):
+    import rlora
+    from rlora.tiny import tiny_ppo_config
+
+    returned = []  # what the function returned for each sample
+
+    def dense_reward_fn(samples, prompts, outputs, tokenizer, **kwargs):  # trlx's example, sentiment fixed
+        tok_scores = []
+        for response in outputs:
+            toks = tokenizer(response).input_ids
+            tok_score = [0] * len(toks)
+            tok_score[len(tok_score) // 2] = 0.25
+            tok_score[-1] = 0.5
+            tok_scores.append(tok_score)
+        returned.extend(tok_scores)
+        return tok_scores
+
+    scored = []  # (sampled ids, output, per-token reward row) of every scored sample
+    call = RewardFunctions.__call__
+
+    def recording(self, batch, tokenizer, *args, **kwargs):
+        total, values = call(self, batch, tokenizer, *args, **kwargs)
+        scored.extend(zip(batch.completion_ids, batch.outputs, total.tolist()))
+        return total, values
+
+    monkeypatch.setattr(RewardFunctions, "__call__", recording)
+    config = tiny_ppo_config(gpt2_bpe_model_dir("gpt2"), str(tmp_path), train={"total_steps": 2},
+                             method={"gen_kwargs": {"max_new_tokens": 12, "top_k": 0, "do_sample": True}})
+    trainer = rlora.train(dense_reward_fn, ["The movie was", "I think", "Hello"] * 3, config=config, verbose=False)
+    assert trainer.step == 2 and all(math.isfinite(r["loss"]) for r in trainer.history if "loss" in r)
+    tok = trainer.tokenizer
+    assert any(len(tok(output).input_ids) != len(ids) for ids, output, _ in scored)  # trlx's form was met
+    assert len(scored) == len(returned)
+    for (ids, output, row), tok_score in zip(scored, returned):
+        text_end = len(ids) - 1 - (ids[-1] == tok.eos_token_id)  # the token completing the output's text
+        assert row[text_end] >= 0.5 and sum(row) == sum(tok_score) and not any(row[len(ids):])
+
+
+def test_trl_reward_forms_train_a_group_method(tiny_model_dir, tmp_path):
+    import rlora
+    from rlora.tiny import tiny_group_config
+
+    steps = []
+
+    def with_state(completions, trainer_state, **kwargs):
+        steps.append(trainer_state.global_step)
+        return [0.0] * len(completions)
+
+    async def has_s(prompts, completions, **kwargs):
+        await asyncio.sleep(0)
+        return ["s" in c for c in completions]  # bools
+
+    config = tiny_group_config(tiny_model_dir("gpt2"), str(tmp_path), train={"total_steps": 4})
+    fns = [by_token_count, only_kwargs, has_s, with_state]
+    trainer = rlora.train(fns, ["hello", "abc", "xyz", "the "], config=config, verbose=False)
+    assert trainer.step == 4 and steps and all(isinstance(s, int) for s in steps)
+    phase = [r for r in trainer.history if "phase" in r][0]
+    assert all(f"rewards/{name}/mean" in phase for name in ("by_token_count", "only_kwargs", "has_s", "with_state"))
+    assert 0.0 <= phase["rewards/has_s/mean"] <= 1.0 and phase["rewards/by_token_count/mean"] >= 1.0

@@ -1,13 +1,16 @@
-"""Scores from the user's reward functions, validated; and the policy's per-token view of a batch.
+"""Scores from the user's reward functions, validated and placed on the sampled tokens; and the
+policy's per-token view of a batch.
 
 Notation: `b` batch, `p` prompt length, `r` response length, `v` vocabulary.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
-from typing import Any, NamedTuple
+import os
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -15,16 +18,23 @@ from rlora.algo import logprobs_and_entropy, logprobs_of_labels
 
 
 def _bad_number(x: Any) -> bool:
+    """Whether `x` is no finite real number. Bools count (as 0 and 1): TRL accepts them."""
     if isinstance(x, torch.Tensor) and x.numel() == 1:
         x = x.item()
-    return isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(float(x))
+    elif hasattr(x, "item") and getattr(x, "shape", None) == ():  # numpy scalars, np.bool_ included
+        x = x.item()
+    return not isinstance(x, numbers.Real) or not math.isfinite(float(x))
 
 
-def validate_scores(scores: Any, response_lengths: list[int], what: str = "reward_fn") -> torch.Tensor:
+def validate_scores(scores: Any, response_lengths: list[int], what: str = "reward_fn",
+                    place: Callable[[int, list[float]], list[float]] | None = None) -> torch.Tensor:
     """Scores as a tensor: (b,) for one score per sample, or (b, r) for per-token scores.
 
-    Raises naming the sample index and value: a wrong count, a non-number, NaN/inf, or a
-    per-token list longer than its response.
+    Per-token rows are aligned from the first response token. `place(i, row)` puts a row whose
+    length is not sample i's response length on its response tokens (`place_by_character`), or
+    raises; without it such a row may be shorter than its response, never longer.
+    Raises naming the sample index and value: a wrong count, a non-number (bools count as 0 and
+    1), NaN/inf, or a per-token list longer than its response.
     """
     n = len(response_lengths)
     if isinstance(scores, torch.Tensor):
@@ -48,14 +58,94 @@ def validate_scores(scores: Any, response_lengths: list[int], what: str = "rewar
         if not isinstance(row, (list, tuple)):
             raise ValueError(f"{what} returned a list of per-token scores for some samples but {row!r} for "
                              f"sample {i}; return either one number per sample or one list per sample")
-        if len(row) > response_lengths[i]:
-            raise ValueError(f"{what} returned {len(row)} per-token scores for sample {i}, whose response has "
-                             f"{response_lengths[i]} tokens; give at most one score per response token")
         for j, s in enumerate(row):
             if _bad_number(s):
                 raise ValueError(f"{what} returned {s!r} at token {j} of sample {i}; scores must be finite numbers")
-        out[i, :len(row)] = torch.tensor([float(s) for s in row], dtype=torch.float32)
+        row = [float(s) for s in row]
+        if len(row) != response_lengths[i] and place is not None:
+            row = place(i, row)
+        elif len(row) > response_lengths[i]:
+            raise ValueError(f"{what} returned {len(row)} per-token scores for sample {i}, whose response has "
+                             f"{response_lengths[i]} tokens; give at most one score per response token")
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
     return out
+
+
+def character_ends(ids: list[int], text: str, tokenizer) -> list[int]:
+    """For each token of `ids`, how many characters of `text` (their decoded text) are complete
+    once it is decoded, never decreasing: a token holding the first bytes of a character ends
+    where the previous one did, the one with its last byte completes it. Decoded as generation
+    decodes (special tokens skipped). Incrementally where that rebuilds `text` exactly, else from
+    every decoded prefix (quadratic in the length): also where `text` holds an undecodable byte
+    ("\ufffd"), which the incremental pass cannot tell from a character still incomplete."""
+    ends = None if "\ufffd" in text else _incremental_ends(ids, text, tokenizer)
+    return ends if ends is not None else _prefix_ends(ids, text, tokenizer)
+
+
+def _incremental_ends(ids: list[int], text: str, tokenizer) -> list[int] | None:
+    """`character_ends` as streaming detokenizers compute it (TGI, vLLM): each token adds what
+    decoding from the previous token's start adds, once that is no incomplete character ("\ufffd"
+    at the end); the context keeps SentencePiece's leading spaces. None unless the pieces join
+    to `text`: then decoding is not a concatenation (clean-up of spaces), and prefixes decide."""
+    ends, pieces, start, read, before, done = [], [], 0, 0, "", 0
+
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=True)
+
+    for k in range(len(ids)):
+        after = decode(ids[start:k + 1])
+        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+            pieces.append(after[len(before):])
+            done += len(pieces[-1])
+            start, read = read, k + 1
+            before = decode(ids[start:read])
+        ends.append(done)
+    return ends if "".join(pieces) == text else None
+
+
+def _prefix_ends(ids: list[int], text: str, tokenizer) -> list[int]:
+    """`character_ends` from each prefix `decode(ids[:k + 1])`: its common prefix with `text`."""
+    ends, reached = [], 0
+    prefixes = tokenizer.batch_decode([ids[:k + 1] for k in range(len(ids))], skip_special_tokens=True)
+    for prefix in prefixes:
+        common = len(prefix) if text.startswith(prefix) else len(os.path.commonprefix([prefix, text]))
+        reached = max(reached, common)
+        ends.append(reached)
+    return ends
+
+
+def place_by_character(row: list[float], sampled_ids: list[int], output: str, tokenizer, sample: int = 0,
+                       what: str = "reward_fn") -> list[float]:
+    """Per-token scores over `tokenizer(output).input_ids` (trlx's dense form: the output
+    re-tokenized, whose tokens need not be those sampled) placed on the sampled tokens: each on
+    the sampled token that completes the same last character. A special token the tokenizer
+    adds before the text (a BOS) scores at the first sampled token, one after it (an EOS) at the
+    last, where a terminal score goes. The sum is kept. Character ends come from the tokenizer's
+    offsets when it is fast, from decoded prefixes otherwise.
+
+    Shape: row (k,) for the k re-tokenized tokens -> (len(sampled_ids),).
+    """
+    n, fast = len(sampled_ids), getattr(tokenizer, "is_fast", False)
+    enc = None if tokenizer is None else tokenizer(output, return_special_tokens_mask=True,
+                                                   **({"return_offsets_mapping": True} if fast else {}))
+    if enc is None or len(row) != len(enc["input_ids"]) or n == 0:
+        retokenized = "" if enc is None else f" and whose output re-tokenizes to {len(enc['input_ids'])}"
+        raise ValueError(f"{what} returned {len(row)} per-token scores for sample {sample}, whose response has {n} "
+                         f"sampled tokens{retokenized}; return one score per sampled token (completion_ids) or one "
+                         "per token of tokenizer(output).input_ids (trlx's form)")
+    ids, special = list(enc["input_ids"]), list(enc["special_tokens_mask"])
+    ends = [end for _, end in enc["offset_mapping"]] if fast else character_ends(ids, output, tokenizer)
+    sampled_ends = character_ends(sampled_ids, output, tokenizer)
+    last_text = max((j for j in range(len(ids)) if not special[j]), default=-1)
+    placed, reached = [0.0] * n, 0
+    for j, score in enumerate(row):
+        if special[j] and j > last_text:
+            k = n - 1
+        else:
+            reached = reached if special[j] else max(reached, ends[j])
+            k = min(bisect.bisect_left(sampled_ends, reached), n - 1)  # the first token reaching that character
+        placed[k] += score
+    return placed
 
 
 def add_scores(fn_scores: torch.Tensor | None, adapter_scores: torch.Tensor | None,
