@@ -35,7 +35,9 @@ def evaluate(trainer) -> dict[str, Any]:
             continue
         by_function: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(batch) if trainer.reward_fn is not None else 0, method.chunk_size):
-            total, values = trainer.reward_fn(batch[start:start + method.chunk_size], trainer.tokenizer)
+            trainer.trainer_state.global_step = trainer.step
+            total, values = trainer.reward_fn(batch[start:start + method.chunk_size], trainer.tokenizer,
+                                              trainer.trainer_state)
             for i, value in enumerate((total.sum(1) if total.dim() == 2 else total).tolist(), start):
                 scores[i] += value
             for name, v in values.items():
@@ -43,6 +45,7 @@ def evaluate(trainer) -> dict[str, Any]:
         for name, values in by_function.items() if len(by_function) > 1 else ():
             stats[f"reward/{prefix}{name}/mean"] = float(nan_moments(torch.cat(values))["mean"])
         stats[f"reward/{prefix}mean"] = sum(scores) / len(scores)
+        stats.update({f"{prefix}{k}": v for k, v in (trainer.reward_fn.drain_logs()[0] if trainer.reward_fn else {}).items()})
         if trainer.metric_fn is not None:
             samples = [p + o for p, o in zip(batch.prompt_texts, batch.outputs)]
             metrics = trainer.metric_fn(samples=samples, prompts=batch.prompts, outputs=batch.outputs,

@@ -24,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import set_seed
+from transformers import TrainerState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rlora import checkpoint, evaluation
@@ -154,6 +155,8 @@ class Trainer:
                           f"{train.total_steps}: the run stops at step {self.total_steps}. Raise train.epochs (or "
                           "set it to null for no cap), or lower train.total_steps.", stacklevel=2)
         self._stop_signal: int | None = None
+        # what TRL-style reward functions get as `trainer_state` (global_step: optimizer steps done)
+        self.trainer_state = TrainerState(max_steps=self.total_steps)
 
     # ------------------------------------------------------------------ the loop
     def learn(self) -> "Trainer":
@@ -367,7 +370,7 @@ class Trainer:
         if surplus > 0:
             phase = phase.select(list(range(self.rollouts_per_rank)))
 
-        stats: dict[str, torch.Tensor] = {}
+        stats: dict[str, torch.Tensor | float] = self.logged_by_reward_functions()
         for name, values in phase.values.items():  # each reward function's own mean and std over the samples it judged
             stats.update({f"rewards/{name}/{k}": v for k, v in nan_moments(self.dist.all_values(values)).items()})
         lengths = self.dist.all_values(phase.rollouts.response_mask.sum(1).float())
@@ -396,8 +399,10 @@ class Trainer:
         overlong penalty when `overlong_buffer_len` is set."""
         method, G = self.config.method, self.group_size
         metadata = [self.prompts[i].metadata for i in index for _ in range(G)]
+        self.trainer_state.global_step = self.step
         fn_scores, values = (None, {}) if self.reward_fn is None else self.dist.score(
-            self.reward_fn, ScoreBatch.of(rollouts, metadata), self.tokenizer, self.config.train.reward_on_all_ranks)
+            self.reward_fn, ScoreBatch.of(rollouts, metadata), self.tokenizer, self.config.train.reward_on_all_ranks,
+            self.trainer_state)
         lengths = rollouts.response_mask.sum(1)
         scores = add_scores(fn_scores, self._reward_adapter_scores(rollouts), lengths)
         if self.group and scores.dim() == 2:
@@ -408,6 +413,19 @@ class Trainer:
             scores = scores + overlong_penalty(lengths, max_new, method.overlong_buffer_len,
                                                method.overlong_penalty_factor)
         return Scored(rollouts, scores, values)
+
+    def logged_by_reward_functions(self) -> dict[str, float]:
+        """The means of what TRL-style reward functions logged with `log_metric` since last asked,
+        the same on every process (each process's functions may have logged). `log_extra`'s
+        columns are dropped: rlora keeps no completions table."""
+        metrics = self.reward_fn.drain_logs()[0] if self.reward_fn is not None else {}
+        if self.dist.world == 1:
+            return metrics
+        merged: dict[str, list[float]] = {}
+        for part in self.dist.gather([metrics]):
+            for name, value in part.items():
+                merged.setdefault(name, []).append(value)
+        return {name: sum(v) / len(v) for name, v in sorted(merged.items())}
 
     @property
     def _reward_key(self) -> str:
