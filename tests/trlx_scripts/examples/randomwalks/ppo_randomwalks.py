@@ -1,6 +1,11 @@
-import trlx
+# trlx 0.7's examples/randomwalks/ppo_randomwalks.py (CarperAI/trlx@3340c2f, MIT licence) on rlora: the lines
+# changed as the README's "Coming from trlx" says carry a `# rlora:` comment. Its hub model
+# CarperAI/randomwalks: `rlora fetch randomwalks` builds the stand-in for the graph main draws (train.seed
+# 1000) and prints its directory (~/.cache/rlora/models/randomwalks); pass it as hparams, as the tests do:
+#   python -m examples.randomwalks.ppo_randomwalks '{"model.model_path": DIR, "tokenizer.tokenizer_path": DIR}'
+import rlora.trlx as trlx  # rlora: was `import trlx`
 from examples.randomwalks import generate_random_walks
-from trlx.data.default_configs import (
+from rlora.trlx.data.default_configs import (  # rlora: was `from trlx.data.default_configs`
     ModelConfig,
     OptimizerConfig,
     PPOConfig,
