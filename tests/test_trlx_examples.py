@@ -132,3 +132,160 @@ def test_ppo_randomwalks_learns_on_the_fetched_stand_in(trlx_examples, tmp_path,
     # the SFT model imitates random walks, most of which miss the shortest path, so it starts low;
     # on a stand-in for another graph (the demo's, seed 1002) the optimality stayed at its first value
     assert optimality[0] < 0.6 and optimality[-1] > 0.8 and optimality[-1] > optimality[0] + 0.3, optimality
+
+
+# ---------------------------------------------------------------------------------------------
+# sentiments: the hub's classifier and IMDB stand in as a tiny local classifier and dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def save_tiny(path, model_class, tokenizer, layers: int = 2, **attributes) -> str:
+    """A tiny random GPT-2 `model_class` (config `attributes` set) saved with `tokenizer` in `path`."""
+    import torch
+
+    from rlora.tiny import tiny_config
+
+    config = tiny_config("gpt2", vocab_size=len(tokenizer), layers=layers)
+    for name, value in attributes.items():
+        setattr(config, name, value)
+    torch.manual_seed(1234)
+    model_class(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def char_policy(tmp_path_factory, tokenizer):
+    """A tiny GPT-2 of 3 blocks, so that trlx's default `num_layers_unfrozen: 2` leaves one block
+    frozen below the hydra branch."""
+    from transformers import GPT2LMHeadModel
+
+    return save_tiny(tmp_path_factory.mktemp("policy"), GPT2LMHeadModel, tokenizer, layers=3)
+
+
+@pytest.fixture(scope="module")
+def sentiment_classifier(tmp_path_factory, tokenizer):
+    """A tiny random sequence classifier labelled as lvwerra/distilbert-imdb is (NEGATIVE,
+    POSITIVE): what `pipeline("sentiment-analysis", ...)` loads."""
+    from transformers import GPT2ForSequenceClassification
+
+    return save_tiny(tmp_path_factory.mktemp("sentiment-classifier"), GPT2ForSequenceClassification, tokenizer,
+                     id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+
+
+def write_dataset(path, splits: dict[str, list[dict]]) -> str:
+    """A local dataset directory that `load_dataset(path)` reads: one JSON-lines file per split."""
+    path.mkdir()
+    for split, rows in splits.items():
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture
+def local_hub(monkeypatch, tmp_path):
+    """Datasets load offline and cache under `tmp_path`; hub names that are not redirected fail fast."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def imdb(tmp_path):
+    """IMDB's `text` column, as rlora's review openings (train and test split, as IMDB's)."""
+    from rlora.tasks.sentiment import openings
+
+    reviews = [{"text": text} for text in openings()[:24]]
+    return write_dataset(tmp_path / "imdb", {"train": reviews[:16], "test": reviews[16:]})
+
+
+# 8 rollouts a phase, 2 phases; chunk_size stays trlx's 128, so the script's 256 eval prompts take 2 batches
+SENTIMENT_HPARAMS = {"train.seq_length": 64, "train.batch_size": 8, "train.total_steps": 2, "method.num_rollouts": 8,
+                     "method.ppo_epochs": 1, "method.gen_kwargs.max_new_tokens": 6}
+
+
+@pytest.mark.parametrize("script", ["ppo_sentiments", "ppo_sentiments_peft"])
+def test_ppo_sentiments_runs(trlx_examples, local_hub, sentiment_classifier, imdb, char_policy, tmp_path, monkeypatch,
+                             script):
+    import importlib
+
+    from rlora.tasks.sentiment import openings
+
+    monkeypatch.setenv("SENTIMENT_MODEL", sentiment_classifier)
+    monkeypatch.setenv("IMDB_DATASET", imdb)
+    module = importlib.import_module(f"examples.{script}")
+    module.main({**local_model(char_policy), **SENTIMENT_HPARAMS, "train.run_dir": str(tmp_path)})
+    (trainer,) = trlx_examples
+    assert trainer.step == 2
+    assert {p.prompt for p in trainer.prompts} == {" ".join(text.split()[:4]) for text in openings()[:24]}
+    scores = [r["rollout_scores/mean"] for r in trainer.history if "rollout_scores/mean" in r]
+    assert scores and all(0.0 < s < 1.0 for s in scores)  # the classifier's POSITIVE probability
+    config = trainer.config
+    assert (config.train.project_name, config.method.init_kl_coef, config.model.num_layers_unfrozen) == \
+        ("trlx", 0.001, 2)  # default_ppo_config's
+    if script == "ppo_sentiments_peft":
+        peft_config = trainer.policy.lm.peft_config["default"]
+        assert (peft_config.r, peft_config.lora_alpha, peft_config.lora_dropout) == (8, 32, 0.1)
+    else:
+        assert config.model.peft_config is None  # trlx's hydra: the top 2 blocks train, the rest are frozen
+
+
+# ---------------------------------------------------------------------------------------------
+# hh: GPT-J, its reward model and Anthropic's HH stand in as tiny local models and a few dialogues
+# ---------------------------------------------------------------------------------------------
+
+HH_ROWS = [
+    ("How do I keep basil alive indoors?", "Give it a sunny window and water it when the soil feels dry."),
+    ("What is a good first programming language?", "Python is a friendly start: its syntax is short and clear."),
+    ("Can you suggest a quick breakfast?", "Oatmeal with fruit takes five minutes and keeps you full."),
+    ("How far away is the moon?", "About 384,000 kilometres on average."),
+    ("Why is the sky blue?", "Air scatters blue light more than red, so the sky looks blue."),
+    ("How do I fall asleep faster?", "Keep a regular bedtime and put screens away an hour before."),
+]
+
+
+@pytest.fixture
+def hh(tmp_path, gpt2_bpe_dir, monkeypatch):
+    """The hub pieces of ppo_hh.py as local stand-ins, in the environment the script reads: a
+    tiny GPT-2 (GPT-2's tokenizer, 3 blocks) as the policy and the reward model's base, a
+    checkpoint of the reward head, and Dahoas/rm-static's columns. Returns the policy's path."""
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    bpe = AutoTokenizer.from_pretrained(gpt2_bpe_dir, model_max_length=1024)  # as the hub's "gpt2"
+    bpe.save_pretrained(tmp_path / "gpt2")
+    policy = save_tiny(tmp_path / "policy", GPT2LMHeadModel, bpe, layers=3, pad_token_id=None,
+                       bos_token_id=bpe.bos_token_id, eos_token_id=bpe.eos_token_id)
+    checkpoint = tmp_path / "rm-checkpoint"
+    checkpoint.mkdir()
+    torch.manual_seed(0)
+    torch.save({"v_head.weight": torch.randn(1, 32)}, checkpoint / "pytorch_model.bin")
+    rows = [{"prompt": f"\n\nHuman: {question}\n\nAssistant:", "chosen": f" {answer}"} for question, answer in HH_ROWS]
+    for name, value in (("REWARD_BASE_MODEL", policy), ("REWARD_TOKENIZER", str(tmp_path / "gpt2")),
+                        ("REWARD_CHECKPOINT_DIR", str(checkpoint)),
+                        ("HH_DATASET", write_dataset(tmp_path / "rm-static", {"train": rows[:4], "test": rows[4:]}))):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TRITON_HOST", raising=False)
+    monkeypatch.delenv("CONFIG_NAME", raising=False)
+    return policy
+
+
+def test_ppo_hh_runs(trlx_examples, local_hub, hh, tmp_path):
+    from examples.hh import ppo_hh
+
+    hparams = {**local_model(hh), "train.seq_length": 48, "train.total_steps": 2, "train.run_dir": str(tmp_path),
+               "method.num_rollouts": 8, "method.chunk_size": 8, "method.ppo_epochs": 1,
+               "method.gen_kwargs.max_new_tokens": 8}
+    ppo_hh.main(hparams)
+    (trainer,) = trlx_examples
+    assert trainer.step == 2
+    config = trainer.config
+    assert (config.train.batch_size, config.method.scale_reward, config.method.target, config.tokenizer.truncation_side,
+            config.train.checkpoint_dir) == (4, "running", 6.0, "left", "checkpoints/ppo_hh")  # the script's own
+    # each prompt's `original_output` (the chosen answer) reached the reward, which is the reward
+    # model's score of the sample minus its score of the chosen answer: finite, and not all zero
+    scores = [r["rollout_scores/mean"] for r in trainer.history if "rollout_scores/mean" in r]
+    assert scores and all(abs(s) < 100 for s in scores) and any(s != 0 for s in scores)
+    assert os.path.isdir(os.path.join(str(tmp_path), "checkpoints", "ppo_hh"))

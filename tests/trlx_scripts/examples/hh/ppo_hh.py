@@ -1,3 +1,8 @@
+# trlx 0.7's examples/hh/ppo_hh.py (CarperAI/trlx@3340c2f, MIT licence) on rlora: the lines changed as
+# the README's "Coming from trlx" says carry a `# rlora:` comment. Offline, point the hub names at local
+# copies: the policy with hparams (model.model_path, tokenizer.tokenizer_path), the reward model's base,
+# tokenizer and checkpoint with $REWARD_BASE_MODEL, $REWARD_TOKENIZER and $REWARD_CHECKPOINT_DIR, the
+# dataset with $HH_DATASET (the tests use tiny stand-ins).
 import json
 import math
 import os
@@ -6,15 +11,19 @@ from itertools import islice
 
 import numpy as np
 import torch
-import tritonclient.grpc as client_util
 from datasets import load_dataset
 from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from tritonclient.utils import np_to_triton_dtype
 
-import trlx
-from trlx.data.default_configs import (
+try:  # rlora: tritonclient is used only with $TRITON_HOST, and is not installed here
+    import tritonclient.grpc as client_util
+    from tritonclient.utils import np_to_triton_dtype
+except ImportError:
+    client_util = np_to_triton_dtype = None
+
+import rlora.trlx as trlx  # rlora: was `import trlx`
+from rlora.trlx.data.default_configs import (  # rlora: was `from trlx.data.default_configs`
     ModelConfig,
     OptimizerConfig,
     PPOConfig,
@@ -113,7 +122,7 @@ def prepare_tensor(name: str, input):
 
 
 def create_reward_fn():  # noqa:  C901
-    reward_tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    reward_tokenizer = AutoTokenizer.from_pretrained(os.environ.get("REWARD_TOKENIZER", "gpt2"))  # rlora: or local
     reward_tokenizer.pad_token = reward_tokenizer.eos_token
     reward_tokenizer.truncation_side = "left"
     triton_host = os.environ.get("TRITON_HOST")
@@ -155,8 +164,12 @@ def create_reward_fn():  # noqa:  C901
                 returns = torch.gather(rewards, 1, ends).squeeze(-1)
                 return returns
 
-        reward_model = RewardModel("EleutherAI/gpt-j-6B", reward_tokenizer.eos_token_id)
-        directory = snapshot_download("Dahoas/gptj-rm-static", revision="676bfd4d")
+        reward_model = RewardModel(  # rlora: the hub's GPT-J, or a local model
+            os.environ.get("REWARD_BASE_MODEL", "EleutherAI/gpt-j-6B"), reward_tokenizer.eos_token_id
+        )
+        directory = os.environ.get("REWARD_CHECKPOINT_DIR") or snapshot_download(  # rlora: or a local checkpoint
+            "Dahoas/gptj-rm-static", revision="676bfd4d"
+        )
         for fpath in os.listdir(directory):
             if fpath.endswith(".pt") or fpath.endswith(".bin"):
                 checkpoint = os.path.join(directory, fpath)
@@ -165,7 +178,7 @@ def create_reward_fn():  # noqa:  C901
         reward_model.load_state_dict(torch.load(checkpoint), strict=False)
         reward_model.eval()
         reward_model.requires_grad_(False)
-        reward_device = torch.cuda.device_count() - 1
+        reward_device = torch.cuda.device_count() - 1 if torch.cuda.is_available() else "cpu"  # rlora: or the CPU
         reward_model = reward_model.half().to(reward_device)
         reward_batch_size = 48
         delta_reward = True
@@ -208,7 +221,7 @@ def create_reward_fn():  # noqa:  C901
 def main(hparams={}):
     config = TRLConfig.update(default_config, hparams)
 
-    dataset = load_dataset("Dahoas/rm-static")
+    dataset = load_dataset(os.environ.get("HH_DATASET", "Dahoas/rm-static"))  # rlora: the hub's, or local
     prompts = [{"prompt": x["prompt"], "original_output": x["chosen"]} for x in dataset["train"]]
     eval_prompts = [{"prompt": x["prompt"], "original_output": x["chosen"]} for x in islice(dataset["test"], 280)]
     reward_fn = create_reward_fn()
