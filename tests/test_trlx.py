@@ -189,3 +189,67 @@ def test_ilql_and_sft_defaults_say_what_to_use(fn):
 def test_section_classes_are_rlora_s():
     assert ModelConfig is rlora.config.ModelConfig and PPOConfig is rlora.config.PPOConfig
     assert issubclass(trlx_configs.TrainConfig, rlora.config.TrainConfig)
+
+
+# Every name trlx 0.7's examples import from trlx's modules (examples/**/*.py at 3340c2f).
+TRLX_EXAMPLE_IMPORTS = [
+    ("data.configs", "ModelConfig"), ("data.configs", "OptimizerConfig"), ("data.configs", "SchedulerConfig"),
+    ("data.configs", "TokenizerConfig"), ("data.configs", "TrainConfig"), ("data.configs", "TRLConfig"),
+    ("data.default_configs", "ModelConfig"), ("data.default_configs", "OptimizerConfig"),
+    ("data.default_configs", "PPOConfig"), ("data.default_configs", "SchedulerConfig"),
+    ("data.default_configs", "TokenizerConfig"), ("data.default_configs", "TrainConfig"),
+    ("data.default_configs", "TRLConfig"), ("data.default_configs", "default_ppo_config"),
+    ("data.default_configs", "ILQLConfig"), ("data.default_configs", "SFTConfig"),
+    ("data.default_configs", "default_ilql_config"), ("data.default_configs", "default_sft_config"),
+    ("data.default_configs", "default_nemo_1_3b_config"), ("data.default_configs", "default_nemo_2b_config"),
+    ("data.default_configs", "default_nemo_20b_config"),
+    ("models.modeling_ppo", "PPOConfig"), ("models.modeling_ilql", "ILQLConfig"),
+    ("trainer.accelerate_rft_trainer", "RFTConfig"), ("trainer.accelerate_sft_trainer", "SFTConfig"),
+    ("trainer.nemo_ppo_trainer", "PPOGPT"), ("trainer.nemo_ppo_trainer", "megatron_trainer"),
+    ("trainer.nemo_ilql_trainer", "ILQLGPT"), ("trainer.nemo_ilql_trainer", "megatron_trainer"),
+]
+
+
+@pytest.mark.parametrize("module, name", TRLX_EXAMPLE_IMPORTS, ids=[f"{m}.{n}" for m, n in TRLX_EXAMPLE_IMPORTS])
+def test_every_name_trlx_examples_import_is_importable(module, name):
+    import importlib
+
+    assert hasattr(importlib.import_module(f"rlora.trlx.{module}"), name)
+
+
+def test_modeling_ppo_config_is_rlora_s():
+    from rlora.trlx.models.modeling_ppo import PPOConfig as ModelingPPOConfig
+
+    assert ModelingPPOConfig is rlora.config.PPOConfig
+    config = TRLConfig(method=ModelingPPOConfig(name="PPOConfig", num_rollouts=8, chunk_size=8, ppo_epochs=1,
+                                                init_kl_coef=0.01, target=None, horizon=10000, gamma=1, lam=0.95,
+                                                cliprange=0.2, cliprange_value=0.2, vf_coef=1,
+                                                scale_reward="ignored", ref_mean=None, ref_std=None,
+                                                cliprange_reward=10, gen_kwargs=dict(max_new_tokens=8)))
+    config.model.model_path = "some/model"
+    load_config(config)
+
+
+REFUSED = [
+    ("data.default_configs", "ILQLConfig", "ILQLConfig: rlora implements online PPO only, not trlx's ILQL.*rlora rm"),
+    ("models.modeling_ilql", "ILQLConfig", "ILQLConfig: rlora implements online PPO only"),
+    ("trainer.accelerate_rft_trainer", "RFTConfig", "RFTConfig: .*rejection.*GRPOConfig"),
+    ("trainer.accelerate_sft_trainer", "SFTConfig", "SFTConfig: .*rlora sft"),
+    ("data.default_configs", "SFTConfig", "SFTConfig: .*rlora sft"),
+    ("data.default_configs", "default_nemo_20b_config", "default_nemo_20b_config: .*NeMo.*default_ppo_config"),
+    ("data.default_configs", "default_nemo_2b_config", "default_nemo_2b_config: .*NeMo"),
+    ("data.default_configs", "default_nemo_1_3b_config", "default_nemo_1_3b_config: .*NeMo"),
+    ("trainer.nemo_ppo_trainer", "PPOGPT", "PPOGPT: .*NeMo"),
+    ("trainer.nemo_ppo_trainer", "megatron_trainer", "megatron_trainer: .*NeMo"),
+    ("trainer.nemo_ilql_trainer", "ILQLGPT", "ILQLGPT: .*NeMo"),
+]
+
+
+@pytest.mark.parametrize("module, name, message", REFUSED, ids=[f"{m}.{n}" for m, n, _ in REFUSED])
+def test_unsupported_trlx_names_refuse_at_use_with_the_reason(module, name, message):
+    import importlib
+
+    refused = getattr(importlib.import_module(f"rlora.trlx.{module}"), name)
+    with pytest.raises(NotImplementedError, match=message):
+        refused(name="ilqlconfig", tau=0.7)  # as trlx's examples call them, keywords and all
+    assert refused.__doc__.startswith("Not available: ")

@@ -24,41 +24,6 @@ def load_script(name: str):
     return module
 
 
-def test_randomwalks_script_trains(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("RANDOMWALKS_MODEL", tiny_model_dir("gpt2"))
-    monkeypatch.setattr(trlx_api, "_wandb_installed", lambda: False)  # the script keeps trlx's tracker: wandb
-    script = load_script("ppo_randomwalks")
-    hparams = json.dumps({"train.total_steps": 2, "train.batch_size": 8, "method.num_rollouts": 16,
-                          "method.chunk_size": 16, "method.ppo_epochs": 1, "train.run_dir": str(tmp_path)})
-    with pytest.warns(UserWarning, match="wandb is not installed"):
-        trainer = script.main(json.loads(hparams))
-    config = trainer.config
-    assert trainer.step == 2 and config.train.tracker is None
-    # the script's own values, kept through TRLConfig.update
-    assert (config.train.seq_length, config.method.vf_coef, config.method.cliprange_reward, config.method.init_kl_coef,
-            config.optimizer.kwargs["lr"], config.scheduler.kwargs["T_max"]) == (10, 1.2, 1.0, 0.0, 3e-4, 10000)
-    assert script.default_config.train.batch_size == 100  # update() left the module's config alone
-    evals = [r for r in trainer.history if "metrics/optimality" in r]
-    assert len(evals) == 2 and all(0.0 <= r["metrics/optimality"] <= 1.0 for r in evals)  # baseline and final
-    assert "reward/mean" in evals[-1]
-
-
-def test_peft_sentiment_script_trains(tiny_model_dir, tmp_path, monkeypatch):
-    model = tiny_model_dir("gpt2")
-    monkeypatch.setattr(trlx_api, "_wandb_installed", lambda: False)
-    script = load_script("ppo_sentiments_peft")
-    hparams = {"model.model_path": model, "tokenizer.tokenizer_path": model, "train.seq_length": 32,
-               "train.batch_size": 8, "train.total_steps": 2, "train.run_dir": str(tmp_path),
-               "method.num_rollouts": 8, "method.chunk_size": 8, "method.ppo_epochs": 2,
-               "method.gen_kwargs.max_new_tokens": 6}
-    with pytest.warns(UserWarning, match="num_layers_unfrozen"):  # trlx's default 2, beside a LoRA adapter
-        trainer = script.main(hparams)
-    assert trainer.step == 2
-    peft_config = trainer.policy.lm.peft_config["default"]
-    assert (peft_config.r, peft_config.lora_alpha, peft_config.lora_dropout) == (8, 32, 0.1)
-    assert (trainer.config.train.project_name, trainer.config.method.init_kl_coef) == ("trlx", 0.001)
-
-
 def test_trlx_yaml_with_every_section_trains(tiny_model_dir, tmp_path, monkeypatch):
     wandb_init = {}
 

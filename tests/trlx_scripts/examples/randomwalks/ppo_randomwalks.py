@@ -1,10 +1,11 @@
-# trlx's randomwalks PPO example, written against trlx's documented API; the only changes from a
-# trlx script are the two imports of rlora.trlx and a local model in place of the hub name.
-import os
-
-import rlora.trlx as trlx
-from rlora.tasks.randomwalks import make_task
-from rlora.trlx.data.default_configs import (
+# trlx 0.7's examples/randomwalks/ppo_randomwalks.py (CarperAI/trlx@3340c2f, MIT licence) on rlora: the lines
+# changed as the README's "Coming from trlx" says carry a `# rlora:` comment. Its hub model
+# CarperAI/randomwalks: `rlora fetch randomwalks` builds the stand-in for the graph main draws (train.seed
+# 1000) and prints its directory (~/.cache/rlora/models/randomwalks); pass it as hparams, as the tests do:
+#   python -m examples.randomwalks.ppo_randomwalks '{"model.model_path": DIR, "tokenizer.tokenizer_path": DIR}'
+import rlora.trlx as trlx  # rlora: was `import trlx`
+from examples.randomwalks import generate_random_walks
+from rlora.trlx.data.default_configs import (  # rlora: was `from trlx.data.default_configs`
     ModelConfig,
     OptimizerConfig,
     PPOConfig,
@@ -13,15 +14,6 @@ from rlora.trlx.data.default_configs import (
     TrainConfig,
     TRLConfig,
 )
-
-MODEL_PATH = os.environ.get("RANDOMWALKS_MODEL", "CarperAI/randomwalks")
-
-
-def generate_random_walks(seed=1002):
-    """(metric_fn, prompts, walks) of the randomwalks task, as trlx's examples module returns."""
-    task = make_task(seed=seed)
-    return task.metric_fn, task.prompts, task.walks
-
 
 default_config = TRLConfig(
     train=TrainConfig(
@@ -34,8 +26,8 @@ default_config = TRLConfig(
         pipeline="PromptPipeline",
         trainer="AcceleratePPOTrainer",
     ),
-    model=ModelConfig(model_path=MODEL_PATH, num_layers_unfrozen=-1),
-    tokenizer=TokenizerConfig(tokenizer_path=MODEL_PATH, truncation_side="right"),
+    model=ModelConfig(model_path="CarperAI/randomwalks", num_layers_unfrozen=-1),
+    tokenizer=TokenizerConfig(tokenizer_path="CarperAI/randomwalks", truncation_side="right"),
     optimizer=OptimizerConfig(name="adamw", kwargs=dict(lr=3.0e-4, betas=(0.9, 0.95), eps=1.0e-8, weight_decay=1.0e-6)),
     scheduler=SchedulerConfig(name="cosine_annealing", kwargs=dict(T_max=10000, eta_min=3.0e-4)),
     method=PPOConfig(
@@ -55,7 +47,12 @@ default_config = TRLConfig(
         ref_mean=None,
         ref_std=None,
         cliprange_reward=1,
-        gen_kwargs=dict(max_new_tokens=9, top_k=0, top_p=1.0, do_sample=True),
+        gen_kwargs=dict(
+            max_new_tokens=9,
+            top_k=0,
+            top_p=1.0,
+            do_sample=True,
+        ),
     ),
 )
 
@@ -64,8 +61,12 @@ def main(hparams={}):
     config = TRLConfig.update(default_config, hparams)
     metric_fn, prompts, *_ = generate_random_walks(seed=config.train.seed)
 
-    return trlx.train(
+    trlx.train(
+        # An "optimality" reward function is used, with scores in [0,1]
+        # depending on how close the path is to the shortest possible path.
         reward_fn=lambda samples, **kwargs: metric_fn(samples)["optimality"],
+        # The prompts are simply the first nodes (represented as letters) to
+        # start from.
         prompts=prompts,
         eval_prompts=prompts,
         metric_fn=lambda samples, **kwargs: metric_fn(samples),

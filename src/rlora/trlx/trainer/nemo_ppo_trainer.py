@@ -1,0 +1,8 @@
+"""trlx's `trlx.trainer.nemo_ppo_trainer`: its names import, and refuse when used (`unsupported.NEMO`)."""
+
+from rlora.trlx.unsupported import NEMO, refused_class, refused_function
+
+PPOGPT = refused_class("PPOGPT", NEMO, __name__)
+megatron_trainer = refused_function("megatron_trainer", NEMO, __name__)
+
+__all__ = ["PPOGPT", "megatron_trainer"]

@@ -1,0 +1,1 @@
+from .randomwalks import generate_random_walks
