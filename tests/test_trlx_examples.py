@@ -289,3 +289,62 @@ def test_ppo_hh_runs(trlx_examples, local_hub, hh, tmp_path):
     scores = [r["rollout_scores/mean"] for r in trainer.history if "rollout_scores/mean" in r]
     assert scores and all(abs(s) < 100 for s in scores) and any(s != 0 for s in scores)
     assert os.path.isdir(os.path.join(str(tmp_path), "checkpoints", "ppo_hh"))
+
+
+# ---------------------------------------------------------------------------------------------
+# dense_sentiments: trlx's per-token rewards over tokenizer(output), on a real BPE vocabulary
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bpe_policy(tmp_path_factory, gpt2_bpe_dir):
+    """A tiny random GPT-2 of 3 blocks on GPT-2's real BPE vocabulary: its samples often split words
+    as the tokenizer would not, so re-tokenizing an output gives other tokens than were sampled."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_bpe_dir)
+    return save_tiny(tmp_path_factory.mktemp("bpe-policy"), GPT2LMHeadModel, tokenizer, layers=3, pad_token_id=None,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+@pytest.fixture(scope="module")
+def short_classifier(tmp_path_factory):
+    """The sentiment classifier, its tokenizer truncating at the model's 128 positions (a BPE
+    policy's 16 new tokens are often more characters than that) and opening each text with a BOS,
+    as distilbert's opens it with [CLS]: trlx's dense reward classifies the text before a sample's
+    middle '.', empty when it has none."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import GPT2ForSequenceClassification
+
+    from rlora.tiny import BOS, char_tokenizer
+
+    tokenizer = char_tokenizer(model_max_length=128)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, tokenizer.bos_token_id)])
+    return save_tiny(tmp_path_factory.mktemp("short-classifier"), GPT2ForSequenceClassification, tokenizer,
+                     id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+
+
+def test_ppo_dense_sentiments_runs_with_rewards_over_the_retokenized_output(
+        trlx_examples, local_hub, short_classifier, imdb, bpe_policy, tmp_path, monkeypatch):
+    import importlib
+
+    from rlora.rollout import reward_fns
+
+    monkeypatch.setenv("SENTIMENT_MODEL", short_classifier)
+    monkeypatch.setenv("IMDB_DATASET", imdb)
+    placed = []
+
+    def spy(*args, real=reward_fns.place_by_character, **kwargs):
+        placed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reward_fns, "place_by_character", spy)
+    module = importlib.import_module("examples.ppo_dense_sentiments")
+    hparams = {**SENTIMENT_HPARAMS, "method.gen_kwargs.max_new_tokens": 16, "train.total_steps": 4}
+    module.main({**local_model(bpe_policy), **hparams, "train.run_dir": str(tmp_path)})
+    (trainer,) = trlx_examples
+    assert trainer.step == 4
+    assert placed  # some samples' scores were over re-tokenized outputs, and were placed by character
+    scores = [r["rollout_scores/mean"] for r in trainer.history if "rollout_scores/mean" in r]
+    assert scores and all(0.0 <= s <= 2.0 for s in scores)  # two classifier probabilities a sample at most

@@ -1,3 +1,9 @@
+# trlx 0.7's examples/ppo_dense_sentiments.py (CarperAI/trlx@3340c2f, MIT licence) on rlora: the
+# lines changed as the README's "Coming from trlx" says carry a `# rlora:` comment. Offline, point the
+# hub names at local copies: the policy with hparams (model.model_path, tokenizer.tokenizer_path),
+# the sentiment classifier and the IMDB dataset with $SENTIMENT_MODEL and $IMDB_DATASET. Its reward
+# gives one score per token of tokenizer(output), as trlx's contract had it: rlora places each on the
+# sampled token that ends at the same character.
 # Generates positive movie reviews by tuning a pretrained model on IMDB dataset
 # with a sentiment reward function
 import json
@@ -9,8 +15,8 @@ import torch
 from datasets import load_dataset
 from transformers import pipeline
 
-import trlx
-from trlx.data.default_configs import TRLConfig, default_ppo_config
+import rlora.trlx as trlx  # rlora: was `import trlx`
+from rlora.trlx.data.default_configs import TRLConfig, default_ppo_config  # rlora: was `from trlx.data...`
 
 
 def get_positive_score(scores):
@@ -33,7 +39,7 @@ def main(hparams={}):
 
     sentiment_fn = pipeline(
         "sentiment-analysis",
-        "lvwerra/distilbert-imdb",
+        os.environ.get("SENTIMENT_MODEL", "lvwerra/distilbert-imdb"),  # rlora: the hub classifier, or a local one
         top_k=2,
         truncation=True,
         batch_size=256,
@@ -59,7 +65,7 @@ def main(hparams={}):
         return tok_scores
 
     # Take few words off of movies reviews as prompts
-    imdb = load_dataset("imdb", split="train+test")
+    imdb = load_dataset(os.environ.get("IMDB_DATASET", "imdb"), split="train+test")  # rlora: the hub's, or local
     prompts = [" ".join(review.split()[:4]) for review in imdb["text"]]
 
     trlx.train(
