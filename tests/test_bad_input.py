@@ -83,7 +83,7 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tiny_model_dir, tmp_
     trainer.save(path)
     before = {name: open(os.path.join(path, name), "rb").read() for name in ("trainer_state.json",
                                                                              "value_head.safetensors")}
-    trainer.step = 99
+    trainer.state.step = 99
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -136,7 +136,7 @@ def test_checkpoint_with_a_pickled_object_is_refused_not_run(tiny_model_dir, tmp
 
 
 def test_non_finite_step_is_skipped_then_repeated_ones_abort(tiny_model_dir, tmp_path, monkeypatch):
-    import rlora.methods as trainer_module
+    import rlora.methods.ppo as trainer_module
 
     real = trainer_module.policy_loss
     calls = {"n": 0}

@@ -163,7 +163,7 @@ def perturbed_checkpoint(tiny_model_dir, tmp_path, support_module):
         with torch.no_grad():
             for p in trainer.policy.trainable_parameters():
                 p.add_(torch.randn_like(p))
-        return config, checkpoint.save(trainer, str(tmp_path / "ckpt")), trained(trainer.policy)
+        return config, trainer.save(str(tmp_path / "ckpt")), trained(trainer.policy)
 
     return make
 

@@ -53,7 +53,7 @@ WORKER = textwrap.dedent('''
         rewards = torch.tensor([0.0, 1.0, 0.5, 0.2, 2.0, 1.0, 3.0, 0.0])
         share = n // world
         mine = exp.select(torch.arange(rank * share, (rank + 1) * share))
-        mine.advantages, _ = trainer._group_advantages(mine, rewards)
+        trainer.method.advantages(mine, rewards, rewards, trainer.state, trainer.dist)  # fills mine.advantages
         save_file({"advantages": mine.advantages.contiguous()}, os.path.join(out, f"advantages_rank{rank}.safetensors"))
         policy.eval()
         trainer.train_step(mine, torch.arange(share))

@@ -36,7 +36,9 @@ METHODS = {
     "dapo": {"loss_type": "dapo", "epsilon_high": 0.28, "dynamic_sampling": True},
     "rloo": {"advantage_estimator": "rloo", "loss_type": "grpo"},
     "reinforce++": {"advantage_estimator": "reinforce++_baseline"},
-    "gspo": {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4, "ppo_epochs": 2},
+    "gspo": {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4, "ppo_epochs": 2,
+             "loss_type": "grpo"},
+    "cispo": {"loss_type": "cispo", "epsilon_high": 5.0, "ppo_epochs": 2},
 }
 
 

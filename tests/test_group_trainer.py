@@ -10,7 +10,7 @@ import torch
 
 import rlora
 import rlora.api
-from rlora import trainer as trainer_module
+from rlora.methods import group as group_module
 from rlora.config import load_config
 from rlora.models import build_policy, load_tokenizer
 from rlora.rollout.prompts import normalize_prompts
@@ -36,11 +36,11 @@ def spy_forward(monkeypatch):
     """Record the flags of every pass over responses the trainer makes (shared-prefix or not)."""
     calls = []
     for name in ("forward_responses", "forward_group_responses"):
-        def spy(*args, real=getattr(trainer_module, name), **kwargs):
+        def spy(*args, real=getattr(group_module, name), **kwargs):
             calls.append({k: kwargs.get(k, d) for k, d in (("with_policy", True), ("with_reference", False))})
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(trainer_module, name, spy)
+        monkeypatch.setattr(group_module, name, spy)
     return calls
 
 
@@ -66,7 +66,7 @@ def test_only_the_passes_the_method_needs_run(tiny_model_dir, tmp_path, monkeypa
     assert len(policy_only) == 2 * epochs + (2 if old_pass and beta == 0 else 0)
     assert len(calls) == 2 * epochs + 2 * passes
     assert trainer.policy.value_head is None
-    assert trainer.passes.reference == (beta > 0) and trainer.passes.old_logprobs == old_pass
+    assert trainer.method.passes.reference == (beta > 0) and trainer.method.passes.old_logprobs == old_pass
 
 
 def test_ratio_is_one_at_the_first_minibatch_and_moves_after(tiny_model_dir, tmp_path):
@@ -82,7 +82,7 @@ def test_one_step_a_phase_has_ratio_exactly_one_and_still_learns_a_gradient(tiny
     config = tiny_group_config(tiny_model_dir("gpt2"), str(tmp_path), method={"ppo_epochs": 1},
                                train={"total_steps": 2, "batch_size": 16})
     trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
-    assert not trainer.passes.old_logprobs
+    assert not trainer.method.passes.old_logprobs
     assert steps_of(trainer, "policy/ratio_mean") == [1.0, 1.0]
     lora_b = [p for n, p in trainer.policy.named_parameters() if "lora_B" in n]
     assert any(p.abs().max() > 0 for p in lora_b)  # lora_B starts at zero: it moved
@@ -94,7 +94,7 @@ def test_later_steps_of_a_one_epoch_phase_see_the_moved_policy(tiny_model_dir, t
                                train={"total_steps": 4, "batch_size": 8})
     trainer = rlora.train(count_s, PROMPTS, config=config, verbose=False)
     ratio = steps_of(trainer, "policy/ratio_mean")
-    assert trainer.passes.old_logprobs
+    assert trainer.method.passes.old_logprobs
     assert abs(ratio[0] - 1) < 1e-6 and abs(ratio[2] - 1) < 1e-6
     assert abs(ratio[1] - 1) > 1e-5 and abs(ratio[3] - 1) > 1e-5
 
@@ -200,7 +200,7 @@ def test_truncated_completions_can_be_left_out_of_the_loss(tiny_model_dir, tmp_p
                                        "gen_kwargs": {"max_new_tokens": 2, "do_sample": True}})
     trainer = rlora.build_trainer(count_s, PROMPTS, config=config, verbose=False)
     scored, stats = trainer._collect()
-    exp = trainer._score_experience(scored.rollouts, torch.arange(16))
+    exp = trainer._rollout_pass(scored.rollouts, torch.arange(16))
     truncated = scored.rollouts.truncated
     assert truncated.any()
     assert not exp.loss_mask[truncated].any()
@@ -242,9 +242,9 @@ def test_dynamic_sampling_keeps_only_groups_that_differ_and_discards_the_surplus
     surplus = drawn - stats["dynamic_sampling/dropped_groups"] - 4
     assert surplus > 0 and stats["dynamic_sampling/discarded_groups"] == surplus
     # the surplus was sampled by this phase's policy: the next phase draws afresh, nothing carried over
-    prompts_before = trainer.loader.state_dict()
+    prompts_before = trainer.state.loader.state_dict()
     again, again_stats = trainer._collect()
-    assert trainer.loader.state_dict() != prompts_before and again_stats["dynamic_sampling/draws"] >= 2
+    assert trainer.state.loader.state_dict() != prompts_before and again_stats["dynamic_sampling/draws"] >= 2
 
 
 @pytest.mark.parametrize("reward", [0.5, 0.1, 1 / 3], ids=["half", "tenth", "third"])
@@ -371,10 +371,10 @@ def test_bf16_mixed_precision_is_a_setting_and_scores_in_the_policy_precision(ti
     trainer = rlora.build_trainer(count_s, PROMPTS, config=config, verbose=False)
     assert trainer.accelerator.mixed_precision == "bf16"
     scored, _ = trainer._collect()
-    exp = trainer._score_experience(scored.rollouts, torch.arange(16))
+    exp = trainer._rollout_pass(scored.rollouts, torch.arange(16))
     mask = exp.response_mask
     # LoRA starts at the base: the reference pass (adapter off) equals the policy's under the same autocast
-    assert trainer.passes.old_logprobs and trainer.passes.reference  # two epochs, beta > 0
+    assert trainer.method.passes.old_logprobs and trainer.method.passes.reference  # two epochs, beta > 0
     assert torch.equal(exp.ref_logprobs[mask], exp.logprobs[mask])
     try:
         trainer.learn()
@@ -390,13 +390,13 @@ def test_the_shared_prefix_update_runs_under_bf16_autocast_too(tiny_model_dir, t
     config = tiny_group_config(tiny_model_dir("llama"), str(tmp_path), train={"mixed_precision": "bf16"})
     trainer = rlora.build_trainer(count_s, PROMPTS, config=config, verbose=False)
     seen = []
-    real = trainer_module.forward_group_responses
+    real = group_module.forward_group_responses
 
     def spy(*args, **kwargs):
         seen.append(torch.is_autocast_enabled("cpu"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "forward_group_responses", spy)
+    monkeypatch.setattr(group_module, "forward_group_responses", spy)
     try:
         trainer.train_step(uneven_experience(), torch.arange(8))
     finally:

@@ -55,7 +55,7 @@ def test_chat_prompts_are_rendered_exactly_as_apply_chat_template(smollm2, tmp_p
 @torch.no_grad()
 def test_reference_is_the_base_bitwise_and_sampling_is_scoring(smollm2, tmp_path, recorded_sampling):
     trainer = build(smollm2, str(tmp_path), lora={**LORA, "init_lora_weights": False})  # an adapter that acts
-    rollouts = trainer._generate(list(range(8)), trainer.config.method.gen_kwargs, trainer.prompt_ids, trainer.prompts)
+    rollouts = trainer.sampler.generate(list(range(8)), trainer.config.method.gen_kwargs, trainer.prompt_ids, trainer.prompts)
     ids = torch.cat([rollouts.query_ids[:1], rollouts.response_ids[:1]], 1)
     mask = torch.cat([rollouts.query_mask[:1], rollouts.response_mask[:1]], 1).long()
     base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
@@ -65,11 +65,11 @@ def test_reference_is_the_base_bitwise_and_sampling_is_scoring(smollm2, tmp_path
     assert not torch.allclose(trainer.policy(ids, mask).logits, expected)
 
     with recorded_sampling(trainer.policy) as record:
-        rollouts = trainer._generate(list(range(8)), trainer.config.method.gen_kwargs, trainer.prompt_ids,
+        rollouts = trainer.sampler.generate(list(range(8)), trainer.config.method.gen_kwargs, trainer.prompt_ids,
                                      trainer.prompts)
     r = rollouts.response_ids.shape[1]
     sampled = record[0][:, :r].gather(-1, rollouts.response_ids[..., None]).squeeze(-1)
-    exp = trainer._score_experience(rollouts, torch.arange(8))
+    exp = trainer._rollout_pass(rollouts, torch.arange(8))
     real = exp.response_mask
     # 30 layers of one packed forward against a KV-cached decode reassociate float sums: measured
     # at most 1.8e-5 on this model (the tiny models of tests/rollout/test_sampling.py: 2e-6)
@@ -79,7 +79,7 @@ def test_reference_is_the_base_bitwise_and_sampling_is_scoring(smollm2, tmp_path
 @torch.no_grad()
 def test_terminal_reward_lands_on_a_generated_im_end_although_pad_is_eos(smollm2, tmp_path):
     trainer = build(smollm2, str(tmp_path))
-    rollouts = trainer._generate(list(range(8)), {**trainer.config.method.gen_kwargs, "max_new_tokens": 48},
+    rollouts = trainer.sampler.generate(list(range(8)), {**trainer.config.method.gen_kwargs, "max_new_tokens": 48},
                                  trainer.prompt_ids, trainer.prompts)
     lengths = rollouts.response_mask.sum(1)
     last = rollouts.response_ids[torch.arange(8), lengths - 1]

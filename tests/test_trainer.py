@@ -129,7 +129,7 @@ def test_history_metrics_file_and_kl_controller_once_per_phase(tiny_model_dir, t
     for record in phases:  # the coefficient used in a phase is the one updated after the previous phase
         assert record["kl_ctl_value"] == pytest.approx(controller.value, rel=1e-12)
         controller.update(record["policy/kl"], n_steps=16)
-    assert trainer.kl_ctl.value == pytest.approx(controller.value, rel=1e-12)
+    assert trainer.state.kl_ctl.value == pytest.approx(controller.value, rel=1e-12)
     evals = [r for r in trainer.history if r.get("eval")]
     assert [r["step"] for r in evals] == [0, 4, 8, 12]
     assert all("metrics/length" in r and "reward/mean" in r for r in evals)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import sys
 import types
@@ -11,17 +9,9 @@ import types
 import pytest
 
 import rlora.trlx as trlx
-from rlora.trlx import api as trlx_api
 from rlora.trlx.data.default_configs import TRLConfig, default_ppo_config
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "trlx_scripts")
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"trlx_script_{name}", os.path.join(SCRIPTS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_trlx_yaml_with_every_section_trains(tiny_model_dir, tmp_path, monkeypatch):

@@ -112,7 +112,7 @@ def evaluate(checkpoint: str, overrides: list[str] | None = None, verbose: bool 
         try:
             checkpoints.load_weights(trainer.policy, checkpoint, trainer.accelerator.device)
             with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
-                trainer.step = json.load(f)["step"]
+                trainer.state.step = json.load(f)["step"]
             return trainer.evaluate()
         finally:
             trainer.tracker.close()

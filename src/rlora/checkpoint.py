@@ -1,4 +1,5 @@
-"""Checkpoints: a directory written under a temporary name and renamed into place (SPEC §5).
+"""Checkpoints: a directory written under a temporary name and renamed into place (docs/design.md
+§5). A checkpoint holds the run state (`rlora.state.RunState`) and the `Parts` that own weights.
 
 Layout of a checkpoint directory:
   adapter/                 the policy adapter in peft's format (adapter and prompt modes);
@@ -31,6 +32,8 @@ import re
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +41,8 @@ from safetensors.torch import load_file, save_file
 
 from rlora.config import save_config
 from rlora.models.policy import POLICY, VALUE
-from rlora.rollout.store import Experience, PhaseState
+from rlora.rollout.store import Experience
+from rlora.state import PhaseState, RunState
 
 REQUIRED = ("trainer_state.json", "config.yaml", "rng.safetensors", "rank_0.json",
             "rank_0.safetensors")
@@ -46,15 +50,28 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 PROMPT_ENCODER = "prompt_encoder.safetensors"
 
 
-def save(trainer, path: str) -> str:
-    """Write `trainer`'s checkpoint to `path` atomically; every process calls it.
+@dataclass
+class Parts:
+    """What a checkpoint saves and restores besides the run state."""
+
+    policy: Any  # rlora.models.Policy: adapters, prompt encoder or model, value head
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    config: Any  # rlora.Config: written as config.yaml, read for checks on resume
+    dist: Any  # rlora.distributed.Processes
+    device: torch.device
+
+
+def save(path: str, state: RunState, parts: Parts) -> str:
+    """Write the run's checkpoint to `path` atomically; every process calls it.
 
     The main process makes a temporary directory beside `path`, each process adds its own
     state, and the main process writes the rest and renames the directory into place. A failed
     write (unwritable directory, disk full) removes the temporary files, leaves any previous
     checkpoint at `path` as it was and raises `OSError` saying so.
     """
-    dist = trainer.dist
+    dist = parts.dist
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     tmp, error = None, None
@@ -67,7 +84,7 @@ def save(trainer, path: str) -> str:
     tmp, error = dist.broadcast((tmp, error))
     if error is None:
         try:
-            _write_rank(trainer, tmp)
+            _write_rank(state, parts, tmp)
         except OSError as err:
             error = err
     errors = [e for e in dist.gather([error]) if e is not None]
@@ -76,7 +93,7 @@ def save(trainer, path: str) -> str:
         try:
             if error is not None:
                 raise error
-            _write(trainer, tmp)
+            _write(state, parts, tmp)
             old = None
             if os.path.exists(path):
                 old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
@@ -98,14 +115,14 @@ def save(trainer, path: str) -> str:
     return path
 
 
-def _write_rank(trainer, directory: str) -> None:
+def _write_rank(state: RunState, parts: Parts, directory: str) -> None:
     """This process's own state: RNG states and its share of a stopped phase's experience."""
-    rank = trainer.dist.rank
+    rank = parts.dist.rank
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
-    if trainer.pending is not None:
-        tensors.update({f"exp.{name}": value for name, value in vars(trainer.pending.exp).items()})
+    if state.pending is not None:
+        tensors.update({f"exp.{name}": value for name, value in vars(state.pending.exp).items()})
     save_file(_contiguous(tensors), os.path.join(directory, f"rank_{rank}.safetensors"))
     numpy_state = np.random.get_state()
     with open(os.path.join(directory, f"rank_{rank}.json"), "w", encoding="utf-8") as f:
@@ -113,8 +130,8 @@ def _write_rank(trainer, directory: str) -> None:
                    "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}, f)
 
 
-def _write(trainer, directory: str) -> None:
-    policy = trainer.policy
+def _write(state: RunState, parts: Parts, directory: str) -> None:
+    policy = parts.policy
     if policy.is_peft:  # the policy's adapter and the critic's; a reward adapter is frozen and stays where it is
         policy.lm.save_pretrained(os.path.join(directory, "adapter"),
                                   selected_adapters=[POLICY] + ([VALUE] if policy.has_value_adapter else []))
@@ -122,36 +139,36 @@ def _write(trainer, directory: str) -> None:
         policy.lm.save_pretrained(os.path.join(directory, "model"))
     if policy.mode == "prompt":
         save_file(_contiguous(policy.lm.prompt_encoder[POLICY].state_dict()), os.path.join(directory, PROMPT_ENCODER))
-    trainer.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+    parts.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
     if policy.value_head is not None:
         save_file(_contiguous(policy.value_head.state_dict()), os.path.join(directory, "value_head.safetensors"))
-    if trainer.config.train.save_optimizer:
-        torch.save(trainer.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-        torch.save(trainer.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
-    pending = trainer.pending
-    rng = {"shuffle": trainer.shuffle.get_state()}
+    if parts.config.train.save_optimizer:
+        torch.save(parts.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        torch.save(parts.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+    pending = state.pending
+    rng = {"shuffle": state.shuffle.get_state()}
     if pending is not None:
         rng.update({f"batch.{i}": batch for i, batch in enumerate(pending.batches)})
     save_file(_contiguous(rng), os.path.join(directory, "rng.safetensors"))
-    state = {
-        "processes": trainer.dist.world,
-        "step": trainer.step,
-        "phase": trainer.phase,
-        "run_dir": os.path.abspath(trainer.run_dir),
-        "kl_ctl": trainer.kl_ctl.state_dict(),
-        "running_moments": trainer.running.state_dict(),
-        "ref_mean": trainer.ref_mean,
-        "ref_std": trainer.ref_std,
-        "prompt_loader": trainer.loader.state_dict(),
-        "bad_steps": trainer.bad_steps,
-        "best_reward": trainer.best_reward if np.isfinite(trainer.best_reward) else None,
+    data = {
+        "processes": parts.dist.world,
+        "step": state.step,
+        "phase": state.phase,
+        "run_dir": os.path.abspath(state.run_dir),
+        "kl_ctl": state.kl_ctl.state_dict(),
+        "running_moments": state.running.state_dict(),
+        "ref_mean": state.ref_mean,
+        "ref_std": state.ref_std,
+        "prompt_loader": state.loader.state_dict(),
+        "bad_steps": state.bad_steps,
+        "best_reward": state.best_reward if np.isfinite(state.best_reward) else None,
         "pending_phase": None if pending is None else {"cursor": pending.cursor, "n_batches": len(pending.batches),
                                                        "stats": pending.stats},
-        "history": trainer.history,
+        "history": state.history,
     }
     with open(os.path.join(directory, "trainer_state.json"), "w", encoding="utf-8") as f:
-        json.dump(state, f)
-    save_config(trainer.config, os.path.join(directory, "config.yaml"))
+        json.dump(data, f)
+    save_config(parts.config, os.path.join(directory, "config.yaml"))
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -184,57 +201,58 @@ def _torch_load(path: str, device) -> dict:
         raise ValueError(f"{path} is corrupt ({err}); resume from another checkpoint") from err
 
 
-def load(trainer, path: str) -> None:
-    """Restore everything `save` wrote into a freshly built `trainer` (same config)."""
+def load(path: str, state: RunState, parts: Parts) -> None:
+    """Restore everything `save` wrote into a fresh run's `state` and `parts` (same config)."""
     check(path)
     try:
         with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-            state = json.load(f)
+            data = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}/trainer_state.json is corrupt ({err}); resume from another checkpoint") from err
-    if state["processes"] != trainer.dist.world:
-        raise ValueError(f"{path} was written by {state['processes']} processes; an exact resume needs the same "
-                         f"number, but this run has {trainer.dist.world}. Launch with {state['processes']}.")
-    load_weights(trainer.policy, path, trainer.accelerator.device)
-    device = _file_device(trainer.accelerator.device)
+    dist = parts.dist
+    if data["processes"] != dist.world:
+        raise ValueError(f"{path} was written by {data['processes']} processes; an exact resume needs the same "
+                         f"number, but this run has {dist.world}. Launch with {data['processes']}.")
+    load_weights(parts.policy, path, parts.device)
+    device = _file_device(parts.device)
     if os.path.exists(os.path.join(path, "optimizer.pt")):
-        trainer.optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt"), device))
+        parts.optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt"), device))
         schedule = _torch_load(os.path.join(path, "scheduler.pt"), "cpu")
-        if trainer.dist.is_main:
-            _warn_if_schedule_length_differs(schedule, trainer.scheduler.state_dict(), trainer.config, path)
-        trainer.scheduler.load_state_dict(schedule)
+        if dist.is_main:
+            _warn_if_schedule_length_differs(schedule, parts.scheduler.state_dict(), parts.config, path)
+        parts.scheduler.load_state_dict(schedule)
     rng = load_file(os.path.join(path, "rng.safetensors"))
-    trainer.shuffle.set_state(rng["shuffle"])
-    mine = load_file(os.path.join(path, f"rank_{trainer.dist.rank}.safetensors"))
+    state.shuffle.set_state(rng["shuffle"])
+    mine = load_file(os.path.join(path, f"rank_{dist.rank}.safetensors"))
     torch.set_rng_state(mine["rng.torch"])
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             if f"rng.cuda_{i}" in mine:
                 torch.cuda.set_rng_state(mine[f"rng.cuda_{i}"], i)
-    with open(os.path.join(path, f"rank_{trainer.dist.rank}.json"), encoding="utf-8") as f:
+    with open(os.path.join(path, f"rank_{dist.rank}.json"), encoding="utf-8") as f:
         host_rng = json.load(f)
     random.setstate((host_rng["python_rng"][0], tuple(host_rng["python_rng"][1]), host_rng["python_rng"][2]))
     kind, keys, *rest = host_rng["numpy_rng"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    trainer.step, trainer.phase = state["step"], state["phase"]
-    trainer.kl_ctl.load_state_dict(state["kl_ctl"])
-    trainer.running.load_state_dict(state["running_moments"])
-    trainer.ref_mean, trainer.ref_std = state["ref_mean"], state["ref_std"]
-    trainer.loader.load_state_dict(state["prompt_loader"])
-    trainer.bad_steps = state["bad_steps"]
-    trainer.best_reward = state["best_reward"] if state["best_reward"] is not None else -float("inf")
-    trainer.history = state["history"]
-    if not trainer.config.train.run_dir:
-        trainer.run_dir = state["run_dir"]
-    if host_rng.get("buffer") is not None and trainer.dist.is_main:
+    state.step, state.phase = data["step"], data["phase"]
+    state.kl_ctl.load_state_dict(data["kl_ctl"])
+    state.running.load_state_dict(data["running_moments"])
+    state.ref_mean, state.ref_std = data["ref_mean"], data["ref_std"]
+    state.loader.load_state_dict(data["prompt_loader"])
+    state.bad_steps = data["bad_steps"]
+    state.best_reward = data["best_reward"] if data["best_reward"] is not None else -float("inf")
+    state.history = data["history"]
+    if not parts.config.train.run_dir:
+        state.run_dir = data["run_dir"]
+    if host_rng.get("buffer") is not None and dist.is_main:
         warnings.warn(f"{path} holds dynamic-sampling groups drawn beyond its last phase's need (an older rlora kept "
                       "them for the next phase); they are discarded, as the policy that sampled them has moved. The "
                       "resumed run draws fresh prompts instead, so it differs from the run that wrote it.")
-    pending = state["pending_phase"]
+    pending = data["pending_phase"]
     if pending is not None:
         exp = Experience(**{k[len("exp."):]: v for k, v in mine.items() if k.startswith("exp.")})
         batches = [rng[f"batch.{i}"] for i in range(pending["n_batches"])]
-        trainer.pending = PhaseState(exp, batches, pending["cursor"], pending["stats"])
+        state.pending = PhaseState(exp, batches, pending["cursor"], pending["stats"])
 
 
 def _warn_if_schedule_length_differs(saved: dict, built: dict, config, path: str) -> None:

@@ -10,7 +10,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 import rlora
-from rlora import trainer as trainer_module
+from rlora.methods import ppo as ppo_module
 from rlora.config import ModelConfig
 from rlora.models import build_policy
 from rlora.tiny import char_tokenizer
@@ -124,7 +124,7 @@ def test_every_trainer_pass_follows_model_adapter_compute_dtype(tiny_model_dir, 
     scored, _ = trainer._collect()  # generation
     assert seen and set(seen) == {expected}
     seen.clear()
-    exp = trainer._score_experience(scored.rollouts, torch.arange(16))  # old log-probs and the reference
+    exp = trainer._rollout_pass(scored.rollouts, torch.arange(16))  # old log-probs and the reference
     assert seen and set(seen) == {expected}
     mask = exp.response_mask
     # LoRA starts at the base (B = 0): the policy's log-probs are the reference's, bitwise
@@ -142,12 +142,12 @@ def test_a_float32_base_runs_no_autocast(tiny_model_dir, tmp_path, monkeypatch):
     trainer = rlora.build_trainer(count_s, PROMPTS, config=tiny_ppo_config(tiny_model_dir("gpt2"), str(tmp_path)),
                                   verbose=False)
     seen = []
-    real = trainer_module.forward_responses
+    real = ppo_module.forward_responses
 
     def spy(*args, **kwargs):
         seen.append(torch.is_autocast_enabled("cpu"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "forward_responses", spy)
+    monkeypatch.setattr(ppo_module, "forward_responses", spy)
     trainer.train_step(random_experience(8, 3, 6, vocab_size=30), torch.arange(8))
     assert seen and not any(seen)

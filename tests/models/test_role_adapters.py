@@ -65,7 +65,7 @@ def test_each_adapter_moves_only_through_its_own_loss(tiny_model_dir, tmp_path, 
         if name == "no_value_loss":
             trainer.config.method.vf_coef = 0.0
         if name == "no_policy_loss":
-            import rlora.methods as trainer_module
+            import rlora.methods.ppo as trainer_module
 
             real = trainer_module.policy_loss
             monkeypatch.setattr(trainer_module, "policy_loss",

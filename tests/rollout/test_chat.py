@@ -95,7 +95,7 @@ def test_a_chat_run_stops_at_end_of_turn_and_gives_reward_fn_the_messages(tmp_pa
     items = normalize_prompts([{"prompt": CHAT, "tag": i} for i in range(8)])
     trainer = PPOTrainer(config, build_policy(config.model, tokenizer), tokenizer, reward_fn, items, items,
                          verbose=False)
-    rollouts = trainer._generate(list(range(8)), {**config.method.gen_kwargs, "max_new_tokens": 40},
+    rollouts = trainer.sampler.generate(list(range(8)), {**config.method.gen_kwargs, "max_new_tokens": 40},
                                  trainer.prompt_ids, trainer.prompts)
     bang = tokenizer.convert_tokens_to_ids("<|end|>")
     for ids, n in zip(rollouts.response_ids.tolist(), rollouts.response_mask.sum(1).tolist()):

@@ -46,7 +46,7 @@ def test_rollout_prompts_open_with_bos(tmp_path, add):
     trainer = PPOTrainer(config, build_policy(config.model, tokenizer), tokenizer, lambda samples, **_: [0.0] *
                          len(samples), prompts, prompts, verbose=False)
     assert [ids[0] == tok.bos_token_id for ids in trainer.prompt_ids] == [add, add]
-    rollouts = trainer._generate([0, 1], config.method.gen_kwargs, trainer.prompt_ids, trainer.prompts)
+    rollouts = trainer.sampler.generate([0, 1], config.method.gen_kwargs, trainer.prompt_ids, trainer.prompts)
     assert rollouts.prompts == ["hello", "ab"]  # the text as given; the BOS is in the ids only
     assert (rollouts.query_ids[rollouts.query_mask.cumsum(1) == 1] == tok.bos_token_id).tolist() == [add, add]
 

@@ -72,14 +72,13 @@ def rollout_phase(trainer, recorded_sampling):
     Shape: -> rollouts, exp, ref (n, r), sampled (n, r)."""
     method = trainer.config.method
     with recorded_sampling(trainer.policy) as record:
-        rollouts = trainer._generate(list(range(len(trainer.prompts))), method.gen_experience_kwargs or
-                                     method.gen_kwargs, trainer.prompt_ids, trainer.prompts,
-                                     dtype=trainer._generation_dtype)
+        rollouts = trainer.sampler.generate(list(range(len(trainer.prompts))), method.gen_experience_kwargs or
+                                            method.gen_kwargs, trainer.prompt_ids, trainer.prompts, recast=True)
     (scores,) = record
     r = rollouts.response_ids.shape[1]
     sampled = scores[:, :r].gather(-1, rollouts.response_ids[..., None]).squeeze(-1)  # (n, r)
     order = torch.arange(len(rollouts.prompts))
-    exp = trainer._score_experience(rollouts, order)
+    exp = trainer._rollout_pass(rollouts, order)
     return rollouts, exp, exp.ref_logprobs, sampled
 
 

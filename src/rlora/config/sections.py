@@ -245,12 +245,15 @@ class GRPOConfig:
     scale_rewards: str = "group"
     """grpo's advantage scale: "group" (the group's std), "batch" (the phase's std) or "none" (Dr.GRPO)."""
     loss_type: str = "dapo"
-    """How token losses add up: "grpo" (per-sequence mean), "bnpo" (per microbatch token), "dr_grpo"
-    (over batch × max_new_tokens) or "dapo" (over every real token of the optimizer step)."""
+    """The loss (`rlora.algo.loss_types`): PPO's clipped surrogate per token, added up as "grpo"
+    (per-sequence mean), "bnpo" (per microbatch token), "dr_grpo" (over batch × max_new_tokens) or
+    "dapo" (over every real token of the optimizer step); or "cispo" (MiniMax-M1: the importance
+    weight clipped at `epsilon_high` and detached, so no token loses its gradient; added up as dapo)."""
     epsilon: float = 0.2
     """Lower clip of the ratio: 1 − epsilon."""
     epsilon_high: float | None = None
-    """Upper clip 1 + epsilon_high (clip-higher; DAPO uses 0.28); None = `epsilon`."""
+    """Upper clip 1 + epsilon_high (clip-higher; DAPO uses 0.28); None = `epsilon`. For
+    loss_type "cispo", the bound on the importance weight itself (ScaleRL uses 5.0); required."""
     importance_sampling_level: str = "token"
     """"token" (per-token ratio) or "sequence" (GSPO's length-normalised sequence ratio)."""
     beta: float = 0.0

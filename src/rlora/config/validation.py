@@ -310,7 +310,8 @@ def _check_generation(p: PPOConfig | GRPOConfig, seq_length: int) -> None:
 
 
 def _validate_group_method(g: GRPOConfig, config: Config) -> None:
-    from rlora.algo.group import ESTIMATORS, LOSS_TYPES, SCALE_REWARDS
+    from rlora.algo.group import ESTIMATORS, SCALE_REWARDS
+    from rlora.algo.loss_types import LOSS_TYPES
 
     for key in ("ppo_epochs", "num_rollouts", "chunk_size", "num_generations"):
         _check(getattr(g, key) >= 1, f"method.{key}", getattr(g, key), "it must be at least 1")
@@ -327,6 +328,9 @@ def _validate_group_method(g: GRPOConfig, config: Config) -> None:
     _check(g.epsilon > 0, "method.epsilon", g.epsilon, "it must be > 0 (0.2 is usual)")
     _check(g.epsilon_high is None or g.epsilon_high >= g.epsilon, "method.epsilon_high", g.epsilon_high,
            f"clip-higher must be >= method.epsilon={g.epsilon} (DAPO: 0.28), or null for epsilon")
+    _check(g.loss_type != "cispo" or g.epsilon_high is not None, "method.epsilon_high", g.epsilon_high,
+           "loss_type 'cispo' bounds the importance weight by epsilon_high itself (not 1 + epsilon_high); set it, "
+           "e.g. 5.0 as ScaleRL does")
     _check(g.beta >= 0, "method.beta", g.beta, "it must be >= 0 (0 = no KL term and no reference pass)")
     _check(0.0 <= g.gamma <= 1.0, "method.gamma", g.gamma, "it must be in [0, 1]")
     _check(g.max_num_gen_batches >= 0, "method.max_num_gen_batches", g.max_num_gen_batches,
@@ -349,7 +353,7 @@ def _validate_group_method(g: GRPOConfig, config: Config) -> None:
                    "or set method.shared_prefix: false")
     _check(config.model.value_adapter is None, "model.value_adapter", config.model.value_adapter,
            "the group methods have no critic; drop model.value_adapter (or use method.name: PPOConfig)")
-    if g.importance_sampling_level == "sequence" and g.loss_type in ("bnpo", "dr_grpo", "dapo"):
+    if g.importance_sampling_level == "sequence" and g.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
         warnings.warn(  # as TRL 1.16 warns; GSPO's objective (Zheng et al. 2025, eq. 5) is a mean over sequences
             f"method.importance_sampling_level='sequence' (GSPO) with loss_type={g.loss_type!r} sums per-token "
             "losses, which weights each sequence by its length instead of optimizing GSPO's per-sequence "

@@ -99,13 +99,3 @@ class Experience:
 
     def to(self, device: torch.device | str) -> "Experience":
         return Experience(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-
-@dataclass
-class PhaseState:
-    """A rollout phase between its rollout pass and its last optimizer step (checkpointed)."""
-
-    exp: Experience
-    batches: list[torch.Tensor]  # sample indices of each optimizer step, all PPO epochs in order
-    cursor: int  # optimizer steps of this phase already taken
-    stats: dict[str, float]  # the phase's rollout statistics (logged with its first step)
