@@ -33,8 +33,8 @@ _VLLM = TRLField(None, "rlora samples with transformers' generate on the policy 
                        "(method.merge_adapter_for_generation); vLLM is not used")
 _VLLM_IS = TRLField(None, "the importance-sampling correction for a vLLM sampler; rlora samples from the policy it "
                           "scores, so there is nothing to correct")
-_SAPO = TRLField(None, "loss_type 'sapo' is not implemented; rlora's loss types are grpo, bnpo, dr_grpo and dapo")
-_VESPO = TRLField(None, "loss_type 'vespo' is not implemented; rlora's loss types are grpo, bnpo, dr_grpo and dapo")
+_SAPO = TRLField(None, "loss_type 'sapo' is not implemented; rlora's loss types are grpo, bnpo, dr_grpo, dapo and cispo")
+_VESPO = TRLField(None, "loss_type 'vespo' is not implemented; rlora's loss types are grpo, bnpo, dr_grpo, dapo and cispo")
 _REF_SYNC = TRLField(None, "the reference is the frozen base with the adapter disabled; TR-DPO's syncing of it into "
                            "the policy is not implemented")
 _ENTROPY = TRLField(None, "there is no entropy bonus or adaptive entropy control (the entropy is logged as "
@@ -93,7 +93,7 @@ GRPO_FIELDS: dict[str, TRLField] = {
     "epsilon": _same("method.epsilon"),
     "delta": TRLField(None, "two-sided clipping of the ratio (an upper bound for negative advantages) is not "
                             "implemented"),
-    "epsilon_high": _same("method.epsilon_high"),
+    "epsilon_high": TRLField("method.epsilon_high", "the same name and meaning (for cispo, the bound on the weight)"),
     "sapo_temperature_neg": _SAPO, "sapo_temperature_pos": _SAPO,
     "vespo_k_pos": _VESPO, "vespo_lambda_pos": _VESPO, "vespo_k_neg": _VESPO, "vespo_lambda_neg": _VESPO,
     "importance_sampling_level": _same("method.importance_sampling_level"),
@@ -102,7 +102,7 @@ GRPO_FIELDS: dict[str, TRLField] = {
                                                   "'sum_then_normalize'); 'normalize_then_sum' is not implemented"),
     "scale_rewards": TRLField("method.scale_rewards", "'group', 'batch' or 'none'; TRL's older true / false load "
                                                       "as 'group' / 'none'"),
-    "loss_type": TRLField("method.loss_type", "grpo, bnpo, dr_grpo or dapo (the default, as TRL's)"),
+    "loss_type": TRLField("method.loss_type", "grpo, bnpo, dr_grpo, dapo (the default, as TRL's) or cispo"),
     "mask_truncated_completions": _same("method.mask_truncated_completions"),
     "sync_ref_model": _REF_SYNC, "ref_model_mixup_alpha": _REF_SYNC, "ref_model_sync_steps": _REF_SYNC,
     "top_entropy_quantile": TRLField(None, "masking the loss to high-entropy tokens is not implemented"),
