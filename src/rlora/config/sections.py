@@ -333,12 +333,6 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     """rlora: reward function and prompts for the `rlora train` command."""
 
-    def to_dict(self) -> dict:
-        """Plain YAML-ready data; see `config_to_dict`."""
-        from rlora.config.io import config_to_dict
 
-        return config_to_dict(self)
-
-
-_SECTIONS = (Config, TrainConfig, ModelConfig, TokenizerConfig, OptimizerConfig, SchedulerConfig, PPOConfig,
+SECTIONS = (Config, TrainConfig, ModelConfig, TokenizerConfig, OptimizerConfig, SchedulerConfig, PPOConfig,
              GRPOConfig, TaskConfig)
