@@ -98,7 +98,7 @@ def cmd_sft(argv: list[str]) -> int:
 
 def cmd_rm(argv: list[str]) -> int:
     from rlora.api import set_threads
-    from rlora.reward import rm_main
+    from rlora.reward_model import rm_main
 
     _quiet_hf()
     set_threads(None)

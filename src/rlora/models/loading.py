@@ -267,7 +267,7 @@ def add_role_adapters(policy: Policy, model_config) -> None:
     Afterwards the policy's adapter is the active one, and exactly the policy and critic
     adapters (and the value head) require gradients.
     """
-    from rlora.reward import load_score_head
+    from rlora.reward_model import load_score_head
 
     lm = policy.lm
     if model_config.value_adapter is None and model_config.reward_adapter is None:

@@ -140,7 +140,7 @@ class Policy(nn.Module):
             head.register_forward_pre_hook(contiguous_input)
         # group methods have no critic: no value head, and `values` is None
         self.value_head = ValueHead(hidden_width(self.base_model)).to(self.base_model.device) if value_head else None
-        self.reward_head: nn.Module | None = None  # set with a reward adapter (`rlora.reward`)
+        self.reward_head: nn.Module | None = None  # set with a reward adapter (`rlora.reward_model`)
         self.hydra: HydraBranch | None = None
         self.ref_model: nn.Module | None = None
         if mode == "hydra":
@@ -290,7 +290,7 @@ class Policy(nn.Module):
 
         Shape: input_ids, attention_mask (b, t) -> (b,) fp32.
         """
-        from rlora.reward import sequence_scores
+        from rlora.reward_model import sequence_scores
 
         if not self.has_reward_adapter:
             raise RuntimeError("this policy has no reward adapter; set model.reward_adapter")

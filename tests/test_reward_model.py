@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlora.cli import main
-from rlora.reward import (
+from rlora.reward_model import (
     bradley_terry_loss,
     encode_scored,
     load_pairs,
@@ -64,7 +64,7 @@ def test_split_is_seeded_and_refuses_an_empty_side():
 
 
 def load_pairs_like(n):
-    from rlora.reward import Pair
+    from rlora.reward_model import Pair
 
     return [Pair("p", f"c{i}", f"r{i}") for i in range(n)]
 
