@@ -56,7 +56,7 @@ from common import record  # noqa: E402
 
 from rlora.fetch import fetch  # noqa: E402
 from rlora.models import Policy  # noqa: E402
-from rlora.models.policy import position_ids_from_mask  # noqa: E402
+from rlora.models.trunk import position_ids_from_mask  # noqa: E402
 from rlora.rollout.generation import drawn_here, left_pad, rollout_generation_config, stop_token_ids  # noqa: E402
 
 MESSAGES = [[{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a "

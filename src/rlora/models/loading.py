@@ -20,7 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 
 from rlora.models.activations import fuse_activations
 from rlora.models.attention import float32_attention
-from rlora.models.policy import POLICY, REWARD, VALUE, Policy, hidden_width
+from rlora.models.policy import POLICY, REWARD, VALUE, Policy
+from rlora.models.score_head import load_score_head
+from rlora.models.trunk import hidden_width
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -267,8 +269,6 @@ def add_role_adapters(policy: Policy, model_config) -> None:
     Afterwards the policy's adapter is the active one, and exactly the policy and critic
     adapters (and the value head) require gradients.
     """
-    from rlora.reward_model import load_score_head
-
     lm = policy.lm
     if model_config.value_adapter is None and model_config.reward_adapter is None:
         return

@@ -27,6 +27,8 @@ from torch import nn
 
 from rlora.models.activations import recompute_activations
 from rlora.models.hydra import HydraBranch, find_decoder_blocks
+from rlora.models.score_head import sequence_scores
+from rlora.models.trunk import hidden_width, last_hidden_state, position_ids_from_mask
 from rlora.models.value_head import ValueHead
 
 MODES = ("adapter", "prompt", "hydra", "full")
@@ -40,14 +42,6 @@ class PolicyOutput:
     logits: torch.Tensor  # (b, t, v), virtual-token positions removed; (b, k, v) with `logits_to_keep`
     values: torch.Tensor | None  # (b, t), fp32; None without a value head (group methods)
     hidden_states: tuple[torch.Tensor, ...]  # each (b, t, h) of the policy's pass
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left padding does not shift them.
-
-    Shape: attention_mask (b, t) -> (b, t); padding positions get 0.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _mergeable(layer: nn.Module, shared: set[int]) -> bool:
@@ -94,35 +88,6 @@ def _no_check(*args, **kwargs) -> None:
     return None
 
 
-def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The trunk's last hidden state (after its final norm) of a causal LM or a peft model on
-    one, without the language-model head, with whichever adapters are active.
-
-    Shape: (b, t) -> (b, t, h).
-    """
-    if position_ids is None:
-        position_ids = position_ids_from_mask(attention_mask)
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    trunk = lm.base_model  # e.g. GPT2Model under GPT2LMHeadModel; peft's LoRA layers live inside it
-    return trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 use_cache=False).last_hidden_state
-
-
-def hidden_width(model: nn.Module) -> int:
-    """The width of the trunk's last hidden state (what `last_hidden_state` returns), read from the
-    input width of the language-model head, which consumes it.
-
-    Mostly `hidden_size`, but not always: OPT with `word_embed_proj_dim != hidden_size` (opt-350m:
-    512 and 1024) projects its last hidden state down (`project_out`) before the head.
-    """
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(f"{type(model).__name__} has no language-model head whose input width gives the width of "
-                         "its last hidden state; rlora needs a causal LM (AutoModelForCausalLM)")
-    return head.weight.shape[-1]  # (v, h): also through peft's LoRA and modules_to_save wrappers
-
-
 class Policy(nn.Module):
     """A causal LM plus value head with a reference view, all on one base.
 
@@ -140,7 +105,7 @@ class Policy(nn.Module):
             head.register_forward_pre_hook(contiguous_input)
         # group methods have no critic: no value head, and `values` is None
         self.value_head = ValueHead(hidden_width(self.base_model)).to(self.base_model.device) if value_head else None
-        self.reward_head: nn.Module | None = None  # set with a reward adapter (`rlora.reward_model`)
+        self.reward_head: nn.Module | None = None  # a ScoreHead, set with a reward adapter
         self.hydra: HydraBranch | None = None
         self.ref_model: nn.Module | None = None
         if mode == "hydra":
@@ -290,8 +255,6 @@ class Policy(nn.Module):
 
         Shape: input_ids, attention_mask (b, t) -> (b,) fp32.
         """
-        from rlora.reward_model import sequence_scores
-
         if not self.has_reward_adapter:
             raise RuntimeError("this policy has no reward adapter; set model.reward_adapter")
         with self.use_adapter(REWARD):
