@@ -39,7 +39,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rlora.tasks.methods import GRPO_METHOD, METHODS, phase_steps, unknown_method
+from rlora.tasks.presets import GRPO_METHOD, METHODS, phase_steps, unknown_method
 
 CATEGORIES: dict[str, tuple[str, frozenset[str]]] = {
     # name: (the phrase a question uses, the accepted answers, lowercase)

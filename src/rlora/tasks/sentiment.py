@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from rlora.tasks.methods import GRPO_METHOD, phase_steps, unknown_method
+from rlora.tasks.presets import GRPO_METHOD, phase_steps, unknown_method
 
 DATA_FILE = "review_openings.txt"  # in the package's data/ directory
 HELD_OUT_PERCENT = 15  # share of openings kept for evaluation (by hash, so adding lines moves none)
