@@ -23,23 +23,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from rlora.tasks.methods import GRPO_METHOD, phase_steps, unknown_method
+from rlora.tasks.presets import GRPO_METHOD, phase_steps, unknown_method
 from rlora.tasks.randomwalks import make_task, sft_model
-from rlora.tracking import mean_phase_seconds
+from rlora.tracking import group_signals, mean_phase_seconds
 
 EVAL_SAMPLES_PER_PROMPT = 8  # as the peer harness: 20 start letters x 8 sampled walks
 ROLLOUTS = 128  # completions per phase, either method (GRPO: 16 start letters x 8)
 PHASES = 50  # the demo's default budget, in rollout phases: the same walks sampled for either method
 EVAL_PHASES = 10  # phases between evaluations
-
-
-def group_signals(history: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """A group method's per-phase rollout `reward` and `frac_reward_zero_std` (the share of groups
-    whose rewards were all equal, which teach nothing), TRL's names; {} for PPO, which logs neither."""
-    phases = [r for r in history if "frac_reward_zero_std" in r]
-    if not phases:
-        return {}
-    return {key: [round(r[key], 4) for r in phases] for key in ("reward", "frac_reward_zero_std")}
 
 
 def method_settings(method: str) -> dict[str, Any]:

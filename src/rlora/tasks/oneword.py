@@ -276,9 +276,8 @@ def run(total_steps: int | None = None, run_dir: str | None = None, model_path: 
     `run_dir/summary.json`) the held-out success rate before and after, with timings.
     `model_path` defaults to SmolLM2-135M-Instruct (`rlora.fetch`)."""
     import rlora
-    from rlora.demo import group_signals
     from rlora.fetch import fetch
-    from rlora.tracking import mean_phase_seconds, phase_seconds
+    from rlora.tracking import group_signals, mean_phase_seconds, phase_seconds
 
     t0 = time.perf_counter()
     method_settings(method)  # an unknown method fails before the fetch
