@@ -29,7 +29,7 @@ from rlora.algo.masked import (
     token_mean,
     zero_padding,
 )
-from rlora.algo.rewards import scale_and_clip_scores, token_rewards
+from rlora.algo.shaping import scale_and_clip_scores, token_rewards
 
 __all__ = [
     "AdaptiveKLController",
