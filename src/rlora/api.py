@@ -13,7 +13,7 @@ from rlora.config import Config, GRPOConfig, load_config
 from rlora.data import load_prompts, resolve_function
 from rlora.models import build_policy, load_tokenizer
 from rlora.rollout.prompts import normalize_prompts
-from rlora.rollout.reward_fns import RewardFunctions
+from rlora.rollout.rewards import RewardFunctions
 from rlora.trainer import Trainer
 
 
@@ -52,7 +52,7 @@ def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: l
       (a terminal reward) or a list of floats per sample (per-token rewards from the first
       response token). A function with a `completions` parameter is called as TRL's
       `GRPOTrainer` calls it; a list of functions is summed with `task.reward_weights`
-      (`rlora.rollout.reward_fns` has the details).
+      (`rlora.rollout.rewards` has the details).
     - `prompts`: strings, lists of chat messages, or dicts whose "prompt" is either and whose
       other keys are metadata passed per sample to `reward_fn` and `metric_fn`. Default: the
       tokenizer's BOS, `batch_size` times.

@@ -48,7 +48,7 @@ from rlora.optim import build_optimizer, build_scheduler, default_run_dir
 from rlora.rollout.generation import Rollouts, generate_rollouts, sampling_temperature, stop_token_ids
 from rlora.rollout.prompts import Prompt, PromptLoader, end_of_turn_id, normalize_prompts, render_prompt, \
     tokenize_prompts
-from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch
+from rlora.rollout.rewards import RewardFunctions, ScoreBatch
 from rlora.rollout.scoring import ResponseScores, add_scores, forward_responses
 from rlora.rollout.shared_prefix import forward_group_responses
 from rlora.rollout.store import Experience, PhaseState, Scored

@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from rlora.config import load_config
 from rlora.models import build_policy, load_tokenizer
 from rlora.rollout.prompts import normalize_prompts
-from rlora.rollout.reward_fns import RewardFunctions
+from rlora.rollout.rewards import RewardFunctions
 from rlora.tiny import ARCHITECTURES, tiny_ppo_config
 from rlora.trainer import PPOTrainer
 

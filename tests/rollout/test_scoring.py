@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch
+from rlora.rollout.rewards import RewardFunctions, ScoreBatch
 from rlora.rollout.scoring import _incremental_ends, _prefix_ends, character_ends, validate_scores
 
 LENGTHS = [3, 2, 4]

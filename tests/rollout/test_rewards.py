@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import TrainerState
 
-from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch, calling_convention
+from rlora.rollout.rewards import RewardFunctions, ScoreBatch, calling_convention
 
 CHAT = [{"role": "user", "content": "think, then answer"}]
 
