@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from rlora.algo import nan_moments
-from rlora.rollout.rewards import ScoreBatch
-from rlora.rollout.scoring import collate_metadata, validate_scores
+from rlora.rollout.rewards import ScoreBatch, collate_metadata, validate_scores
 from rlora.tracking import console, eval_table
 
 

@@ -48,8 +48,8 @@ from rlora.optim import build_optimizer, build_scheduler, default_run_dir
 from rlora.rollout.generation import Rollouts, generate_rollouts, sampling_temperature, stop_token_ids
 from rlora.rollout.prompts import Prompt, PromptLoader, end_of_turn_id, normalize_prompts, render_prompt, \
     tokenize_prompts
-from rlora.rollout.rewards import RewardFunctions, ScoreBatch
-from rlora.rollout.scoring import ResponseScores, add_scores, forward_responses
+from rlora.rollout.rewards import RewardFunctions, ScoreBatch, add_scores
+from rlora.rollout.scoring import ResponseScores, forward_responses
 from rlora.rollout.shared_prefix import forward_group_responses
 from rlora.rollout.store import Experience, PhaseState, Scored
 from rlora.signals import TrainingInterrupted, stop_on_signals

@@ -17,9 +17,9 @@ from rlora.models.policy import POLICY, REWARD, VALUE
 from rlora.models.score_head import ScoreHead, load_score_head, sequence_scores
 from rlora.reward_model import save_reward_adapter
 from rlora.rollout.prompts import normalize_prompts
+from rlora.rollout.rewards import add_scores
 from rlora.rollout.scoring import forward_responses
 from rlora.tiny import char_tokenizer, random_experience, tiny_ppo_config
-from rlora.rollout.scoring import add_scores
 from rlora.trainer import PPOTrainer
 
 LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "lora_dropout": 0.0, "init_lora_weights": False}
