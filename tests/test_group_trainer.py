@@ -438,7 +438,7 @@ def test_a_microbatch_without_loss_tokens_keeps_the_statistics_finite(tiny_model
 
 
 def test_entropy_is_the_mean_over_the_tokens_the_loss_counts(tiny_model_dir, tmp_path):
-    from rlora.rollout.scoring import forward_responses
+    from rlora.rollout.forward import forward_responses
 
     trainer = build(tiny_model_dir("gpt2"), str(tmp_path), train={"minibatch_size": 8},
                     method={"shared_prefix": False})

@@ -14,7 +14,7 @@ import torch
 
 from rlora.algo import group_policy_loss, masked_mean, masked_var, policy_loss, token_mean, value_loss
 from rlora.config import GRPOConfig, PPOConfig, rollout_gen_kwargs
-from rlora.rollout.scoring import ResponseScores
+from rlora.rollout.forward import ResponseScores
 from rlora.rollout.store import Experience
 
 

@@ -17,8 +17,8 @@ from rlora.models.policy import POLICY, REWARD, VALUE
 from rlora.models.score_head import ScoreHead, load_score_head, sequence_scores
 from rlora.reward_model import save_reward_adapter
 from rlora.rollout.prompts import normalize_prompts
+from rlora.rollout.forward import forward_responses
 from rlora.rollout.rewards import add_scores
-from rlora.rollout.scoring import forward_responses
 from rlora.tiny import char_tokenizer, random_experience, tiny_ppo_config
 from rlora.trainer import PPOTrainer
 

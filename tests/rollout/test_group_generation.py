@@ -15,7 +15,7 @@ from peft import PrefixTuningConfig, PromptTuningConfig
 from rlora.config import ModelConfig
 from rlora.models import build_policy
 from rlora.rollout.generation import generate_rollouts, sampling_temperature
-from rlora.rollout.scoring import forward_responses
+from rlora.rollout.forward import forward_responses
 
 PROMPTS = ["hello there", "ab", "the cat sat", "x"]  # unequal lengths: the batch is left-padded
 LORA = {"peft_config": {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": "all-linear",

@@ -11,7 +11,7 @@ from peft import PrefixTuningConfig, PromptTuningConfig
 from rlora.config import ModelConfig
 from rlora.models import build_policy
 from rlora.rollout.generation import left_pad, right_pad
-from rlora.rollout.scoring import forward_responses
+from rlora.rollout.forward import forward_responses
 from rlora.rollout.shared_prefix import forward_group_responses, shares_prompts
 from rlora.tiny import ARCHITECTURES, char_tokenizer
 

@@ -276,7 +276,7 @@ class Policy(nn.Module):
           this applies); otherwise each row is repeated G times before `generate`.
         - Prompt tuning puts the virtual tokens after each row's left padding, `[pad | virtual |
           prompt]`, so that positions count as in the scoring passes (`[virtual | prompt | ...]`,
-          see `rlora.rollout.scoring.pack_sequences`); peft's own generate would give
+          see `rlora.rollout.forward.pack_sequences`); peft's own generate would give
           `[virtual | pad | prompt]`.
         """
         if num_generations < 1:

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from rlora.algo import logprobs_and_entropy, logprobs_of_labels, token_entropy
 from rlora.models.trunk import position_ids_from_mask
-from rlora.rollout.scoring import ResponseScores, forward_responses, pack_sequences
+from rlora.rollout.forward import ResponseScores, forward_responses, pack_sequences
 
 SHARING_MODES = ("adapter", "full")  # prompt learning prepends virtual tokens; hydra's reference reads hidden states
 
