@@ -14,7 +14,7 @@ import torch
 
 from rlora.algo import group_policy_loss, masked_mean, masked_var, policy_loss, token_mean, value_loss
 from rlora.config import GRPOConfig, PPOConfig, rollout_gen_kwargs
-from rlora.rollout.forward import ResponseScores
+from rlora.rollout.forward import ResponseOutputs
 from rlora.rollout.store import Experience
 
 
@@ -76,7 +76,7 @@ def microbatch_shares(method, exp: Experience, micro: list[torch.Tensor]) -> tup
     return shares.tolist(), loss_tokens
 
 
-def ppo_loss(out: ResponseScores, mb: Experience, method: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_loss(out: ResponseOutputs, mb: Experience, method: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped policy loss plus `vf_coef` × the clipped value loss of one microbatch."""
     pg_loss, pg_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.response_mask, method.cliprange)
     vf_loss, vf_stats = value_loss(out.values, mb.values, mb.returns, mb.response_mask, method.cliprange_value)
@@ -93,7 +93,7 @@ def ppo_loss(out: ResponseScores, mb: Experience, method: PPOConfig) -> tuple[to
     }
 
 
-def group_loss(out: ResponseScores, mb: Experience, method: GRPOConfig, passes: Passes,
+def group_loss(out: ResponseOutputs, mb: Experience, method: GRPOConfig, passes: Passes,
                total_tokens: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A group method's loss of one microbatch (`rlora.algo.group_policy_loss`) over its
     `loss_mask`. Without an old-log-prob pass (one epoch) the old log-probs are the current ones

@@ -45,7 +45,7 @@ from rlora.models import Policy
 from rlora.models.loading import check_positions
 from rlora.models.precision import pass_precision
 from rlora.optim import build_optimizer, build_scheduler, default_run_dir
-from rlora.rollout.forward import ResponseScores, forward_responses
+from rlora.rollout.forward import ResponseOutputs, forward_responses
 from rlora.rollout.generation import Rollouts, generate_rollouts, sampling_temperature, stop_token_ids
 from rlora.rollout.prompts import Prompt, PromptLoader, end_of_turn_id, normalize_prompts, render_prompt, \
     tokenize_prompts
@@ -490,7 +490,7 @@ class Trainer:
         groups = torch.randperm(n // G, generator=self.shuffle)
         return (groups[:, None] * G + torch.arange(G)).reshape(-1)  # (n,)
 
-    def _forward(self, model, mb: Experience, **flags) -> ResponseScores:
+    def _forward(self, model, mb: Experience, **flags) -> ResponseOutputs:
         """`forward_responses` of a microbatch at the sampling temperature, through `model` (the
         prepared one in the update); with `shared_prefix`, each group's prompt runs once
         (`forward_group_responses`), as the forward of that wrapper so DDP still syncs gradients.

@@ -32,7 +32,7 @@ def pack_sequences(query_ids: torch.Tensor, query_mask: torch.Tensor, response_i
     return ids.gather(1, roll), mask.gather(1, roll), query_mask.sum(1)
 
 
-class ResponseScores(NamedTuple):
+class ResponseOutputs(NamedTuple):
     """What one pass over a batch of responses gives, each (b, r) aligned with `response_ids`."""
 
     logprobs: torch.Tensor | None  # the policy's; None with `with_policy=False`
@@ -43,7 +43,7 @@ class ResponseScores(NamedTuple):
 
 def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                       response_mask: torch.Tensor, with_reference: bool = False, temperature: float = 1.0,
-                      with_policy: bool = True, with_entropy: bool = False) -> ResponseScores:
+                      with_policy: bool = True, with_entropy: bool = False) -> ResponseOutputs:
     """Policy logprobs and values of each response token, and optionally the reference's logprobs
     and the policy's entropy, all of `softmax(logits / temperature)`: the sampling temperature of
     the responses. `with_policy=False` runs the reference only (the rollout pass of a one-epoch
@@ -79,4 +79,4 @@ def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor,
     if with_reference:
         ref_logits = policy.reference_logits(input_ids, attention_mask, policy_output=out, logits_to_keep=keep)
         ref_logprobs = at(logprobs_of_labels(ref_logits, labels, temperature), before - first)
-    return ResponseScores(logprobs, values, ref_logprobs, entropy)
+    return ResponseOutputs(logprobs, values, ref_logprobs, entropy)

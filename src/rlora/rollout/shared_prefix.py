@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from rlora.algo import logprobs_and_entropy, logprobs_of_labels, token_entropy
 from rlora.models.trunk import position_ids_from_mask
-from rlora.rollout.forward import ResponseScores, forward_responses, pack_sequences
+from rlora.rollout.forward import ResponseOutputs, forward_responses, pack_sequences
 
 SHARING_MODES = ("adapter", "full")  # prompt learning prepends virtual tokens; hydra's reference reads hidden states
 
@@ -64,7 +64,7 @@ def can_share(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, respons
 def forward_group_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                             response_mask: torch.Tensor, group_size: int, with_reference: bool = False,
                             temperature: float = 1.0, with_policy: bool = True,
-                            with_entropy: bool = False) -> ResponseScores:
+                            with_entropy: bool = False) -> ResponseOutputs:
     """`forward_responses` for a batch of groups, each prompt run once per group (module docstring).
 
     The same fields, from the same distribution `softmax(logits / temperature)`; where sharing
@@ -94,7 +94,7 @@ def forward_group_responses(policy, query_ids: torch.Tensor, query_mask: torch.T
                                      group_size)
         ref_logprobs, _ = _label_logprobs(last, tail, response_ids, group_size, temperature)
     assert all(x is None or x.shape == (b, response_ids.shape[1]) for x in (logprobs, ref_logprobs, entropy))
-    return ResponseScores(logprobs, None, ref_logprobs, entropy)
+    return ResponseOutputs(logprobs, None, ref_logprobs, entropy)
 
 
 def _group_pass(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, lengths: torch.Tensor,
