@@ -45,12 +45,11 @@ from rlora.models import Policy
 from rlora.models.loading import check_positions
 from rlora.models.precision import pass_precision
 from rlora.optim import build_optimizer, build_scheduler, default_run_dir
-from rlora.rollout.forward import ResponseOutputs, forward_responses
+from rlora.rollout.forward import ResponseOutputs, forward_group_responses, forward_responses
 from rlora.rollout.generation import Rollouts, generate_rollouts, sampling_temperature, stop_token_ids
 from rlora.rollout.prompts import Prompt, PromptLoader, end_of_turn_id, normalize_prompts, render_prompt, \
     tokenize_prompts
 from rlora.rollout.rewards import RewardFunctions, ScoreBatch, add_scores
-from rlora.rollout.shared_prefix import forward_group_responses
 from rlora.rollout.store import Experience, PhaseState, Scored
 from rlora.signals import TrainingInterrupted, stop_on_signals
 from rlora.tracking import Tracker, console, log_rollouts, plot_history

@@ -10,9 +10,9 @@ from peft import PrefixTuningConfig, PromptTuningConfig
 
 from rlora.config import ModelConfig
 from rlora.models import build_policy
+from rlora.models.shared_prefix import shares_prompts
+from rlora.rollout.forward import forward_group_responses, forward_responses
 from rlora.rollout.generation import left_pad, right_pad
-from rlora.rollout.forward import forward_responses
-from rlora.rollout.shared_prefix import forward_group_responses, shares_prompts
 from rlora.tiny import ARCHITECTURES, char_tokenizer
 
 LORA = {"peft_type": "LORA", "r": 4, "init_lora_weights": False}  # B != 0: the adapter acts from the start

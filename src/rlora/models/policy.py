@@ -28,6 +28,7 @@ from torch import nn
 from rlora.models.activations import recompute_activations
 from rlora.models.hydra import HydraBranch, find_decoder_blocks
 from rlora.models.score_head import sequence_scores
+from rlora.models.shared_prefix import can_share_prefix, repeated_prompt_cache
 from rlora.models.trunk import hidden_width, last_hidden_state, position_ids_from_mask
 from rlora.models.value_head import ValueHead
 
@@ -271,9 +272,13 @@ class Policy(nn.Module):
           from (a checkpoint's temperature, repetition_penalty, top_k, ...).
         - `merged` generates with the adapter merged into the base weights, `dtype` with the
           weights in that precision (`generation_weights`); the model trains on its own after.
-        - `num_generations` G samples each row G times; the G rows of a prompt are contiguous. The
-          prompt runs once and its KV cache is repeated to the G rows (`shares_prompt` says when
-          this applies); otherwise each row is repeated G times before `generate`.
+        - `num_generations` G samples each row G times; the G rows of a prompt are contiguous.
+          Where `rlora.models.shared_prefix.can_share_prefix` allows it, every prompt token but
+          the last runs once through the trunk (no language-model head) into a KV cache repeated
+          to the G rows, and `generate` continues from it: it runs the last prompt token and
+          samples exactly as on repeated rows (the same logits processors, stop ids and padding;
+          positions come from the full attention mask). Otherwise each row is repeated G times
+          before `generate`.
         - Prompt tuning puts the virtual tokens after each row's left padding, `[pad | virtual |
           prompt]`, so that positions count as in the scoring passes (`[virtual | prompt | ...]`,
           see `rlora.rollout.forward.pack_sequences`); peft's own generate would give
@@ -286,7 +291,8 @@ class Policy(nn.Module):
             raise ValueError("merged or recast generation weights (merge_adapter_for_generation, "
                              f"model.generation_dtype={dtype}) cannot run on ZeRO-3's sharded parameters; turn them "
                              "off under ZeRO stage 3")
-        shared = num_generations > 1 and self.shares_prompt(input_ids, generation_config, **kwargs)
+        shared = can_share_prefix(self, num_generations, input_ids, generation_config=generation_config,
+                                  generate_kwargs=kwargs)
         if num_generations > 1 and not shared:
             input_ids = input_ids.repeat_interleave(num_generations, 0)  # (b * G, t)
             attention_mask = attention_mask.repeat_interleave(num_generations, 0)
@@ -296,9 +302,12 @@ class Policy(nn.Module):
             base.generation_config = generation_config
         try:
             with self.generation_weights(merged, dtype), no_padding_check(base):
-                if shared:
-                    return self._generate_from_shared_prompts(input_ids, attention_mask, num_generations,
-                                                              generation_config, **kwargs)
+                if shared:  # all but the last prompt token through the trunk once; generate runs the last
+                    cache, _ = repeated_prompt_cache(base.base_model, input_ids[:, :-1], attention_mask[:, :-1],
+                                                     num_generations, base.config.get_text_config(decoder=True))
+                    return self.lm.generate(input_ids=input_ids.repeat_interleave(num_generations, 0),
+                                            attention_mask=attention_mask.repeat_interleave(num_generations, 0),
+                                            past_key_values=cache, generation_config=generation_config, **kwargs)
                 if self.mode == "prompt" and not self.lm.active_peft_config.peft_type == "PREFIX_TUNING":
                     return self._generate_after_virtual_tokens(input_ids, attention_mask, generation_config, **kwargs)
                 return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask,
@@ -312,45 +321,6 @@ class Policy(nn.Module):
         for _, p in self.lm.named_parameters(remove_duplicate=False):
             (shared if id(p) in seen else seen).add(id(p))
         return shared
-
-    def shares_prompt(self, input_ids: torch.Tensor, generation_config=None, **kwargs) -> bool:
-        """Whether `generate(..., num_generations > 1)` runs each prompt once and repeats its KV cache.
-
-        Not with prompt or prefix tuning (peft feeds the virtual tokens to `generate` itself), under
-        ZeRO-3's `synced_gpus`, with beam search, `num_return_sequences`, assisted decoding or
-        classifier-free guidance (they expand or run the batch themselves), without a KV cache or
-        with a `cache_implementation` other than the dynamic one (transformers builds a static,
-        offloaded or quantized cache itself), or with prompts of one token (nothing before the
-        last token to share).
-        """
-        config = generation_config if generation_config is not None else self.base_model.generation_config
-        # transformers leaves unset fields None: one beam, one sequence, a cache
-        return (self.mode != "prompt" and not kwargs.get("synced_gpus") and input_ids.shape[1] >= 2
-                and (config.num_beams or 1) == 1 and (config.num_return_sequences or 1) == 1
-                and config.use_cache is not False and config.cache_implementation in (None, "dynamic")
-                and all(kwargs.get(k) is None for k in ("assistant_model", "negative_prompt_ids")))
-
-    def _generate_from_shared_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                      num_generations: int, generation_config, **kwargs) -> torch.Tensor:
-        """`generate` on each row repeated `num_generations` times, with each prompt run once.
-
-        Every token but the last runs through the policy's trunk (its language-model head is not
-        needed) into a KV cache, which is then repeated to the G rows of its prompt. `generate`
-        continues from that cache: it runs the last prompt token and samples exactly as on
-        repeated rows (the same logits processors, stop ids and padding; positions come from the
-        full attention mask). Shape: (b, t) -> (b * G, t + new).
-        """
-        from transformers import DynamicCache
-
-        base = self.base_model
-        head_ids, head_mask = input_ids[:, :-1], attention_mask[:, :-1]  # (b, t - 1): all but the last token
-        cache = DynamicCache(config=base.config.get_text_config(decoder=True))
-        base.base_model(input_ids=head_ids, attention_mask=head_mask, position_ids=position_ids_from_mask(head_mask),
-                        past_key_values=cache, use_cache=True)
-        cache.batch_repeat_interleave(num_generations)  # (b * G, heads, t - 1, head_dim) per layer
-        return self.lm.generate(input_ids=input_ids.repeat_interleave(num_generations, 0),
-                                attention_mask=attention_mask.repeat_interleave(num_generations, 0),
-                                past_key_values=cache, generation_config=generation_config, **kwargs)
 
     def _generate_after_virtual_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                        generation_config, **kwargs) -> torch.Tensor:

@@ -235,8 +235,8 @@ def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[in
 
     With `share_prompt` (and `num_generations > 1`) the prompts go to `policy.generate` once each,
     with `num_generations`: each prompt runs once and its KV cache serves its whole group, except
-    where `Policy.shares_prompt` says it cannot (prompt or prefix tuning, ZeRO-3's `synced_gpus`,
-    beam search, ...), where the policy repeats the rows itself. `share_prompt=False` repeats
+    where `rlora.models.shared_prefix.can_share_prefix` says it cannot (prompt or prefix tuning,
+    ZeRO-3's `synced_gpus`, beam search, ...), where the policy repeats the rows itself. `share_prompt=False` repeats
     each prompt `num_generations` times here, before generation. `merged` and `dtype` choose the
     weights sampled on (`Policy.generation_weights`).
     """
