@@ -297,13 +297,14 @@ def _validate_group_method(g: GRPOConfig, config: Config) -> None:
 
     for key in ("ppo_epochs", "num_rollouts", "chunk_size", "num_generations"):
         _check(getattr(g, key) >= 1, f"method.{key}", getattr(g, key), "it must be at least 1")
-    G = g.num_generations
-    _check(G >= 2, "method.num_generations", G, "a group needs at least 2 completions per prompt; set it to 2 or "
-           "more (8 is usual)")
-    _check(g.num_rollouts % G == 0, "method.num_rollouts", g.num_rollouts,
-           f"it must be a multiple of method.num_generations={G} (whole groups per phase)")
-    _check(g.chunk_size % G == 0, "method.chunk_size", g.chunk_size,
-           f"it counts completions generated at once, in whole groups: use a multiple of num_generations={G}")
+    num_generations = g.num_generations
+    _check(num_generations >= 2, "method.num_generations", num_generations,
+           "a group needs at least 2 completions per prompt; set it to 2 or more (8 is usual)")
+    _check(g.num_rollouts % num_generations == 0, "method.num_rollouts", g.num_rollouts,
+           f"it must be a multiple of method.num_generations={num_generations} (whole groups per phase)")
+    _check(g.chunk_size % num_generations == 0, "method.chunk_size", g.chunk_size,
+           "it counts completions generated at once, in whole groups: use a multiple of "
+           f"num_generations={num_generations}")
     for key, allowed in (("advantage_estimator", ESTIMATORS), ("scale_rewards", SCALE_REWARDS),
                          ("loss_type", LOSS_TYPES), ("importance_sampling_level", ("token", "sequence"))):
         _check(getattr(g, key) in allowed, f"method.{key}", getattr(g, key), f"use one of {', '.join(allowed)}")
@@ -327,9 +328,9 @@ def _validate_group_method(g: GRPOConfig, config: Config) -> None:
     if g.shared_prefix:  # the passes take whole groups: batches are shuffled group by group
         for key in ("batch_size", "minibatch_size"):
             value = getattr(config.train, key) or config.train.batch_size
-            _check(value % G == 0, f"train.{key}", value,
-                   f"with method.shared_prefix each pass takes whole groups: make it a multiple of num_generations={G}, "
-                   "or set method.shared_prefix: false")
+            _check(value % num_generations == 0, f"train.{key}", value,
+                   "with method.shared_prefix each pass takes whole groups: make it a multiple of "
+                   f"num_generations={num_generations}, or set method.shared_prefix: false")
     _check(config.model.value_adapter is None, "model.value_adapter", config.model.value_adapter,
            "the group methods have no critic; drop model.value_adapter (or use method.name: PPOConfig)")
     if g.importance_sampling_level == "sequence" and g.loss_type in ("bnpo", "dr_grpo", "dapo"):

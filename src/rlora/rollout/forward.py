@@ -87,10 +87,10 @@ def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor,
 
 
 def forward_group_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                            response_mask: torch.Tensor, group_size: int, with_reference: bool = False,
+                            response_mask: torch.Tensor, num_generations: int, with_reference: bool = False,
                             temperature: float = 1.0, with_policy: bool = True,
                             with_entropy: bool = False) -> ResponseOutputs:
-    """`forward_responses` for a batch of groups of `group_size` rows, each group's prompt
+    """`forward_responses` for a batch of groups of `num_generations` rows, each group's prompt
     run once (`rlora.models.shared_prefix`): the same log-probs and gradients up to float
     rounding, from b / G prompt rows instead of b.
 
@@ -104,35 +104,36 @@ def forward_group_responses(policy, query_ids: torch.Tensor, query_mask: torch.T
     does not apply (`can_share_prefix`), it is `forward_responses` itself. Outputs at padded
     response positions are unspecified, as there. In train mode, dropout in a prompt is drawn
     once per group rather than once per row.
-    Shape: query (b, p), response (b, r), b a multiple of `group_size` -> each (b, r).
+    Shape: query (b, p), response (b, r), b a multiple of `num_generations` -> each (b, r).
     """
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r}; give the number of completions per prompt, an integer >= 1")
-    if not can_share_prefix(policy, group_size, query_ids, query_mask, response_ids, with_policy):
+    if not isinstance(num_generations, int) or num_generations < 1:
+        raise ValueError(f"num_generations={num_generations!r}; give the number of completions per prompt, an "
+                         "integer >= 1")
+    if not can_share_prefix(policy, num_generations, query_ids, query_mask, response_ids, with_policy):
         return forward_responses(policy, query_ids, query_mask, response_ids, response_mask,
                                  with_reference=with_reference, temperature=temperature, with_policy=with_policy,
                                  with_entropy=with_entropy)
-    b, G = query_ids.shape[0], group_size
-    empty = response_ids[::G, :0]  # (n, 0): `pack_sequences` of the prompts alone
-    prompt_ids, prompt_mask, lengths = pack_sequences(query_ids[::G], query_mask[::G], empty,
-                                                      response_mask[::G, :0])  # (n, p), (n, p), (n,)
+    b, first_rows = query_ids.shape[0], slice(None, None, num_generations)  # a group's prompt is its first row's
+    empty = response_ids[first_rows, :0]  # (n, 0): `pack_sequences` of the prompts alone
+    prompt_ids, prompt_mask, lengths = pack_sequences(query_ids[first_rows], query_mask[first_rows], empty,
+                                                      response_mask[first_rows, :0])  # (n, p), (n, p), (n,)
     logprobs = entropy = ref_logprobs = None
     if with_policy:
         last, tail = _group_pass(policy.lm, prompt_ids, prompt_mask.long(), lengths, response_ids, response_mask,
-                                 group_size)
-        logprobs, entropy = _label_logprobs(last, tail, response_ids, group_size, temperature, with_entropy)
+                                 num_generations)
+        logprobs, entropy = _label_logprobs(last, tail, response_ids, num_generations, temperature, with_entropy)
     if with_reference:
         with torch.no_grad(), policy.reference() as ref:
             last, tail = _group_pass(ref, prompt_ids, prompt_mask.long(), lengths, response_ids, response_mask,
-                                     group_size)
-        ref_logprobs, _ = _label_logprobs(last, tail, response_ids, group_size, temperature)
+                                     num_generations)
+        ref_logprobs, _ = _label_logprobs(last, tail, response_ids, num_generations, temperature)
     assert all(x is None or x.shape == (b, response_ids.shape[1]) for x in (logprobs, ref_logprobs, entropy))
     return ResponseOutputs(logprobs, None, ref_logprobs, entropy)
 
 
 def _group_pass(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, lengths: torch.Tensor,
                 response_ids: torch.Tensor, response_mask: torch.Tensor,
-                group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                num_generations: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One causal LM (the policy, or the reference) over the prompts once and the completions on
     their repeated cache. Returns the logits at each prompt's last token, which predict the first
     response token, and the completions' logits, which predict the rest (None for r = 1: the
@@ -142,21 +143,21 @@ def _group_pass(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, leng
     """
     first = int(lengths.min()) - 1
     keep = torch.arange(first, int(lengths.max()), device=lengths.device)  # the LM head runs here only
-    cache, out = repeated_prompt_cache(model, prompt_ids, prompt_mask, group_size, logits_to_keep=keep)
+    cache, out = repeated_prompt_cache(model, prompt_ids, prompt_mask, num_generations, logits_to_keep=keep)
     index = (lengths - 1 - first)[:, None, None].expand(-1, 1, out.logits.shape[-1])  # (n, 1, v)
     last = out.logits.gather(1, index).squeeze(1)  # (n, v)
     if response_ids.shape[1] == 1:
         return last, None
     ids, mask = response_ids[:, :-1], response_mask[:, :-1].long()  # (b, r - 1)
     # positions continue each prompt's count; pads repeat the last real one, as `position_ids_from_mask`
-    positions = lengths.repeat_interleave(group_size)[:, None] + position_ids_from_mask(mask)  # (b, r - 1)
-    keys_mask = torch.cat([prompt_mask.repeat_interleave(group_size, 0), mask], 1)  # (b, p + r - 1)
+    positions = lengths.repeat_interleave(num_generations)[:, None] + position_ids_from_mask(mask)  # (b, r - 1)
+    keys_mask = torch.cat([prompt_mask.repeat_interleave(num_generations, 0), mask], 1)  # (b, p + r - 1)
     tail = model(input_ids=ids, attention_mask=keys_mask, position_ids=positions, past_key_values=cache,
                  use_cache=True).logits  # (b, r - 1, v)
     return last, tail
 
 
-def _label_logprobs(last: torch.Tensor, tail: torch.Tensor | None, response_ids: torch.Tensor, group_size: int,
+def _label_logprobs(last: torch.Tensor, tail: torch.Tensor | None, response_ids: torch.Tensor, num_generations: int,
                     temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens: the first from its prompt's last logits (one row per
     group, repeated for its G labels), the rest from the completions' logits; with
@@ -165,10 +166,10 @@ def _label_logprobs(last: torch.Tensor, tail: torch.Tensor | None, response_ids:
     Shape: last (n, v), tail (b, r - 1, v) or None, response_ids (b, r) -> (b, r), (b, r).
     """
     n, v = last.shape
-    firsts = response_ids[:, 0].reshape(n, group_size)  # (n, G)
-    first = logprobs_of_labels(last[:, None].expand(n, group_size, v), firsts,
+    firsts = response_ids[:, 0].reshape(n, num_generations)  # (n, G)
+    first = logprobs_of_labels(last[:, None].expand(n, num_generations, v), firsts,
                                temperature).reshape(-1, 1)  # (b, 1)
-    first_entropy = token_entropy(last[:, None], temperature).repeat_interleave(group_size, 0) if with_entropy \
+    first_entropy = token_entropy(last[:, None], temperature).repeat_interleave(num_generations, 0) if with_entropy \
         else None  # (b, 1)
     if tail is None:
         return first, first_entropy
