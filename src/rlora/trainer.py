@@ -49,7 +49,7 @@ from rlora.rollout.forward import ResponseOutputs, forward_group_responses, forw
 from rlora.rollout.generation import Rollouts, generate_rollouts, sampling_temperature, stop_token_ids
 from rlora.rollout.prompts import Prompt, PromptLoader, end_of_turn_id, normalize_prompts, render_prompt, \
     tokenize_prompts
-from rlora.rollout.rewards import RewardFunctions, ScoreBatch, add_scores
+from rlora.rollout.rewards import RewardFunctions, ScoreBatch, add_scores, check_reward_given
 from rlora.rollout.store import Experience, PhaseState, Scored
 from rlora.signals import TrainingInterrupted, stop_on_signals
 from rlora.tracking import Tracker, console, log_rollouts, plot_history
@@ -62,9 +62,7 @@ class Trainer:
                  prompts: list[Prompt], eval_prompts: list[Prompt], metric_fn: Callable | None = None,
                  stop_sequences: list[str] | None = None, accelerator: Accelerator | None = None,
                  verbose: bool = True):
-        if reward_fn is None and not policy.has_reward_adapter:
-            raise ValueError("training needs rewards: pass reward_fn(samples, prompts, outputs, tokenizer, **metadata), "
-                             "or set model.reward_adapter to a reward adapter trained with `rlora rm`")
+        check_reward_given(reward_fn, policy.has_reward_adapter)
         self.config, self.tokenizer = config, tokenizer
         self.reward_fn = reward_fn if reward_fn is None or isinstance(reward_fn, RewardFunctions) else \
             RewardFunctions(reward_fn, config.task.reward_weights)

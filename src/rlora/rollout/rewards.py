@@ -106,6 +106,14 @@ def function_name(fn: Callable, index: int) -> str:
     return getattr(fn, "__name__", None) or getattr(type(fn), "__name__", None) or f"reward_{index}"
 
 
+def check_reward_given(reward_fn: Any, has_reward_adapter: bool) -> None:
+    """Refuse a run with nothing to reward it: neither a reward function nor a reward adapter."""
+    if reward_fn is None and not has_reward_adapter:
+        raise ValueError("no reward: pass reward_fn=fn(samples, prompts, outputs, tokenizer, **metadata) (or TRL's "
+                         "fn(prompts, completions, **kwargs)), set task.reward_fn to 'module:function', or set "
+                         "model.reward_adapter to a reward adapter trained with `rlora rm`")
+
+
 class RewardFunctions:
     """One or several reward functions with their weights; calling it scores a `ScoreBatch`.
 
