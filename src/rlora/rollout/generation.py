@@ -83,8 +83,8 @@ class DrawToken:
 
     The draw is inverse transform sampling: one uniform per row against the row's cumulative
     probabilities (float64). transformers' own draw, `torch.multinomial`, makes an exponential
-    variate for every vocabulary entry of every row at every step: on SmolLM2's 49k vocabulary
-    that was 14% of a bf16 decode on this CPU, the draw here 4%. The distribution drawn from is
+    variate for every vocabulary entry of every row at every step, a visible share of a decode
+    step on a large vocabulary (BENCHMARKS.md, sampling a group chunk). The distribution drawn from is
     the same; the random stream differs. `warpers` (temperature, top-k, top-p, min-p) run first,
     as transformers would run them. Shape: scores (b, v) -> (b, v).
     """
