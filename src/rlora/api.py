@@ -1,4 +1,4 @@
-"""`rlora.train`: the one-call entry point, as trlx's `trlx.train` (SPEC §2)."""
+"""`rlora.train`: the one-call entry point, as trlx's `trlx.train` (docs/design.md §2)."""
 
 from __future__ import annotations
 

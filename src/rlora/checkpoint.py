@@ -1,4 +1,5 @@
-"""Checkpoints: a directory written under a temporary name and renamed into place (SPEC §5).
+"""Checkpoints: a directory written under a temporary name and renamed into place
+(docs/design.md §7).
 
 Layout of a checkpoint directory:
   adapter/                 the policy adapter in peft's format (adapter and prompt modes);

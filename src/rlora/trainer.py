@@ -1,4 +1,5 @@
-"""The trainer: one visible loop over rollout phases for PPO and the group methods (SPEC §4).
+"""The trainer: one visible loop over rollout phases for PPO and the group methods
+(docs/design.md §4, §5).
 
 `Trainer.learn` reads top to bottom: rollouts, scores, reward processing, the rollout pass
 (only the passes the method needs: old log-probs, values, reference), advantages, the update
@@ -163,7 +164,7 @@ class Trainer:
         then raise `TrainingInterrupted`; `train.resume_from_checkpoint` continues from it exactly.
         """
         train, method = self.config.train, self.config.method
-        self.model.eval()  # dropout off in every PPO pass, so the ratio starts at 1 (SPEC §1)
+        self.model.eval()  # dropout off in every PPO pass, so the ratio starts at 1 (docs/design.md §1)
         if self.step == 0 and not self.history:
             self.evaluate()  # the baseline, before any update
         progress = self._progress()

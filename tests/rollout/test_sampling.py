@@ -1,4 +1,4 @@
-"""Rollouts are sampled from exactly the distribution that PPO scores (SPEC §8).
+"""Rollouts are sampled from exactly the distribution that PPO scores (docs/design.md §9).
 
 For each architecture and each way the two could drift apart (a sampling temperature, a
 checkpoint's own `generation_config`, several EOS ids, bf16 autocast), one rollout phase is

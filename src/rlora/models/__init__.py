@@ -1,4 +1,5 @@
-"""Roles on one base: policy, reference, value head, the reward adapter's score head (SPEC §1)."""
+"""Roles on one base: policy, reference, value head, the reward adapter's score head
+(docs/design.md §1)."""
 
 from rlora.models.hydra import HydraBranch, find_decoder_blocks
 from rlora.models.loading import build_policy, load_base_model, load_tokenizer, resolve_peft_config

@@ -191,7 +191,7 @@ def fit_to_tokenizer(base: PreTrainedModel, tokenizer) -> PreTrainedModel:
 
 
 def build_policy(model_config, tokenizer, value_head: bool = True) -> Policy:
-    """Load the base once and build the policy, reference and value roles on it (SPEC §1);
+    """Load the base once and build the policy, reference and value roles on it (docs/design.md §1);
     `value_head=False` for the critic-free group methods."""
     adapter = adapter_dir(model_config.model_path)
     if adapter is not None and model_config.peft_config is not None:
