@@ -1,4 +1,5 @@
-# `make demo` and `make test` work from a fresh clone: each creates .venv when missing.
+# `make demo` and `make test` work from a fresh clone: each creates .venv when missing and installs
+# rlora into it with the exact versions CI tests (constraints.txt; pyproject.toml holds the ranges).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,9 +7,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow test-all bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

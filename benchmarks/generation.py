@@ -56,7 +56,7 @@ from common import record  # noqa: E402
 
 from rlora.fetch import fetch  # noqa: E402
 from rlora.models import Policy  # noqa: E402
-from rlora.models.policy import position_ids_from_mask  # noqa: E402
+from rlora.models.shared_prefix import repeated_prompt_cache  # noqa: E402
 from rlora.rollout.generation import drawn_here, left_pad, rollout_generation_config, stop_token_ids  # noqa: E402
 
 MESSAGES = [[{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a "
@@ -107,17 +107,15 @@ def variants(policy, plain, tokenizer, prompts, compile_decode: bool) -> dict:
             return plain.generate(input_ids=rows, attention_mask=row_mask, generation_config=config)
 
     def shared_static():
-        """Shared prefill into HF's StaticCache: the trunk fills a DynamicCache for the 2 prompts,
-        whose layers are written, repeated to 16 rows, into a static cache through its `update`."""
-        from transformers import DynamicCache, StaticCache
+        """Shared prefill into HF's StaticCache: the trunk fills rlora's repeated prompt cache for
+        the 2 prompts (16 rows), whose layers are written into a static cache through its `update`."""
+        from transformers import StaticCache
 
-        base, head, head_mask = policy.base_model, q[:, :-1], m.long()[:, :-1]
-        dynamic = DynamicCache(config=base.config)
-        base.base_model(input_ids=head, attention_mask=head_mask, position_ids=position_ids_from_mask(head_mask),
-                        past_key_values=dynamic, use_cache=True)
+        base = policy.base_model
+        dynamic, _ = repeated_prompt_cache(base.base_model, q[:, :-1], m.long()[:, :-1], GROUP, base.config)
         cache = StaticCache(config=base.config, max_cache_len=rows.shape[1] + NEW_TOKENS - 1)
         for i, layer in enumerate(dynamic.layers):
-            cache.update(layer.keys.repeat_interleave(GROUP, 0), layer.values.repeat_interleave(GROUP, 0), i)
+            cache.update(layer.keys, layer.values, i)
         return policy.lm.generate(input_ids=rows, attention_mask=row_mask, past_key_values=cache,
                                   generation_config=config)
 

@@ -74,7 +74,8 @@ def save_reward_adapter_for(model_dir: str, directory: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlora.reward import ScoreHead, save_reward_adapter
+    from rlora.models.score_head import ScoreHead
+    from rlora.reward_model import save_reward_adapter
 
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(model_dir)

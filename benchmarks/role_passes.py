@@ -22,7 +22,8 @@ from common import best_of, record  # noqa: E402
 
 from rlora.config import ModelConfig  # noqa: E402
 from rlora.models import build_policy  # noqa: E402
-from rlora.models.policy import VALUE, last_hidden_state, position_ids_from_mask  # noqa: E402
+from rlora.models.policy import VALUE  # noqa: E402
+from rlora.models.trunk import last_hidden_state, position_ids_from_mask  # noqa: E402
 
 LORA = {"peft_type": "LORA", "r": 8, "lora_alpha": 32, "lora_dropout": 0.0, "init_lora_weights": False}
 SHAPES = {  # name: (GPT-2 config kwargs, batch, sequence length, response length)

@@ -26,9 +26,8 @@ from common import record  # noqa: E402
 from rlora.config import ModelConfig  # noqa: E402
 from rlora.fetch import fetch  # noqa: E402
 from rlora.models import build_policy  # noqa: E402
+from rlora.rollout.forward import forward_group_responses, forward_responses  # noqa: E402
 from rlora.rollout.generation import left_pad  # noqa: E402
-from rlora.rollout.scoring import forward_responses  # noqa: E402
-from rlora.rollout.shared_prefix import forward_group_responses  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "What colour is the sky?", "Give me one word.", "Say hello."]
 GROUP, RESPONSE = 8, 8

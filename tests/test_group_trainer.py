@@ -150,10 +150,10 @@ def step_gradient(trainer, exp):
     return torch.cat([(b - p.detach()).flatten() for p, b in zip(trainer.policy.trainable_parameters(), before)])
 
 
-def uneven_experience(n=8, group_size=4):
+def uneven_experience(n=8, num_generations=4):
     """Groups of 4 completions (each group one prompt) of uneven lengths."""
     exp = random_experience(n, 3, 6, vocab_size=30)
-    exp.query_ids = exp.query_ids[::group_size].repeat_interleave(group_size, 0)
+    exp.query_ids = exp.query_ids[::num_generations].repeat_interleave(num_generations, 0)
     lengths = torch.tensor([6, 1, 4, 2, 5, 3, 6, 2, 1, 1, 2, 6])[:n]
     exp.response_mask = torch.arange(6)[None, :] < lengths[:, None]
     exp.loss_mask = exp.response_mask.clone()
@@ -438,7 +438,7 @@ def test_a_microbatch_without_loss_tokens_keeps_the_statistics_finite(tiny_model
 
 
 def test_entropy_is_the_mean_over_the_tokens_the_loss_counts(tiny_model_dir, tmp_path):
-    from rlora.rollout.scoring import forward_responses
+    from rlora.rollout.forward import forward_responses
 
     trainer = build(tiny_model_dir("gpt2"), str(tmp_path), train={"minibatch_size": 8},
                     method={"shared_prefix": False})

@@ -120,7 +120,7 @@ def test_a_curriculum_reads_the_trainer_state(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("weights", [[1.0, 1.0], [3.0, -1.0]], ids=["default", "weighted"])
 def test_trl_functions_scored_by_hand_match_the_docs(weights):
-    from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch
+    from rlora.rollout.rewards import RewardFunctions, ScoreBatch
 
     chat = [{"role": "user", "content": "What is the result of (1 + 2) * 4?"}]
     outputs = ["<think>The sum of 1 and 2 is 3, which we multiply by 4 to get 12.</think><answer>(1 + 2) * 4 = "

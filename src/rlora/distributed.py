@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from rlora.algo import masked_whiten
-from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch
+from rlora.rollout.rewards import RewardFunctions, ScoreBatch
 
 
 def leave_process_group() -> None:

@@ -16,9 +16,8 @@ from rich.table import Table
 from rlora.algo import nan_moments
 from rlora.distributed import Processes
 from rlora.rollout.prompts import Prompt
-from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch
+from rlora.rollout.rewards import RewardFunctions, ScoreBatch, collate_metadata, validate_scores
 from rlora.rollout.sampler import Sampler
-from rlora.rollout.scoring import collate_metadata, validate_scores
 from rlora.tracking import console, eval_table
 
 

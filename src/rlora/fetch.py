@@ -27,6 +27,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlora.cache import cache_root
+
 
 @dataclass(frozen=True)
 class Source:
@@ -48,13 +50,6 @@ BUILT = {"randomwalks": "the stand-in for the hub model CarperAI/randomwalks (SF
                          "randomwalks graph)"}
 RANDOMWALKS_SEED = 1000  # trlx's TrainConfig.seed, with which ppo_randomwalks.py draws its graph
 DONE = ".rlora-fetched"  # written last: a directory without it is an interrupted fetch
-
-
-def cache_root() -> Path:
-    """rlora's cache directory: `$RLORA_CACHE`, else `$XDG_CACHE_HOME/rlora`, else `~/.cache/rlora`."""
-    if os.environ.get("RLORA_CACHE"):
-        return Path(os.environ["RLORA_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rlora"
 
 
 def fetch(name: str, out: str | os.PathLike | None = None, verbose: bool = False, seed: int | None = None) -> str:

@@ -1,5 +1,5 @@
 """The run's state as data: what a checkpoint saves and a resumed run starts from, and what
-evaluation reads (docs/design.md §5).
+evaluation reads (docs/design.md §6).
 
 The loop (`rlora.trainer`) advances it; the method object (`rlora.methods`) reads and updates its
 KL controller and reward moments; `rlora.checkpoint` writes and restores it; nothing else reaches

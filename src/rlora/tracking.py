@@ -1,4 +1,5 @@
-"""Metrics: `metrics.jsonl` always, TensorBoard or W&B when asked, PNG plots, eval tables."""
+"""Metrics: `metrics.jsonl` always, TensorBoard or W&B when asked, PNG plots, eval tables, and
+readers of a run's history (seconds per phase, a group method's per-phase signals)."""
 
 from __future__ import annotations
 
@@ -108,6 +109,15 @@ def mean_phase_seconds(history: list[dict[str, Any]]) -> dict[str, float]:
     """`phase_seconds` averaged over the phases of `history`."""
     phases = phase_seconds(history)
     return {name: sum(p[name] for p in phases) / max(1, len(phases)) for name in ("rollout", "rollout_pass", "update")}
+
+
+def group_signals(history: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """A group method's per-phase rollout `reward` and `frac_reward_zero_std` (the share of groups
+    whose rewards were all equal, which teach nothing), TRL's names; {} for PPO, which logs neither."""
+    phases = [r for r in history if "frac_reward_zero_std" in r]
+    if not phases:
+        return {}
+    return {key: [round(r[key], 4) for r in phases] for key in ("reward", "frac_reward_zero_std")}
 
 
 def plot_history(history: list[dict[str, Any]], run_dir: str, extra_keys: tuple[str, ...] = ()) -> list[str]:

@@ -1,4 +1,4 @@
-"""The trainer: one visible loop over rollout phases for every method (docs/design.md §4).
+"""The trainer: one visible loop over rollout phases for every method (docs/design.md §4, §5, §6).
 
 `Trainer.learn` reads top to bottom: rollouts and rewards, reward processing, the rollout pass,
 advantages, the optimizer steps, the end of the phase, evaluation, checkpoints. What differs
@@ -36,9 +36,8 @@ from rlora.models.loading import check_positions
 from rlora.optim import build_optimizer, build_scheduler, default_run_dir
 from rlora.rollout.generation import Rollouts, sampling_temperature
 from rlora.rollout.prompts import Prompt, PromptLoader, normalize_prompts, tokenize_prompts
-from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch
+from rlora.rollout.rewards import RewardFunctions, ScoreBatch, add_scores, check_reward_given
 from rlora.rollout.sampler import Sampler
-from rlora.rollout.scoring import add_scores
 from rlora.rollout.store import Experience, Scored
 from rlora.signals import TrainingInterrupted, stop_on_signals
 from rlora.state import PhaseState
@@ -52,9 +51,7 @@ class Trainer:
                  prompts: list[Prompt], eval_prompts: list[Prompt], metric_fn: Callable | None = None,
                  stop_sequences: list[str] | None = None, accelerator: Accelerator | None = None,
                  verbose: bool = True):
-        if reward_fn is None and not policy.has_reward_adapter:
-            raise ValueError("training needs rewards: pass reward_fn(samples, prompts, outputs, tokenizer, **metadata), "
-                             "or set model.reward_adapter to a reward adapter trained with `rlora rm`")
+        check_reward_given(reward_fn, policy.has_reward_adapter)
         self.config, self.tokenizer, self.policy = config, tokenizer, policy
         self.reward_fn = reward_fn if reward_fn is None or isinstance(reward_fn, RewardFunctions) else \
             RewardFunctions(reward_fn, config.task.reward_weights)
@@ -194,13 +191,13 @@ class Trainer:
     def _collect(self) -> tuple[Scored, dict[str, Any]]:
         """Steps 1 and 2: this process's share of `num_rollouts`, generated and rewarded, and their
         statistics (over every process). Every process draws its slice of the same prompt chunks."""
-        G = self.method.num_generations
         draws = self.method.rollouts(self.layout, self.dist, self.tokenizer.pad_token_id)
         config = self.config.method
         while (size := draws.next_size()) > 0:
             index = self.state.loader.next_chunk(size * self.dist.world)[self.dist.rank * size:][:size]
             rollouts = self.sampler.generate(index, rollout_gen_kwargs(config), self.prompt_ids, self.prompts,
-                                             merged=config.merge_adapter_for_generation, num_generations=G,
+                                             merged=config.merge_adapter_for_generation,
+                                             num_generations=self.method.num_generations,
                                              recast=True)
             draws.add(self.method.shape_chunk(self._rewards(index, rollouts)))
         phase = draws.phase()
@@ -212,8 +209,7 @@ class Trainer:
     def _rewards(self, index: list[int], rollouts: Rollouts) -> Scored:
         """The rewards of one chunk (generated from the prompts at `index`): reward functions plus
         the reward adapter."""
-        G = self.method.num_generations
-        metadata = [self.prompts[i].metadata for i in index for _ in range(G)]
+        metadata = [self.prompts[i].metadata for i in index for _ in range(self.method.num_generations)]
         self.trainer_state.global_step = self.state.step
         fn_scores, values = (None, {}) if self.reward_fn is None else self.dist.score(
             self.reward_fn, ScoreBatch.of(rollouts, metadata), self.tokenizer, self.config.train.reward_on_all_ranks,

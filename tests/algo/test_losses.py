@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlora.algo import entropy_from_logits, logprobs_and_entropy, logprobs_of_labels, masked_mean, policy_loss, value_loss
+from rlora.algo import logprobs_and_entropy, logprobs_of_labels, masked_mean, policy_loss, value_loss
 from rlora.algo import token_entropy
 
 NAN = float("nan")
@@ -171,7 +171,7 @@ def test_value_loss_padding_reaches_neither_loss_stats_nor_grads(garbage):
     assert_padding_inert(value_loss, values, old, ret, mask, garbage, VALUE_KEYS)
 
 
-# ---- logprobs_of_labels / entropy_from_logits ----
+# ---- logprobs_of_labels / logprobs_and_entropy ----
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
@@ -272,15 +272,3 @@ def test_logprobs_and_entropy_are_logprobs_of_labels_and_token_entropy(monkeypat
 def test_logprobs_of_labels_rejects_misaligned_shapes():
     with pytest.raises(ValueError, match="align them first"):
         logprobs_of_labels(torch.zeros(2, 5, 10), torch.zeros(2, 4, dtype=torch.long))
-
-
-def test_entropy_from_logits_by_hand():
-    logits = torch.tensor(
-        [[[0.0, 0.0], [0.0, math.log(3.0)]], [[0.0, -math.inf], [NAN, 1e9]]], dtype=F64
-    )
-    mask = torch.tensor([[True, True], [True, False]])
-    # [0, 0]: p = [½, ½], H = log 2 = 0.693147
-    # [0, log 3]: p = [¼, ¾], H = −(¼ log ¼ + ¾ log ¾) = log 4 − ¾ log 3 = 0.562335
-    # [0, −inf]: p = [1, 0], H = 0; the last token is padding
-    expected = (math.log(2.0) + math.log(4.0) - 0.75 * math.log(3.0) + 0.0) / 3
-    assert entropy_from_logits(logits, mask).item() == pytest.approx(expected, abs=1e-12)

@@ -16,7 +16,7 @@ from rlora.models import build_policy
 from rlora.tiny import char_tokenizer
 from rlora.models.precision import bf16_adapter_compute
 from rlora.models.value_head import ValueHead
-from rlora.reward import ScoreHead
+from rlora.models.score_head import ScoreHead
 from rlora.tiny import random_experience, tiny_group_config, tiny_ppo_config
 
 PROMPTS = ["hello", "abc", "xyz", "the "]

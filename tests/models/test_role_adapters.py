@@ -14,11 +14,12 @@ from rlora.config import ModelConfig, load_config
 from rlora.models import build_policy, load_base_model, load_tokenizer, position_ids_from_mask
 from rlora.models.loading import adapter_parameters
 from rlora.models.policy import POLICY, REWARD, VALUE
-from rlora.reward import ScoreHead, load_score_head, save_reward_adapter, sequence_scores
+from rlora.models.score_head import ScoreHead, load_score_head, sequence_scores
+from rlora.reward_model import save_reward_adapter
 from rlora.rollout.prompts import normalize_prompts
-from rlora.rollout.scoring import forward_responses
+from rlora.rollout.forward import forward_responses
+from rlora.rollout.rewards import add_scores
 from rlora.tiny import char_tokenizer, random_experience, tiny_ppo_config
-from rlora.rollout.scoring import add_scores
 from rlora.trainer import PPOTrainer
 
 LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "lora_dropout": 0.0, "init_lora_weights": False}

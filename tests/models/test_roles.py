@@ -1,4 +1,5 @@
-"""Roles on one base: reference == base bitwise, adapter toggling, what trains (SPEC §1)."""
+"""Roles on one base: reference == base bitwise, adapter toggling, what trains
+(docs/design.md §1)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from peft import PromptTuningConfig
 from rlora.config import ModelConfig
 from rlora.models import build_policy
 from rlora.rollout.generation import left_pad, right_pad
-from rlora.rollout.scoring import forward_responses, pack_sequences
+from rlora.rollout.forward import forward_responses, pack_sequences
 from rlora.tiny import char_tokenizer
 
 MODES = {"lora": {"peft_config": {"peft_type": "LORA", "r": 4, "init_lora_weights": False}},

@@ -14,8 +14,9 @@ from peft import PrefixTuningConfig, PromptTuningConfig
 
 from rlora.config import ModelConfig
 from rlora.models import build_policy
+from rlora.models.shared_prefix import can_share_prefix
+from rlora.rollout.forward import forward_responses
 from rlora.rollout.generation import generate_rollouts, sampling_temperature
-from rlora.rollout.scoring import forward_responses
 
 PROMPTS = ["hello there", "ab", "the cat sat", "x"]  # unequal lengths: the batch is left-padded
 LORA = {"peft_config": {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": "all-linear",
@@ -153,8 +154,9 @@ def test_where_the_prompt_is_shared(tiny_model_dir, tokenizer, kind, gen, extra,
     policy = make_policy(tiny_model_dir("gpt2"), tokenizer, kind)
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     config = GenerationConfig(max_new_tokens=2, **gen)
-    assert policy.shares_prompt(ids, config, **extra) is shares
-    assert not policy.shares_prompt(ids[:, -1:], config, **extra), "a one-token prompt has nothing to share"
+    assert can_share_prefix(policy, 2, ids, generation_config=config, generate_kwargs=extra) is shares
+    assert not can_share_prefix(policy, 2, ids[:, -1:], generation_config=config, generate_kwargs=extra), \
+        "a one-token prompt has nothing to share"
 
 
 def test_fallback_repeats_rows_and_keeps_the_group_order(tiny_model_dir, tokenizer):

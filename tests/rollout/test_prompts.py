@@ -8,7 +8,7 @@ from tokenizers import processors
 
 from rlora.config import load_config
 from rlora.models import build_policy, load_tokenizer
-from rlora.reward import encode_scored, rollout_rows
+from rlora.reward_model import encode_scored, rollout_rows
 from rlora.rollout.prompts import encode, normalize_prompts
 from rlora.sft import encode_texts
 from rlora.tiny import BOS, EOS, char_tokenizer, tiny_model, tiny_ppo_config

@@ -1,4 +1,4 @@
-"""Rollouts are sampled from exactly the distribution that PPO scores (SPEC §8).
+"""Rollouts are sampled from exactly the distribution that PPO scores (docs/design.md §9).
 
 For each architecture and each way the two could drift apart (a sampling temperature, a
 checkpoint's own `generation_config`, several EOS ids, bf16 autocast), one rollout phase is
@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from rlora.config import load_config
 from rlora.models import build_policy, load_tokenizer
 from rlora.rollout.prompts import normalize_prompts
-from rlora.rollout.reward_fns import RewardFunctions
+from rlora.rollout.rewards import RewardFunctions
 from rlora.tiny import ARCHITECTURES, tiny_ppo_config
 from rlora.trainer import PPOTrainer
 

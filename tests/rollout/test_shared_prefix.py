@@ -10,9 +10,9 @@ from peft import PrefixTuningConfig, PromptTuningConfig
 
 from rlora.config import ModelConfig
 from rlora.models import build_policy
+from rlora.models.shared_prefix import shares_prompts
+from rlora.rollout.forward import forward_group_responses, forward_responses
 from rlora.rollout.generation import left_pad, right_pad
-from rlora.rollout.scoring import forward_responses
-from rlora.rollout.shared_prefix import forward_group_responses, shares_prompts
 from rlora.tiny import ARCHITECTURES, char_tokenizer
 
 LORA = {"peft_type": "LORA", "r": 4, "init_lora_weights": False}  # B != 0: the adapter acts from the start
@@ -27,10 +27,10 @@ def make_policy(tiny_model_dir, arch: str, mode: str = "lora", value_head: bool 
                         value_head=value_head).eval()
 
 
-def group_batch(group_size: int, responses: str, n_prompts: int = 3):
-    """Prompts of `PROMPTS` left-padded, each repeated `group_size` times in contiguous rows, and
+def group_batch(num_generations: int, responses: str, n_prompts: int = 3):
+    """Prompts of `PROMPTS` left-padded, each repeated `num_generations` times in contiguous rows, and
     right-padded random responses: of 1 to 6 tokens ("ragged", the longest 6) or one token each."""
-    queries = [p for p in PROMPTS[:n_prompts] for _ in range(group_size)]
+    queries = [p for p in PROMPTS[:n_prompts] for _ in range(num_generations)]
     b = len(queries)
     lengths = torch.randint(1, 7, (b,)).tolist() if responses == "ragged" else [1] * b
     if responses == "ragged":
@@ -48,20 +48,20 @@ def embedding_shapes(policy) -> list[tuple[int, ...]]:
     return shapes
 
 
-@pytest.mark.parametrize("group_size", [2, 4], ids=["G2", "G4"])
+@pytest.mark.parametrize("num_generations", [2, 4], ids=["G2", "G4"])
 @pytest.mark.parametrize("responses", ["ragged", "one-token"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)  # absolute, rotary, ALiBi, OPT's offset positions
-def test_scores_equal_forward_responses(tiny_model_dir, arch, responses, group_size):
+def test_scores_equal_forward_responses(tiny_model_dir, arch, responses, num_generations):
     policy = make_policy(tiny_model_dir, arch)
-    batch = group_batch(group_size, responses)
+    batch = group_batch(num_generations, responses)
     mask = batch[3]
     shapes = embedding_shapes(policy)
     with torch.no_grad():
-        shared = forward_group_responses(policy, *batch, group_size, with_reference=True, temperature=TEMPERATURE,
+        shared = forward_group_responses(policy, *batch, num_generations, with_reference=True, temperature=TEMPERATURE,
                                          with_entropy=True)
         r = batch[2].shape[1]
         # the prompts ran once per group (policy, then reference); the last response token not at all
-        assert shapes == ([(3, 6), (3 * group_size, r - 1)] * 2 if r > 1 else [(3, 6)] * 2)
+        assert shapes == ([(3, 6), (3 * num_generations, r - 1)] * 2 if r > 1 else [(3, 6)] * 2)
         plain = forward_responses(policy, *batch, with_reference=True, temperature=TEMPERATURE, with_entropy=True)
     assert shared.values is None and plain.values is None
     for field in ("logprobs", "ref_logprobs", "entropy"):
@@ -71,16 +71,16 @@ def test_scores_equal_forward_responses(tiny_model_dir, arch, responses, group_s
     assert not torch.allclose(shared.logprobs[mask], shared.ref_logprobs[mask], atol=1e-3)  # the adapter acts
 
 
-@pytest.mark.parametrize("group_size", [2, 4], ids=["G2", "G4"])
+@pytest.mark.parametrize("num_generations", [2, 4], ids=["G2", "G4"])
 @pytest.mark.parametrize("arch, mode", [("gpt2", "lora"), ("llama", "lora"), ("llama", "full")],
                          ids=["gpt2-lora", "llama-lora", "llama-full"])
-def test_gradients_equal_forward_responses(tiny_model_dir, arch, mode, group_size):
+def test_gradients_equal_forward_responses(tiny_model_dir, arch, mode, num_generations):
     policy = make_policy(tiny_model_dir, arch, mode)
-    batch = group_batch(group_size, "ragged")
+    batch = group_batch(num_generations, "ragged")
     weights = torch.randn(batch[2].shape)
     grads = {}
-    for name, scores in [("shared", lambda: forward_group_responses(policy, *batch, group_size, with_reference=True,
-                                                                    temperature=TEMPERATURE)),
+    for name, scores in [("shared", lambda: forward_group_responses(policy, *batch, num_generations,
+                                                                    with_reference=True, temperature=TEMPERATURE)),
                          ("plain", lambda: forward_responses(policy, *batch, with_reference=True,
                                                              temperature=TEMPERATURE))]:
         policy.zero_grad(set_to_none=True)
@@ -121,7 +121,7 @@ FALLBACKS = {  # name: (policy config, group size, rows of the batch reordered s
 
 @pytest.mark.parametrize("name", list(FALLBACKS))
 def test_fallbacks_are_forward_responses_exactly(tiny_model_dir, name):
-    config, group_size, order = FALLBACKS[name]
+    config, num_generations, order = FALLBACKS[name]
     config = dict(config)
     value_head = config.pop("value_head", False)
     policy = build_policy(ModelConfig(model_path=tiny_model_dir("llama"), **config), char_tokenizer(),
@@ -130,7 +130,7 @@ def test_fallbacks_are_forward_responses_exactly(tiny_model_dir, name):
     if order is not None:
         batch = tuple(x[order] for x in batch)
     shapes = embedding_shapes(policy)
-    shared = forward_group_responses(policy, *batch, group_size, with_reference=True, with_entropy=True)
+    shared = forward_group_responses(policy, *batch, num_generations, with_reference=True, with_entropy=True)
     assert all(s[0] == 6 for s in shapes)  # every pass ran all rows
     plain = forward_responses(policy, *batch, with_reference=True, with_entropy=True)
     assert (plain.values is not None) == value_head
@@ -149,11 +149,11 @@ def test_shares_prompts(ids, mask, expected):
     assert shares_prompts(torch.tensor(ids), torch.tensor(mask).bool(), 2) is expected
 
 
-@pytest.mark.parametrize("group_size", [0, 2.0], ids=["zero", "float"])
-def test_bad_group_size_names_the_value(tiny_model_dir, group_size):
+@pytest.mark.parametrize("num_generations", [0, 2.0], ids=["zero", "float"])
+def test_bad_num_generations_names_the_value(tiny_model_dir, num_generations):
     policy = make_policy(tiny_model_dir, "gpt2")
-    with pytest.raises(ValueError, match=f"group_size={group_size!r}; give the number of completions per prompt"):
-        forward_group_responses(policy, *group_batch(2, "ragged"), group_size)
+    with pytest.raises(ValueError, match=f"num_generations={num_generations!r}; give the number of completions"):
+        forward_group_responses(policy, *group_batch(2, "ragged"), num_generations)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["forward_responses", "forward_group_responses"])

@@ -150,18 +150,6 @@ def test_make_task_rejects_bad_parameters(kwargs, flag):
         make_task(**kwargs)
 
 
-@pytest.mark.parametrize("env, expected", [({"RLORA_CACHE": "/x/rl"}, "/x/rl"),
-                                           ({"XDG_CACHE_HOME": "/x/xdg"}, "/x/xdg/rlora"),
-                                           ({"HOME": "/x/home"}, "/x/home/.cache/rlora")],
-                         ids=["rlora-cache", "xdg", "home"])
-def test_cache_root(monkeypatch, env, expected):
-    for name in ("RLORA_CACHE", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert randomwalks.cache_root() == Path(expected)
-
-
 def test_sft_model_failed_build_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -7,16 +7,9 @@ True on real response tokens (a prefix of each row), False on padding.
 """
 
 from rlora.algo.advantages import gae
-from rlora.algo.kl import (
-    AdaptiveKLController,
-    FixedKLController,
-    approx_kl_from_ratio,
-    kl_k1,
-    kl_k3,
-    make_kl_controller,
-)
+from rlora.algo.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3, make_kl_controller
 from rlora.algo.group import aggregate_loss, clipped_token_loss, group_advantages, group_policy_loss, overlong_penalty
-from rlora.algo.logprobs import entropy_from_logits, logprobs_and_entropy, logprobs_of_labels, token_entropy
+from rlora.algo.logprobs import logprobs_and_entropy, logprobs_of_labels, token_entropy
 from rlora.algo.losses import policy_loss, value_loss
 from rlora.algo.masked import (
     RunningMoments,
@@ -29,17 +22,15 @@ from rlora.algo.masked import (
     token_mean,
     zero_padding,
 )
-from rlora.algo.rewards import scale_and_clip_scores, token_rewards
+from rlora.algo.shaping import scale_and_clip_scores, token_rewards
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "RunningMoments",
     "aggregate_loss",
-    "approx_kl_from_ratio",
     "check_right_padded",
     "clipped_token_loss",
-    "entropy_from_logits",
     "gae",
     "group_advantages",
     "group_policy_loss",

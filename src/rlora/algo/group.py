@@ -4,8 +4,10 @@ sequence ratio), the k3 KL penalty, DAPO's overlong shaping and the loss aggrega
 Each formula cites its source at the line. The k3 KL is `rlora.algo.kl_k3`; REINFORCE++'s returns
 are `rlora.algo.gae` with V = 0 and λ = 1 over `rlora.algo.token_rewards`.
 
-Notation: `n` completions = `n / G` prompts × `G` completions each (groups contiguous), `t`
-response tokens, `A` advantages, `ρ = π_θ / π_old`.
+Notation: `n` completions = `n / G` prompts × `G` completions each (`num_generations`; groups
+contiguous), `t` response tokens, `A` advantages, `ρ = π_θ / π_old`. `loss_mask` (n, t) is True
+on the real response tokens that count in the loss (`response_mask`, less the truncated
+completions with `mask_truncated_completions`); padding is cleared with `zero_padding`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from rlora.algo.kl import kl_k3
-from rlora.algo.masked import masked_sum, token_mean
+from rlora.algo.masked import masked_sum, token_mean, zero_padding
 
 ESTIMATORS = ("grpo", "rloo", "reinforce++", "reinforce++_baseline")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -21,7 +23,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 STD_EPS = 1e-4  # TRL's grpo_trainer.py: (r - mean) / (std + 1e-4)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "grpo",
+def group_advantages(rewards: torch.Tensor, num_generations: int, estimator: str = "grpo",
                      scale_rewards: str = "group") -> torch.Tensor:
     """One advantage per completion from its group's rewards.
 
@@ -39,22 +41,22 @@ def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "g
         raise ValueError(f"advantage_estimator={estimator!r} is not one of {ESTIMATORS}")
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {SCALE_REWARDS}")
-    if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not make whole groups of num_generations={group_size}")
-    if estimator == "rloo" and group_size < 2:
+    if num_generations < 1 or rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards do not make whole groups of num_generations={num_generations}")
+    if estimator == "rloo" and num_generations < 2:
         raise ValueError("rloo needs num_generations >= 2: the baseline is the mean of the other completions")
-    grouped = rewards.reshape(-1, group_size).double()  # (n / G, G)
+    grouped = rewards.reshape(-1, num_generations).double()  # (n / G, G)
     mean = grouped.mean(1, keepdim=True)
     if estimator == "reinforce++":
         return rewards.clone()
     if estimator == "reinforce++_baseline":
         return (grouped - mean).reshape(-1).to(rewards.dtype)
     if estimator == "rloo":
-        others = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+        others = (grouped.sum(1, keepdim=True) - grouped) / (num_generations - 1)
         return (grouped - others).reshape(-1).to(rewards.dtype)
     centred = grouped - mean
     if scale_rewards == "group":
-        centred = centred / (grouped.std(1, keepdim=True) + STD_EPS) if group_size > 1 else centred
+        centred = centred / (grouped.std(1, keepdim=True) + STD_EPS) if num_generations > 1 else centred
     elif scale_rewards == "batch":
         centred = centred / (grouped.std() + STD_EPS) if grouped.numel() > 1 else centred
     return centred.reshape(-1).to(rewards.dtype)
@@ -71,7 +73,7 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor
 
 
 def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                       mask: torch.Tensor, epsilon: float = 0.2, epsilon_high: float | None = None,
+                       loss_mask: torch.Tensor, epsilon: float = 0.2, epsilon_high: float | None = None,
                        level: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`ℓ_t = −min(ρ A, clip(ρ, 1 − ε, 1 + ε_high) A)` per token (PPO's surrogate; clip-higher:
     DAPO, Yu et al. 2025, eq. 10), with one advantage per completion broadcast over its tokens
@@ -81,27 +83,28 @@ def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
     `s_i = exp((1 / L_i) Σ_t log ρ_t)` for every token of completion i, clipped per sequence.
     Returns ℓ (0 on padding; aggregate with `aggregate_loss`) and detached stats: the fraction of
     real tokens clipped below and above.
-    Shape: logprobs, old_logprobs, mask (n, t), advantages (n,) or (n, t) -> ℓ (n, t).
+    Shape: logprobs, old_logprobs, loss_mask (n, t), advantages (n,) or (n, t) -> ℓ (n, t).
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level={level!r} must be 'token' or 'sequence'")
     high = epsilon if epsilon_high is None else epsilon_high
-    log_ratio = (logprobs - old_logprobs).masked_fill(~mask, 0.0)
+    log_ratio = zero_padding(logprobs - old_logprobs, loss_mask)
     if level == "sequence":
-        log_ratio = (masked_sum(log_ratio, mask, dim=1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logprobs)
+        lengths = loss_mask.sum(1).clamp(min=1)  # (n,)
+        log_ratio = (masked_sum(log_ratio, loss_mask, dim=1) / lengths)[:, None].expand_as(logprobs)
     ratio = torch.exp(log_ratio)
     adv = advantages[:, None].expand_as(ratio) if advantages.dim() == 1 else advantages
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + high)
-    loss = -torch.minimum(ratio * adv, clipped * adv).masked_fill(~mask, 0.0)
+    loss = -zero_padding(torch.minimum(ratio * adv, clipped * adv), loss_mask)
     with torch.no_grad():
         low = (ratio < 1 - epsilon) & (adv < 0)  # the clip is active below (TRL's clip_ratio/low)
         up = (ratio > 1 + high) & (adv > 0)
-        stats = {"clip_ratio/low_mean": token_mean(low.float(), mask),
-                 "clip_ratio/high_mean": token_mean(up.float(), mask)}
+        stats = {"clip_ratio/low_mean": token_mean(low.float(), loss_mask),
+                 "clip_ratio/high_mean": token_mean(up.float(), loss_mask)}
     return loss, stats
 
 
-def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int,
+def aggregate_loss(per_token: torch.Tensor, loss_mask: torch.Tensor, loss_type: str, max_completion_length: int,
                    total_tokens: float | None = None) -> torch.Tensor:
     """Reduce per-token losses to the microbatch's loss.
 
@@ -111,15 +114,15 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, 
     - dapo (Yu et al. 2025, eq. 8): `Σ ℓ / total_tokens`, the real tokens of the whole optimizer
       step across its microbatches and processes, so the step's gradient does not depend on
       how it is split (give `total_tokens`; the microbatch losses are then summed, not averaged).
-    Shape: per_token, mask (n, t) -> ().
+    Shape: per_token, loss_mask (n, t) -> ().
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
-    total = masked_sum(per_token, mask)
+    total = masked_sum(per_token, loss_mask)
     if loss_type == "grpo":
-        return (masked_sum(per_token, mask, dim=1) / mask.sum(1).clamp(min=1)).mean()
+        return (masked_sum(per_token, loss_mask, dim=1) / loss_mask.sum(1).clamp(min=1)).mean()
     if loss_type == "bnpo":
-        return total / mask.sum().clamp(min=1)
+        return total / loss_mask.sum().clamp(min=1)
     if loss_type == "dr_grpo":
         return total / (per_token.shape[0] * max_completion_length)
     if total_tokens is None or total_tokens <= 0:
@@ -128,26 +131,26 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, 
 
 
 def group_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      mask: torch.Tensor, *, epsilon: float, epsilon_high: float | None, level: str, loss_type: str,
-                      max_completion_length: int, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
-                      total_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      loss_mask: torch.Tensor, *, epsilon: float, epsilon_high: float | None, level: str,
+                      loss_type: str, max_completion_length: int, beta: float = 0.0,
+                      ref_logprobs: torch.Tensor | None = None, total_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The group methods' loss of one microbatch: the clipped token loss plus `beta · k3` to the
     reference (GRPO, Shao et al. 2024, eq. 3), aggregated by `loss_type` (`aggregate_loss`).
 
     Returns the loss and detached stats: clip fractions, the ratio's mean (1 on the first
     minibatch of a phase), and `kl` (mean k3 per real token) when `beta > 0`; each a mean over
     the loss's tokens counting at least one, so a microbatch without any gives 0, not nan.
-    Shape: logprobs, old_logprobs, mask (n, t), advantages (n,) or (n, t) -> ().
+    Shape: logprobs, old_logprobs, loss_mask (n, t), advantages (n,) or (n, t) -> ().
     """
-    per_token, stats = clipped_token_loss(logprobs, old_logprobs, advantages, mask, epsilon, epsilon_high, level)
+    per_token, stats = clipped_token_loss(logprobs, old_logprobs, advantages, loss_mask, epsilon, epsilon_high, level)
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs the reference log-probs (ref_logprobs)")
-        kl = kl_k3(logprobs, ref_logprobs).masked_fill(~mask, 0.0)
+        kl = zero_padding(kl_k3(logprobs, ref_logprobs), loss_mask)
         per_token = per_token + beta * kl
-        stats["kl"] = token_mean(kl.detach(), mask)
-    loss = aggregate_loss(per_token, mask, loss_type, max_completion_length, total_tokens)
+        stats["kl"] = token_mean(kl.detach(), loss_mask)
+    loss = aggregate_loss(per_token, loss_mask, loss_type, max_completion_length, total_tokens)
     with torch.no_grad():
-        stats["policy/ratio_mean"] = token_mean(torch.exp(logprobs - old_logprobs), mask)
+        stats["policy/ratio_mean"] = token_mean(torch.exp(logprobs - old_logprobs), loss_mask)
         stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
     return loss, stats

@@ -11,12 +11,9 @@ import math
 
 import torch
 
-from rlora.algo.masked import masked_mean, zero_padding
-
 __all__ = [
     "kl_k1",
     "kl_k3",
-    "approx_kl_from_ratio",
     "FixedKLController",
     "AdaptiveKLController",
     "make_kl_controller",
@@ -44,18 +41,6 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """
     log_r = ref_logp - logp
     return torch.expm1(log_r) - log_r  # Schulman 2020, k3 = (r − 1) − log r
-
-
-def approx_kl_from_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean of `(ρ − 1) − log ρ`, ρ = π_θ/π_old: what trlx logs as `approx_kl`.
-
-    Schulman 2020 k3 with r = ρ; a non-negative estimate of KL(π_old ‖ π_θ) on samples from
-    π_old. Exactly 0 when `log_ratio` is 0.
-
-    Shape: log_ratio, mask (b, t) -> ().
-    """
-    log_ratio = zero_padding(log_ratio, mask)  # keep padding garbage out of exp()
-    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)  # Schulman 2020, k3
 
 
 class FixedKLController:

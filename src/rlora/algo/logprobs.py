@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from rlora.algo.masked import masked_mean
-
-__all__ = ["logprobs_of_labels", "logprobs_and_entropy", "entropy_from_logits", "token_entropy"]
+__all__ = ["logprobs_of_labels", "logprobs_and_entropy", "token_entropy"]
 
 
-# Rows of (t, v) logits handled at once: ~16 MiB of float32 temporaries per chunk.
+# Elements of (t, v) logits handled at once: 2**22 float32 temporaries per chunk.
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -97,8 +95,8 @@ def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor, temperature: 
 def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`logprobs_of_labels` and `token_entropy` of the same logits in one pass over them: the
-    entropy reuses each chunk's float32 copy and logsumexp (on (32, 15, 49152) logits, 49 ms
-    against 85 ms for the two calls in float32, 60 against 108 in bf16). The log-probs are those of
+    entropy reuses each chunk's float32 copy and logsumexp, cheaper than the two calls (BENCHMARKS.md,
+    one-off measurements). The log-probs are those of
     `logprobs_of_labels`, bitwise; the entropy, as `token_entropy`'s, carries no gradient.
 
     Shape: logits (b, t, v), labels (b, t) integer -> (b, t), (b, t).
@@ -120,28 +118,10 @@ def _logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
         logprobs, entropy = _LabelLogprobs.apply(logits, labels, float(temperature), with_entropy)
         return logprobs, entropy.float() if with_entropy else None
     # small enough that autograd's temporaries are bounded by one chunk anyway, and its fused
-    # kernels are faster there (randomwalks step: 48 ms through the Function, 40 ms here)
+    # kernels beat the chunked Function there
     z = logits if temperature == 1.0 else logits / temperature
     logprobs = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
     return logprobs, token_entropy(logits, temperature) if with_entropy else None
-
-
-def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean over tokens of the entropy of softmax(logits).
-
-    Per token `H = logsumexp(z) − Σ_i softmax(z)_i z_i` (= −Σ p log p), computed in at
-    least float32; −inf logits (banned tokens) count as p = 0. Keeps the graph (usable as a bonus); detach it to log it.
-
-    Shape: logits (b, t, v), mask (b, t) -> ().
-    """
-    if logits.dim() != 3 or mask.shape != logits.shape[:2]:
-        raise ValueError(f"logits {tuple(logits.shape)} must be (b, t, v) and mask {tuple(mask.shape)} (b, t)")
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
-    probs = torch.softmax(logits, dim=-1)  # (b, t, v)
-    p_z = torch.where(probs > 0, probs * logits, torch.zeros((), dtype=probs.dtype, device=probs.device))  # 0·(−inf) := 0
-    entropy = torch.logsumexp(logits, dim=-1) - p_z.sum(-1)  # (b, t)
-    return masked_mean(entropy, mask)
 
 
 @torch.no_grad()

@@ -5,12 +5,13 @@ Sections and defaults follow trlx 0.7 (`train`, `model`, `tokenizer`, `optimizer
 depth (section, field, `gen_kwargs`, `peft_config`) and names the closest valid key, and
 cross-field checks run in `validate` before any model is loaded.
 
-- `sections`: the dataclasses;
-- `validation`: type and cross-field checks;
-- `io`: YAML and dicts in, overrides, plain data out.
+- `sections`: the dataclasses, no behaviour;
+- `parse`: YAML, dicts and dotted overrides in, plain data out (the one place that builds sections);
+- `validation`: type and cross-field checks of a built config;
+- `trl_names`: TRL's `GRPOConfig` names and what each is in rlora.
 """
 
-from rlora.config.io import config_to_dict, load_config, save_config
+from rlora.config.parse import config_to_dict, load_config, save_config
 from rlora.config.sections import (
     Config,
     GRPOConfig,

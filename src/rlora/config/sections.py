@@ -55,8 +55,8 @@ class TrainConfig:
     """rlora: "bf16" runs every forward (generation, rollout pass, reference, update) under bf16
     autocast with fp32 weights, as accelerate's mixed precision does; "no" = fp32; None = what
     `accelerate launch` (or $ACCELERATE_MIXED_PRECISION) sets, else fp32. It recasts the fp32 weights
-    at every op: with a LoRA adapter, `model.dtype: bfloat16` (a bf16 frozen base) is faster, on
-    GPUs and on CPUs with AMX-BF16 (a SmolLM2 GRPO step here: 0.72x float32's; autocast 1.12x)."""
+    at every op: with a LoRA adapter, prefer `model.dtype: bfloat16` (a bf16 frozen base), the
+    faster of the two on GPUs and on CPUs with AMX-BF16 (BENCHMARKS.md, SmolLM2 GRPO step)."""
     max_grad_norm: float | None = None
     """rlora: clip the gradient to this total norm before each optimizer step (TRL's default is 1.0);
     None = no clipping (trlx). The norm is logged as `grad_norm` either way."""
@@ -72,9 +72,10 @@ class TrainConfig:
     float32_matmul_precision: str | None = None
     """rlora: `torch.set_float32_matmul_precision` for the process: "highest" (IEEE float32),
     "high" (TF32 on NVIDIA GPUs), "medium" (also bf16-rounded inputs with float32 accumulation,
-    which oneDNN runs on CPUs with AMX-BF16); None = leave torch's setting. On this CPU "medium"
-    made a SmolLM2 GRPO step slower (1.04x; a lone large product runs 3.9x faster, but each
-    converts its fp32 weight): a bf16 frozen base (`model.dtype`) is the fast setting there."""
+    which oneDNN runs on CPUs with AMX-BF16); None = leave torch's setting. "medium" speeds up a
+    lone large product but converts each fp32 weight at every use, so it can slow a training step
+    (BENCHMARKS.md, SmolLM2 GRPO step); for speed on such CPUs prefer a bf16 frozen base
+    (`model.dtype`)."""
     pipeline: str = "PromptPipeline"
     """trlx compatibility: only "PromptPipeline"."""
     trainer: str = "AcceleratePPOTrainer"
@@ -109,13 +110,13 @@ class ModelConfig:
     generation_dtype: str | None = None
     """rlora: the precision rollouts are sampled in; None = the model's own. "bfloat16" over a
     float32 model samples each chunk on a bf16 copy of the weights with the adapter merged in
-    (2x faster decoding on CPUs with AVX-512 BF16 and on GPUs; +half the weights' memory while
-    sampling); the scoring passes and the update stay in the model's precision, so the samples
+    (faster decoding on CPUs with AVX-512 BF16 and on GPUs, for half the weights' memory more
+    while sampling; BENCHMARKS.md); the scoring passes and the update stay in the model's precision, so the samples
     come from a distribution a bf16 rounding away from the one scored (as with a vLLM sampler).
     Evaluation samples in the model's precision."""
     attention_dtype: str | None = None
     """rlora: the precision attention is computed in for a bf16 model: None = float32 while on CPU
-    (torch's CPU flash-attention backward is ~4x slower in bf16 than on float32 inputs), the
+    (torch's CPU flash-attention backward is slow in bf16, see `rlora.models.attention`), the
     model's own on GPU; "float32" always; "model" = the model's own (and any attn_implementation in
     model_extra_configs). Every pass and role of the model runs the same attention, so the
     reference and the scoring passes match the update. Models whose code tests for the name
@@ -124,8 +125,8 @@ class ModelConfig:
     """rlora: the precision a bf16 base's float32 adapters compute in. "model" (the default) runs
     every pass under bf16 autocast, so the adapters' products and the deltas they add run in bf16,
     as the base's own do, while their weights, gradients and optimizer state stay float32 (the
-    mixed precision TRL's `bf16=True` gives; a SmolLM2 GRPO update here: 1.41 s against 1.69 s,
-    peak RSS 1953 against 2263 MiB); "float32" keeps peft's way, inputs upcast to float32 and the
+    mixed precision TRL's `bf16=True` gives; faster and smaller than "float32", BENCHMARKS.md);
+    "float32" keeps peft's way, inputs upcast to float32 and the
     sum of base and delta rounded to bf16 once. No effect on a float32 base, nor when
     `train.mixed_precision` turns autocast on itself. The value head and the reward adapter's score
     head stay float32 either way."""
@@ -336,12 +337,6 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     """rlora: reward function and prompts for the `rlora train` command."""
 
-    def to_dict(self) -> dict:
-        """Plain YAML-ready data; see `config_to_dict`."""
-        from rlora.config.io import config_to_dict
 
-        return config_to_dict(self)
-
-
-_SECTIONS = (Config, TrainConfig, ModelConfig, TokenizerConfig, OptimizerConfig, SchedulerConfig, PPOConfig,
+SECTIONS = (Config, TrainConfig, ModelConfig, TokenizerConfig, OptimizerConfig, SchedulerConfig, PPOConfig,
              GRPOConfig, TaskConfig)

@@ -1,5 +1,6 @@
 """Validation: types at every depth, unknown keys with a suggestion, and cross-field checks that
-run before any model is loaded and name the key to change."""
+run before any model is loaded and name the key to change. Everything here checks; building
+sections from data is `rlora.config.parse`'s."""
 
 from __future__ import annotations
 
@@ -10,12 +11,10 @@ import sys
 import types
 import typing
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 from rlora.config.sections import METHODS, Config, GRPOConfig, ModelConfig, PPOConfig, TrainConfig, rollout_gen_kwargs
-from rlora.config.trl_names import LEGACY_VALUES, legacy_value, trl_key_hint
-
-_PRETRAINED_KEY = "pretrained_config"  # model_path saved as {pretrained_config: {...}} means a config object
+from rlora.config.trl_names import LEGACY_VALUES, trl_key_hint
 
 # `generate` arguments that are not GenerationConfig attributes.
 _GENERATE_ONLY_KWARGS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
@@ -23,30 +22,13 @@ _GENERATE_ONLY_KWARGS = {"logits_processor", "stopping_criteria", "prefix_allowe
                          "tokenizer", "use_model_defaults"}
 
 
-def _from_dict(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and values of the wrong type."""
-    if not isinstance(data, dict):
-        raise TypeError(f"{path or 'config'}={data!r} must be a mapping of {cls.__name__} keys")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{path}.{key}" if path else str(key)
-        if cls is Config and key == "method" and isinstance(value, dict):
-            kwargs[key] = _from_dict(method_class(value.get("name", "PPOConfig")), value, full)
-            continue
-        if key not in hints:
-            raise _unknown_section_key(cls, full, hints)
-        if cls is GRPOConfig:
-            value = legacy_value(key, value)  # TRL's older `scale_rewards: true`
-        if cls is ModelConfig and key == "model_path" and isinstance(value, dict) and set(value) == {_PRETRAINED_KEY}:
-            from transformers import AutoConfig
-            value = AutoConfig.for_model(**value[_PRETRAINED_KEY])
-        kwargs[key] = _coerce(hints[key], value, full)
-    return cls(**kwargs)
+def check_value(tp: Any, value: Any, path: str, build: Callable[[type, dict, str], Any] | None = None) -> Any:
+    """`value` checked against the annotation `tp` and returned, an int widened to float and a
+    tuple made a list; else a TypeError naming the key `path` and the type to give.
 
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    """`value` checked against annotation `tp`; int widens to float, tuple becomes list."""
+    Where `tp` is a section and `value` a mapping, `build(tp, value, path)` makes the section:
+    parsing passes its builder, a check of a built config passes none.
+    """
     if tp is Any:
         return value
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -56,18 +38,18 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         for arg in args:
             if arg is not type(None):
                 try:
-                    return _coerce(arg, value, path)
+                    return check_value(arg, value, path, build)
                 except TypeError:
                     pass
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if isinstance(value, dict):
-            return _from_dict(tp, value, path)
+        if isinstance(value, dict) and build is not None:
+            return build(tp, value, path)
     elif typing.get_origin(tp) is list:
         if isinstance(value, (list, tuple)):
             (item,) = typing.get_args(tp)
-            return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+            return [check_value(item, v, f"{path}[{i}]", build) for i, v in enumerate(value)]
     elif tp is dict:
         if isinstance(value, dict):
             return dict(value)
@@ -84,7 +66,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                     f"give {path} a value of type {expected}")
 
 
-def _unknown_key(full: str, valid: typing.Iterable[str]) -> ValueError:
+def unknown_key(full: str, valid: typing.Iterable[str]) -> ValueError:
+    """The error for key `full` (dotted) that is not one of `valid`: the closest valid key, else all of them."""
     parent, _, key = full.rpartition(".")
     valid = sorted(str(v) for v in valid)
     close = difflib.get_close_matches(key, valid, n=1)
@@ -93,13 +76,13 @@ def _unknown_key(full: str, valid: typing.Iterable[str]) -> ValueError:
     return ValueError(f"unknown config key '{full}'; {hint}")
 
 
-def _unknown_section_key(cls: type, full: str, valid: typing.Iterable[str]) -> ValueError:
+def unknown_section_key(cls: type, full: str, valid: typing.Iterable[str]) -> ValueError:
     """The error for key `full` that section `cls` lacks: the other method's key, TRL's name for
     an rlora setting (its equivalent, not a spelling guess), else a "did you mean"."""
     if cls in METHODS.values():
         _refuse_other_methods_key(cls, full)
     trl_hint = trl_key_hint(full)
-    return ValueError(trl_hint) if trl_hint else _unknown_key(full, valid)
+    return ValueError(trl_hint) if trl_hint else unknown_key(full, valid)
 
 
 def method_class(name: Any) -> type:
@@ -122,7 +105,7 @@ def _refuse_other_methods_key(cls: type, full: str) -> None:
                              f"drop it, or set method.name to {other.__name__!r}")
 
 
-def _is_instance(value: Any, module: str, name: str) -> bool:
+def is_instance(value: Any, module: str, name: str) -> bool:
     """isinstance against `module.name` without importing the (slow) module when nothing uses it."""
     loaded = sys.modules.get(module)
     return loaded is not None and isinstance(value, getattr(loaded, name))
@@ -143,7 +126,7 @@ def validate(config: Config) -> None:
             raise TypeError(f"config.{name} is a {type(section).__name__}, expected {expected}; "
                             "build configs from dicts or YAML with rlora.config.load_config")
         for key, tp in typing.get_type_hints(type(section)).items():
-            _coerce(tp, getattr(section, key), f"{name}.{key}")
+            check_value(tp, getattr(section, key), f"{name}.{key}")
     _validate_train(config.train)
     _validate_model(config.model)
     if isinstance(config.method, GRPOConfig):
@@ -199,7 +182,7 @@ def _validate_train(t: TrainConfig) -> None:
 
 def _validate_model(m: ModelConfig) -> None:
     path_ok = isinstance(m.model_path, str) and m.model_path != ""
-    _check(path_ok or _is_instance(m.model_path, "transformers", "PretrainedConfig"), "model.model_path",
+    _check(path_ok or is_instance(m.model_path, "transformers", "PretrainedConfig"), "model.model_path",
            m.model_path, "set model.model_path to a model directory or hub name, or to a transformers "
            "PretrainedConfig for a randomly initialised model")
     _check(m.model_arch_type == "causal", "model.model_arch_type", m.model_arch_type,
@@ -227,7 +210,7 @@ def _validate_model(m: ModelConfig) -> None:
             _check(_peft_type(m.peft_config) == "LORA", f"model.{key}", getattr(m, key),
                    f"it needs a LoRA policy adapter, not peft_type={_peft_type(m.peft_config)!r}: peft combines "
                    "adapters of one type on a model, and `rlora rm` writes LoRA; use a LoRA model.peft_config")
-    if isinstance(m.value_adapter, dict) or _is_instance(m.value_adapter, "peft", "PeftConfig"):
+    if isinstance(m.value_adapter, dict) or is_instance(m.value_adapter, "peft", "PeftConfig"):
         _check_peft_config(m.value_adapter, "model.value_adapter")
         _check(_peft_type(m.value_adapter) == "LORA", "model.value_adapter.peft_type", _peft_type(m.value_adapter),
                "the critic adapter sits beside the policy's LoRA adapter; use peft_type: LORA")
@@ -264,7 +247,7 @@ def _check_peft_config(value: Any, key: str = "model.peft_config") -> None:
         fields = [f.name for f in dataclasses.fields(config_cls)]
         for name in value:
             if name not in fields:
-                raise _unknown_key(f"{key}.{name}", fields)
+                raise unknown_key(f"{key}.{name}", fields)
         try:
             value = peft.get_peft_config(dict(value))
         except (TypeError, ValueError) as err:  # unknown keys were caught above; this is peft's own check
@@ -315,13 +298,14 @@ def _validate_group_method(g: GRPOConfig, config: Config) -> None:
 
     for key in ("ppo_epochs", "num_rollouts", "chunk_size", "num_generations"):
         _check(getattr(g, key) >= 1, f"method.{key}", getattr(g, key), "it must be at least 1")
-    G = g.num_generations
-    _check(G >= 2, "method.num_generations", G, "a group needs at least 2 completions per prompt; set it to 2 or "
-           "more (8 is usual)")
-    _check(g.num_rollouts % G == 0, "method.num_rollouts", g.num_rollouts,
-           f"it must be a multiple of method.num_generations={G} (whole groups per phase)")
-    _check(g.chunk_size % G == 0, "method.chunk_size", g.chunk_size,
-           f"it counts completions generated at once, in whole groups: use a multiple of num_generations={G}")
+    num_generations = g.num_generations
+    _check(num_generations >= 2, "method.num_generations", num_generations,
+           "a group needs at least 2 completions per prompt; set it to 2 or more (8 is usual)")
+    _check(g.num_rollouts % num_generations == 0, "method.num_rollouts", g.num_rollouts,
+           f"it must be a multiple of method.num_generations={num_generations} (whole groups per phase)")
+    _check(g.chunk_size % num_generations == 0, "method.chunk_size", g.chunk_size,
+           "it counts completions generated at once, in whole groups: use a multiple of "
+           f"num_generations={num_generations}")
     for key, allowed in (("advantage_estimator", ESTIMATORS), ("scale_rewards", SCALE_REWARDS),
                          ("loss_type", LOSS_TYPES), ("importance_sampling_level", ("token", "sequence"))):
         _check(getattr(g, key) in allowed, f"method.{key}", getattr(g, key), f"use one of {', '.join(allowed)}")
@@ -348,9 +332,9 @@ def _validate_group_method(g: GRPOConfig, config: Config) -> None:
     if g.shared_prefix:  # the passes take whole groups: batches are shuffled group by group
         for key in ("batch_size", "minibatch_size"):
             value = getattr(config.train, key) or config.train.batch_size
-            _check(value % G == 0, f"train.{key}", value,
-                   f"with method.shared_prefix each pass takes whole groups: make it a multiple of num_generations={G}, "
-                   "or set method.shared_prefix: false")
+            _check(value % num_generations == 0, f"train.{key}", value,
+                   "with method.shared_prefix each pass takes whole groups: make it a multiple of "
+                   f"num_generations={num_generations}, or set method.shared_prefix: false")
     _check(config.model.value_adapter is None, "model.value_adapter", config.model.value_adapter,
            "the group methods have no critic; drop model.value_adapter (or use method.name: PPOConfig)")
     if g.importance_sampling_level == "sequence" and g.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
@@ -373,7 +357,7 @@ def _check_gen_kwargs(kwargs: dict, key: str, seq_length: int) -> None:
     valid = _generation_keys()
     for name in kwargs:
         if name not in valid:
-            raise _unknown_key(f"{key}.{name}", valid)
+            raise unknown_key(f"{key}.{name}", valid)
     _check(kwargs.get("num_return_sequences", 1) == 1, f"{key}.num_return_sequences", kwargs.get("num_return_sequences"),
            "rlora samples one response per prompt; drop it and list a prompt several times for several samples")
     for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):

@@ -1,4 +1,4 @@
-"""One object per method family, chosen once by `method.name` (docs/design.md §4.3): what the
+"""One object per method family, chosen once by `method.name` (docs/design.md §6): what the
 loop in `rlora.trainer` asks of a method is `rlora.methods.base.Method`; `PPO` and the group
 methods (`GroupMethod`) answer it. A new loss of the group family is a row of
 `rlora.algo.loss_types`; a new family is a `Method` here and a config section."""

@@ -1,4 +1,4 @@
-"""The seam between the loop and a method family (docs/design.md §4.3).
+"""The seam between the loop and a method family (docs/design.md §6).
 
 `rlora.trainer` runs one loop for every method; what differs lives in one object built from the
 config's method section (`build_method`). The loop calls the same functions of it in the same
@@ -29,7 +29,7 @@ import torch
 from rlora.algo import make_kl_controller
 from rlora.distributed import Processes
 from rlora.rollout.generation import Rollouts
-from rlora.rollout.scoring import ResponseScores
+from rlora.rollout.forward import ResponseOutputs
 from rlora.rollout.store import Experience, Scored
 from rlora.state import RunState
 
@@ -103,7 +103,7 @@ class Method:
         """The tokens the loss counts. Shape: -> (n, r) bool."""
         return rollouts.response_mask.clone()
 
-    def forward(self, model, policy, mb: Experience, temperature: float, **flags) -> ResponseScores:
+    def forward(self, model, policy, mb: Experience, temperature: float, **flags) -> ResponseOutputs:
         """The pass over a microbatch's responses, through `model` (the prepared one in the update)."""
         raise NotImplementedError
 
@@ -123,7 +123,7 @@ class Method:
         loss tokens on every process where the loss divides by them (else None)."""
         raise NotImplementedError
 
-    def loss(self, out: ResponseScores, mb: Experience, step_tokens: float | None
+    def loss(self, out: ResponseOutputs, mb: Experience, step_tokens: float | None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one microbatch and its detached statistics."""
         raise NotImplementedError

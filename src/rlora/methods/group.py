@@ -1,4 +1,4 @@
-"""The critic-free group methods (docs/design.md §4.2): GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++,
+"""The critic-free group methods (docs/design.md §5): GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++,
 GSPO and CISPO, chosen by `advantage_estimator`, `scale_rewards`, `loss_type` and
 `importance_sampling_level`.
 
@@ -25,8 +25,7 @@ from rlora.distributed import Processes, call_through
 from rlora.methods.base import Layout, Method, Passes, shares_of
 from rlora.methods.draws import DynamicSampling, EveryDraw
 from rlora.rollout.generation import Rollouts
-from rlora.rollout.scoring import ResponseScores, forward_responses
-from rlora.rollout.shared_prefix import forward_group_responses
+from rlora.rollout.forward import ResponseOutputs, forward_group_responses, forward_responses
 from rlora.rollout.store import Experience, Scored
 
 
@@ -56,16 +55,16 @@ class GroupMethod(Method):
     def layout(self, dist: Processes, train: Any) -> Layout:
         """Each process takes whole groups: a group's completions are generated and scored on one
         process, so its statistics are exact."""
-        G, config = self.num_generations, self.config
-        layout = Layout(G * dist.share(config.num_rollouts // G, "method.num_rollouts / num_generations"),
+        n, config = self.num_generations, self.config
+        layout = Layout(n * dist.share(config.num_rollouts // n, "method.num_rollouts / num_generations"),
                         dist.share(train.batch_size, "train.batch_size"),
                         dist.share(train.minibatch_size or train.batch_size, "train.minibatch_size"))
-        if config.shared_prefix and (layout.batch_size % G or layout.minibatch_size % G):
+        if config.shared_prefix and (layout.batch_size % n or layout.minibatch_size % n):
             raise ValueError(
                 f"with method.shared_prefix each pass takes whole groups, but on {dist.world} processes a process "
                 f"gets batches of {layout.batch_size} and microbatches of {layout.minibatch_size} completions, not "
-                f"multiples of num_generations={G}; raise train.batch_size / train.minibatch_size to multiples of "
-                f"{G * dist.world}, or set method.shared_prefix: false")
+                f"multiples of num_generations={n}; raise train.batch_size / train.minibatch_size to multiples of "
+                f"{n * dist.world}, or set method.shared_prefix: false")
         if config.dynamic_sampling and config.max_num_gen_batches:
             least = math.ceil(layout.rollouts / config.chunk_size)  # draws with nothing dropped
             if config.max_num_gen_batches < least:
@@ -74,11 +73,11 @@ class GroupMethod(Method):
         return layout
 
     def rollouts(self, layout: Layout, dist: Processes, pad_id: int) -> EveryDraw:
-        G, config = self.num_generations, self.config
+        n, config = self.num_generations, self.config
         if config.dynamic_sampling:
-            return DynamicSampling(layout.rollouts // G, config.chunk_size // G, G, pad_id, config.max_num_gen_batches,
+            return DynamicSampling(layout.rollouts // n, config.chunk_size // n, n, pad_id, config.max_num_gen_batches,
                                    dist)
-        return EveryDraw(layout.rollouts // G, config.chunk_size // G, G, pad_id)
+        return EveryDraw(layout.rollouts // n, config.chunk_size // n, n, pad_id)
 
     def shape_chunk(self, scored: Scored) -> Scored:
         """One reward per completion (its group compares them), shaped by DAPO's overlong penalty
@@ -99,7 +98,7 @@ class GroupMethod(Method):
             mask &= ~rollouts.truncated[:, None]
         return mask
 
-    def forward(self, model, policy, mb: Experience, temperature: float, **flags) -> ResponseScores:
+    def forward(self, model, policy, mb: Experience, temperature: float, **flags) -> ResponseOutputs:
         """With `shared_prefix`, each group's prompt runs once (`forward_group_responses`), as the
         forward of the prepared `model` so DDP still syncs gradients; callers run it under the
         run's precision, as it calls the model's parts rather than the forward accelerate wraps."""
@@ -135,9 +134,9 @@ class GroupMethod(Method):
         gets whole groups)."""
         if not self.config.shared_prefix:
             return torch.randperm(n, generator=generator)
-        G = self.num_generations
-        groups = torch.randperm(n // G, generator=generator)
-        return (groups[:, None] * G + torch.arange(G)).reshape(-1)  # (n,)
+        size = self.num_generations
+        groups = torch.randperm(n // size, generator=generator)
+        return (groups[:, None] * size + torch.arange(size)).reshape(-1)  # (n,)
 
     def step_shares(self, exp: Experience, batch: torch.Tensor, micro: list[torch.Tensor],
                     dist: Processes) -> tuple[list[float], torch.Tensor, float | None]:
@@ -152,7 +151,7 @@ class GroupMethod(Method):
             torch.tensor([float(len(index)) for index in micro], dtype=torch.float64)
         return shares_of(counts), tokens, None
 
-    def loss(self, out: ResponseScores, mb: Experience, step_tokens: float | None
+    def loss(self, out: ResponseOutputs, mb: Experience, step_tokens: float | None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`loss_type`'s loss over the microbatch's `loss_mask`. Without an old-log-prob pass (one
         step a phase) the old log-probs are the current ones detached: ratio 1, the plain policy
@@ -168,8 +167,7 @@ class GroupMethod(Method):
 
     def phase_stats(self, phase: Scored, dist: Processes) -> dict[str, Any]:
         """TRL's names, over every process's groups."""
-        G = self.num_generations
-        scores = dist.all_values(phase.scores).reshape(-1, G)  # (groups, G)
+        scores = dist.all_values(phase.scores).reshape(-1, self.num_generations)  # (groups, G)
         lengths = dist.all_values(phase.rollouts.response_mask.sum(1).float())
         return {"reward": scores.mean(), "reward_std": scores.std(1).mean(),
                 "frac_reward_zero_std": (scores.amax(1) == scores.amin(1)).double().mean(),

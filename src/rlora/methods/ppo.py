@@ -1,4 +1,4 @@
-"""PPO with a critic (docs/design.md §4.1): trlx's phase, its reward processing and KL controller.
+"""PPO with a critic (docs/design.md §4): trlx's phase, its reward processing and KL controller.
 
 Per phase: the terminal (or dense) scores of every process update the running moments and are
 scaled and clipped in trlx's order; the rollout pass gives old log-probs, values and the
@@ -29,7 +29,7 @@ from rlora.algo import (
 from rlora.distributed import Processes
 from rlora.methods.base import Layout, Method, Passes, shares_of
 from rlora.methods.draws import EveryDraw
-from rlora.rollout.scoring import ResponseScores, forward_responses
+from rlora.rollout.forward import ResponseOutputs, forward_responses
 from rlora.rollout.store import Experience, Scored
 from rlora.state import RunState
 
@@ -64,7 +64,7 @@ class PPO(Method):
         return scale_and_clip_scores(scores, self.config.scale_reward, state.running, state.ref_std,
                                      self.config.cliprange_reward)
 
-    def forward(self, model, policy, mb: Experience, temperature: float, **flags) -> ResponseScores:
+    def forward(self, model, policy, mb: Experience, temperature: float, **flags) -> ResponseOutputs:
         return forward_responses(model, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
                                  temperature=temperature, **flags)
 
@@ -91,7 +91,7 @@ class PPO(Method):
         tokens = torch.stack([exp.loss_mask[index].sum() for index in micro]).double()
         return shares_of(tokens), tokens, None
 
-    def loss(self, out: ResponseScores, mb: Experience, step_tokens: float | None
+    def loss(self, out: ResponseOutputs, mb: Experience, step_tokens: float | None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The clipped policy loss plus `vf_coef` × the clipped value loss of one microbatch."""
         config = self.config

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-RECOMPUTE_MIN_ELEMENTS = 1 << 20  # 4 MiB of fp32 activation input
+RECOMPUTE_MIN_ELEMENTS = 1 << 20  # elements of activation input
 
 
 def _transformers_activations() -> tuple[type, ...]:
@@ -64,8 +64,8 @@ class Recomputed(nn.Module):
     (`torch.utils.checkpoint`): the same values and gradients, bitwise.
 
     Inputs under `RECOMPUTE_MIN_ELEMENTS` run as usual: what they would keep is small and the
-    checkpoint's overhead is not (randomwalks step, 640 x 576 inputs: 40 ms plain, 48 ms
-    recomputed); a GPT-2-124M microbatch of 8 x 48 tokens has 1.2 M.
+    checkpoint's overhead is not (a randomwalks step's are under it, a GPT-2-124M microbatch's
+    over it; BENCHMARKS.md, one-off measurements).
     """
 
     def __init__(self, act: nn.Module):
@@ -84,8 +84,7 @@ def recompute_activations(module: nn.Module) -> int:
 
     Each of its ops keeps a full-size tensor for backward: GPT-2's `gelu_new` (with
     `model.fused_activations` off) keeps four (b, t, 4h) tensors per block, the largest share of
-    a small model's activation memory (216 MiB of 414 for one 8 x 48-token microbatch of
-    GPT-2-124M). Recomputing them costs a few elementwise ops. Hugging Face's gradient
+    a small model's activation memory. Recomputing them costs a few elementwise ops. Hugging Face's gradient
     checkpointing cannot do this here: it recomputes whole blocks, and only in train mode, while
     PPO runs in eval mode. Single kernels (torch's own modules, and transformers' that
     `_single_kernel` names) keep only their input anyway and stay as they are.

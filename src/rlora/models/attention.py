@@ -1,9 +1,8 @@
 """Attention of a low-precision model computed in float32 on CPU (`model.attention_dtype`).
 
-torch's CPU flash-attention kernel is slow in bfloat16 backward: at a SmolLM2-135M update's
-shapes (32 x 9 heads, 15 queries over 52 keys, head 64) forward + backward takes 11.5 ms in bf16
-against 2.6 ms with float32 inputs, and it was a quarter of a bf16-weights GRPO update. Attention
-holds no weights, so computing it in float32 costs a cast of q, k and v and one of the output
+torch's CPU flash-attention kernel is slow in bfloat16 backward, slower than on float32 inputs
+at a small model's update shapes, where it weighs on a bf16-weights update (BENCHMARKS.md,
+one-off measurements). Attention holds no weights, so computing it in float32 costs a cast of q, k and v and one of the output
 (and their reverse for the gradients), and rounds less. Registered with transformers'
 `AttentionInterface` (and its mask interface) under its own names, so every pass of the model,
 whatever role or copy, runs the same function. (The bf16 sampler of a float32 model,

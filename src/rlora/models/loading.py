@@ -20,7 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 
 from rlora.models.activations import fuse_activations
 from rlora.models.attention import float32_attention
-from rlora.models.policy import POLICY, REWARD, VALUE, Policy, hidden_width
+from rlora.models.policy import POLICY, REWARD, VALUE, Policy
+from rlora.models.score_head import load_score_head
+from rlora.models.trunk import hidden_width
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -189,7 +191,7 @@ def fit_to_tokenizer(base: PreTrainedModel, tokenizer) -> PreTrainedModel:
 
 
 def build_policy(model_config, tokenizer, value_head: bool = True) -> Policy:
-    """Load the base once and build the policy, reference and value roles on it (SPEC §1);
+    """Load the base once and build the policy, reference and value roles on it (docs/design.md §1);
     `value_head=False` for the critic-free group methods."""
     adapter = adapter_dir(model_config.model_path)
     if adapter is not None and model_config.peft_config is not None:
@@ -267,8 +269,6 @@ def add_role_adapters(policy: Policy, model_config) -> None:
     Afterwards the policy's adapter is the active one, and exactly the policy and critic
     adapters (and the value head) require gradients.
     """
-    from rlora.reward import load_score_head
-
     lm = policy.lm
     if model_config.value_adapter is None and model_config.reward_adapter is None:
         return

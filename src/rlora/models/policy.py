@@ -27,6 +27,9 @@ from torch import nn
 
 from rlora.models.activations import recompute_activations
 from rlora.models.hydra import HydraBranch, find_decoder_blocks
+from rlora.models.score_head import sequence_scores
+from rlora.models.shared_prefix import can_share_prefix, repeated_prompt_cache
+from rlora.models.trunk import hidden_width, last_hidden_state, position_ids_from_mask
 from rlora.models.value_head import ValueHead
 
 MODES = ("adapter", "prompt", "hydra", "full")
@@ -40,14 +43,6 @@ class PolicyOutput:
     logits: torch.Tensor  # (b, t, v), virtual-token positions removed; (b, k, v) with `logits_to_keep`
     values: torch.Tensor | None  # (b, t), fp32; None without a value head (group methods)
     hidden_states: tuple[torch.Tensor, ...]  # each (b, t, h) of the policy's pass
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left padding does not shift them.
-
-    Shape: attention_mask (b, t) -> (b, t); padding positions get 0.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _mergeable(layer: nn.Module, shared: set[int]) -> bool:
@@ -64,9 +59,8 @@ def contiguous_input(module: nn.Module, args: tuple) -> tuple:
 
     transformers feeds the head `hidden[:, -1:, :]` on a prompt's first decode step, a strided
     view, and torch's CPU `linear` on a strided 3-D input expands the weight to a batched
-    matmul: GPT-2's 16 x 1 x 768 slice against its 50 257-row head took 1.76 s in bf16 (it
-    copies 1.2 GB) and 71 ms in fp32, against 6 ms and 13 ms contiguous. The copy made here is
-    of the few rows the head reads."""
+    matmul, a copy of the whole head's weight per call (BENCHMARKS.md, one-off measurements).
+    The copy made here is of the few rows the head reads."""
     return (args[0].contiguous(), *args[1:]) if args else args
 
 
@@ -94,35 +88,6 @@ def _no_check(*args, **kwargs) -> None:
     return None
 
 
-def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The trunk's last hidden state (after its final norm) of a causal LM or a peft model on
-    one, without the language-model head, with whichever adapters are active.
-
-    Shape: (b, t) -> (b, t, h).
-    """
-    if position_ids is None:
-        position_ids = position_ids_from_mask(attention_mask)
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    trunk = lm.base_model  # e.g. GPT2Model under GPT2LMHeadModel; peft's LoRA layers live inside it
-    return trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 use_cache=False).last_hidden_state
-
-
-def hidden_width(model: nn.Module) -> int:
-    """The width of the trunk's last hidden state (what `last_hidden_state` returns), read from the
-    input width of the language-model head, which consumes it.
-
-    Mostly `hidden_size`, but not always: OPT with `word_embed_proj_dim != hidden_size` (opt-350m:
-    512 and 1024) projects its last hidden state down (`project_out`) before the head.
-    """
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(f"{type(model).__name__} has no language-model head whose input width gives the width of "
-                         "its last hidden state; rlora needs a causal LM (AutoModelForCausalLM)")
-    return head.weight.shape[-1]  # (v, h): also through peft's LoRA and modules_to_save wrappers
-
-
 class Policy(nn.Module):
     """A causal LM plus value head with a reference view, all on one base.
 
@@ -140,7 +105,7 @@ class Policy(nn.Module):
             head.register_forward_pre_hook(contiguous_input)
         # group methods have no critic: no value head, and `values` is None
         self.value_head = ValueHead(hidden_width(self.base_model)).to(self.base_model.device) if value_head else None
-        self.reward_head: nn.Module | None = None  # set with a reward adapter (`rlora.reward`)
+        self.reward_head: nn.Module | None = None  # a ScoreHead, set with a reward adapter
         self.hydra: HydraBranch | None = None
         self.ref_model: nn.Module | None = None
         if mode == "hydra":
@@ -290,8 +255,6 @@ class Policy(nn.Module):
 
         Shape: input_ids, attention_mask (b, t) -> (b,) fp32.
         """
-        from rlora.reward import sequence_scores
-
         if not self.has_reward_adapter:
             raise RuntimeError("this policy has no reward adapter; set model.reward_adapter")
         with self.use_adapter(REWARD):
@@ -308,12 +271,16 @@ class Policy(nn.Module):
           from (a checkpoint's temperature, repetition_penalty, top_k, ...).
         - `merged` generates with the adapter merged into the base weights, `dtype` with the
           weights in that precision (`generation_weights`); the model trains on its own after.
-        - `num_generations` G samples each row G times; the G rows of a prompt are contiguous. The
-          prompt runs once and its KV cache is repeated to the G rows (`shares_prompt` says when
-          this applies); otherwise each row is repeated G times before `generate`.
+        - `num_generations` G samples each row G times; the G rows of a prompt are contiguous.
+          Where `rlora.models.shared_prefix.can_share_prefix` allows it, every prompt token but
+          the last runs once through the trunk (no language-model head) into a KV cache repeated
+          to the G rows, and `generate` continues from it: it runs the last prompt token and
+          samples exactly as on repeated rows (the same logits processors, stop ids and padding;
+          positions come from the full attention mask). Otherwise each row is repeated G times
+          before `generate`.
         - Prompt tuning puts the virtual tokens after each row's left padding, `[pad | virtual |
           prompt]`, so that positions count as in the scoring passes (`[virtual | prompt | ...]`,
-          see `rlora.rollout.scoring.pack_sequences`); peft's own generate would give
+          see `rlora.rollout.forward.pack_sequences`); peft's own generate would give
           `[virtual | pad | prompt]`.
         """
         if num_generations < 1:
@@ -323,7 +290,8 @@ class Policy(nn.Module):
             raise ValueError("merged or recast generation weights (merge_adapter_for_generation, "
                              f"model.generation_dtype={dtype}) cannot run on ZeRO-3's sharded parameters; turn them "
                              "off under ZeRO stage 3")
-        shared = num_generations > 1 and self.shares_prompt(input_ids, generation_config, **kwargs)
+        shared = can_share_prefix(self, num_generations, input_ids, generation_config=generation_config,
+                                  generate_kwargs=kwargs)
         if num_generations > 1 and not shared:
             input_ids = input_ids.repeat_interleave(num_generations, 0)  # (b * G, t)
             attention_mask = attention_mask.repeat_interleave(num_generations, 0)
@@ -333,9 +301,12 @@ class Policy(nn.Module):
             base.generation_config = generation_config
         try:
             with self.generation_weights(merged, dtype), no_padding_check(base):
-                if shared:
-                    return self._generate_from_shared_prompts(input_ids, attention_mask, num_generations,
-                                                              generation_config, **kwargs)
+                if shared:  # all but the last prompt token through the trunk once; generate runs the last
+                    cache, _ = repeated_prompt_cache(base.base_model, input_ids[:, :-1], attention_mask[:, :-1],
+                                                     num_generations, base.config.get_text_config(decoder=True))
+                    return self.lm.generate(input_ids=input_ids.repeat_interleave(num_generations, 0),
+                                            attention_mask=attention_mask.repeat_interleave(num_generations, 0),
+                                            past_key_values=cache, generation_config=generation_config, **kwargs)
                 if self.mode == "prompt" and not self.lm.active_peft_config.peft_type == "PREFIX_TUNING":
                     return self._generate_after_virtual_tokens(input_ids, attention_mask, generation_config, **kwargs)
                 return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask,
@@ -349,45 +320,6 @@ class Policy(nn.Module):
         for _, p in self.lm.named_parameters(remove_duplicate=False):
             (shared if id(p) in seen else seen).add(id(p))
         return shared
-
-    def shares_prompt(self, input_ids: torch.Tensor, generation_config=None, **kwargs) -> bool:
-        """Whether `generate(..., num_generations > 1)` runs each prompt once and repeats its KV cache.
-
-        Not with prompt or prefix tuning (peft feeds the virtual tokens to `generate` itself), under
-        ZeRO-3's `synced_gpus`, with beam search, `num_return_sequences`, assisted decoding or
-        classifier-free guidance (they expand or run the batch themselves), without a KV cache or
-        with a `cache_implementation` other than the dynamic one (transformers builds a static,
-        offloaded or quantized cache itself), or with prompts of one token (nothing before the
-        last token to share).
-        """
-        config = generation_config if generation_config is not None else self.base_model.generation_config
-        # transformers leaves unset fields None: one beam, one sequence, a cache
-        return (self.mode != "prompt" and not kwargs.get("synced_gpus") and input_ids.shape[1] >= 2
-                and (config.num_beams or 1) == 1 and (config.num_return_sequences or 1) == 1
-                and config.use_cache is not False and config.cache_implementation in (None, "dynamic")
-                and all(kwargs.get(k) is None for k in ("assistant_model", "negative_prompt_ids")))
-
-    def _generate_from_shared_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                      num_generations: int, generation_config, **kwargs) -> torch.Tensor:
-        """`generate` on each row repeated `num_generations` times, with each prompt run once.
-
-        Every token but the last runs through the policy's trunk (its language-model head is not
-        needed) into a KV cache, which is then repeated to the G rows of its prompt. `generate`
-        continues from that cache: it runs the last prompt token and samples exactly as on
-        repeated rows (the same logits processors, stop ids and padding; positions come from the
-        full attention mask). Shape: (b, t) -> (b * G, t + new).
-        """
-        from transformers import DynamicCache
-
-        base = self.base_model
-        head_ids, head_mask = input_ids[:, :-1], attention_mask[:, :-1]  # (b, t - 1): all but the last token
-        cache = DynamicCache(config=base.config.get_text_config(decoder=True))
-        base.base_model(input_ids=head_ids, attention_mask=head_mask, position_ids=position_ids_from_mask(head_mask),
-                        past_key_values=cache, use_cache=True)
-        cache.batch_repeat_interleave(num_generations)  # (b * G, heads, t - 1, head_dim) per layer
-        return self.lm.generate(input_ids=input_ids.repeat_interleave(num_generations, 0),
-                                attention_mask=attention_mask.repeat_interleave(num_generations, 0),
-                                past_key_values=cache, generation_config=generation_config, **kwargs)
 
     def _generate_after_virtual_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                        generation_config, **kwargs) -> torch.Tensor:

@@ -4,7 +4,7 @@ With `model.dtype: bfloat16` the frozen base is bf16 while peft keeps the adapte
 value head) in float32, so that their gradients and AdamW's moments keep float32's precision.
 peft's LoRA layer then upcasts each input to float32, runs both low-rank products in float32 and
 adds a float32 delta to the bf16 output: a (tokens, width) float32 copy, product, scale and sum
-per adapted layer (avoiding it saved 0.28 s of SmolLM2-135M's 1.69 s GRPO update). Under bf16
+per adapted layer, a sizeable share of a small model's update (BENCHMARKS.md). Under bf16
 autocast, with peft's input cast turned off (its layers' `cast_input_dtype_enabled` switch, the
 one `peft.helpers.disable_input_dtype_casting` sets), those products take bf16 copies of the small
 adapter weights instead and the delta is added in bf16, as the base's outputs are: the mixed

@@ -83,8 +83,8 @@ class DrawToken:
 
     The draw is inverse transform sampling: one uniform per row against the row's cumulative
     probabilities (float64). transformers' own draw, `torch.multinomial`, makes an exponential
-    variate for every vocabulary entry of every row at every step: on SmolLM2's 49k vocabulary
-    that was 14% of a bf16 decode on this CPU, the draw here 4%. The distribution drawn from is
+    variate for every vocabulary entry of every row at every step, a visible share of a decode
+    step on a large vocabulary (BENCHMARKS.md, sampling a group chunk). The distribution drawn from is
     the same; the random stream differs. `warpers` (temperature, top-k, top-p, min-p) run first,
     as transformers would run them. Shape: scores (b, v) -> (b, v).
     """
@@ -235,8 +235,8 @@ def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[in
 
     With `share_prompt` (and `num_generations > 1`) the prompts go to `policy.generate` once each,
     with `num_generations`: each prompt runs once and its KV cache serves its whole group, except
-    where `Policy.shares_prompt` says it cannot (prompt or prefix tuning, ZeRO-3's `synced_gpus`,
-    beam search, ...), where the policy repeats the rows itself. `share_prompt=False` repeats
+    where `rlora.models.shared_prefix.can_share_prefix` says it cannot (prompt or prefix tuning,
+    ZeRO-3's `synced_gpus`, beam search, ...), where the policy repeats the rows itself. `share_prompt=False` repeats
     each prompt `num_generations` times here, before generation. `merged` and `dtype` choose the
     weights sampled on (`Policy.generation_weights`).
     """

@@ -64,7 +64,7 @@ class Sampler:
         a time. Shape: -> (b,)."""
         if not self.policy.has_reward_adapter:
             return None
-        from rlora.reward import rollout_rows
+        from rlora.reward_model import rollout_rows
 
         ids, mask = rollout_rows(rollouts.query_ids, rollouts.query_mask, rollouts.response_ids,
                                  rollouts.response_mask, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from rlora.rollout.generation import Rollouts
-from rlora.rollout.scoring import concat_scores
+from rlora.rollout.rewards import concat_scores
 
 
 def select_rollouts(rollouts: Rollouts, rows: list[int]) -> Rollouts:

@@ -17,10 +17,9 @@ What the policy could hack, and what stops it:
 - the category's own name ("Fruit."), lists, sentences or an empty answer score 0 for correctness.
 A right answer missing from a list counts wrong: the lists are generous but finite.
 
-Sampling at temperature 1, the base SmolLM2-135M-Instruct answers 0.44 of the 50 held-out
-questions right; 40 PPO steps raise that to 0.92 (README, "A chat task with a verifiable reward").
-Under shared cores run it on one thread (`RLORA_NUM_THREADS=1`): two threads beside another busy
-process ran a forward pass 5x slower (7.7 s against 1.4 s).
+How far PPO and GRPO take the base SmolLM2-135M-Instruct on the held-out questions is in the
+README ("A chat task with a verifiable reward"). Under shared cores run it on one thread
+(`RLORA_NUM_THREADS=1`): two threads beside another busy process run much slower than one.
 
     python -m rlora.tasks.oneword               # PPO on SmolLM2-135M-Instruct, prints before -> after
     python -m rlora.tasks.oneword --method grpo # GRPO, 8 completions per question, the same 10 phases
@@ -39,7 +38,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rlora.tasks.methods import GRPO_METHOD, METHODS, phase_steps, unknown_method
+from rlora.tasks.presets import GRPO_METHOD, METHODS, phase_steps, unknown_method
 
 CATEGORIES: dict[str, tuple[str, frozenset[str]]] = {
     # name: (the phrase a question uses, the accepted answers, lowercase)
@@ -221,7 +220,7 @@ def method_settings(method: str) -> dict[str, Any]:
     - grpo: 4 prompts x 8 completions a phase; one iteration, one optimizer step over all 32
       (microbatches of 16: whole groups for `shared_prefix`), so every step is on-policy (ratio 1)
       as TRL's defaults; loss_type dapo, beta 0 (no reference pass), epsilon 0.2; AdamW at 1e-3
-      (measured, seed 0, 10 phases: held-out correct 0.44 -> 0.96; at 3e-3, 0.44 -> 0.90).
+      (chosen over 3e-3 on held-out correctness; BENCHMARKS.md, one-off measurements).
     Returns `batch_size`, `minibatch_size`, `lr` and the `method` section's keys.
     """
     if method == "ppo":
@@ -276,9 +275,8 @@ def run(total_steps: int | None = None, run_dir: str | None = None, model_path: 
     `run_dir/summary.json`) the held-out success rate before and after, with timings.
     `model_path` defaults to SmolLM2-135M-Instruct (`rlora.fetch`)."""
     import rlora
-    from rlora.demo import group_signals
     from rlora.fetch import fetch
-    from rlora.tracking import mean_phase_seconds, phase_seconds
+    from rlora.tracking import group_signals, mean_phase_seconds, phase_seconds
 
     t0 = time.perf_counter()
     method_settings(method)  # an unknown method fails before the fetch

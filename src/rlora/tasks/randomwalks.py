@@ -28,8 +28,8 @@ import networkx as nx
 import numpy as np
 import torch
 
+from rlora.cache import cache_root
 from rlora.sft import forked_rng, sft
-from rlora.fetch import cache_root
 from rlora.tiny import char_tokenizer, tiny_config
 
 GOAL = 0  # node `a`

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from rlora.tasks.methods import GRPO_METHOD, phase_steps, unknown_method
+from rlora.tasks.presets import GRPO_METHOD, phase_steps, unknown_method
 
 DATA_FILE = "review_openings.txt"  # in the package's data/ directory
 HELD_OUT_PERCENT = 15  # share of openings kept for evaluation (by hash, so adding lines moves none)
@@ -113,10 +113,9 @@ def method_settings(method: str) -> dict[str, Any]:
     """What PPO and GRPO do differently on this task; `make_config` shares the rest.
 
     - ppo: 2 epochs of batches of 32 = 4 optimizer steps a phase; a fixed KL coefficient of 0.05;
-      the critic on its own adapter of the policy's shape (`model.value_adapter`). Measured, same
-      seed: with the value head on the policy's trunk the held-out compound rose 0.15 -> 0.20 in
-      40 steps (with it: 0.15 -> 0.50 in 48) while the KL to the base reached 1-2 nats, the value
-      loss moving the shared adapter.
+      the critic on its own adapter of the policy's shape (`model.value_adapter`): with the value
+      head on the policy's trunk the value loss moved the shared adapter, the KL to the base grew
+      and the held-out compound barely rose (BENCHMARKS.md, one-off measurements).
     - grpo: 8 openings x 8 continuations a phase; one iteration, one optimizer step over all 64
       (microbatches of 32: whole groups for `shared_prefix`), so every step is on-policy (ratio 1)
       as TRL's defaults; loss_type dapo, beta 0 (no reference pass), epsilon 0.2; no critic.

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from rlora.config.io import _fix_yaml_floats
+from rlora.config.parse import config_to_dict, fix_yaml_floats, from_dict
 from rlora.config.sections import (
     Config,
     ModelConfig,
@@ -34,7 +34,6 @@ from rlora.config.sections import (
     TokenizerConfig,
 )
 from rlora.config.sections import TrainConfig as _RloraTrainConfig
-from rlora.config.validation import _from_dict
 
 # trlx <= 0.4 named the rollout collector; rlora's trainer collects PPO rollouts itself
 _ORCHESTRATORS = ("PPOOrchestrator",)
@@ -61,13 +60,13 @@ class TRLConfig(Config):
     @classmethod
     def from_dict(cls, config: dict) -> TRLConfig:
         """A config from nested dicts, as a trlx YAML holds them; every key is checked."""
-        return _from_dict(cls, _trlx_dict(config), "")
+        return from_dict(cls, _trlx_dict(config))
 
     @classmethod
     def load_yaml(cls, yml_fp: str | os.PathLike) -> TRLConfig:
         """A config from a trlx YAML file."""
         with open(yml_fp, encoding="utf-8") as f:
-            data = _fix_yaml_floats(yaml.safe_load(f))
+            data = fix_yaml_floats(yaml.safe_load(f))
         return cls.from_dict(data if data is not None else {})
 
     @classmethod
@@ -75,7 +74,7 @@ class TRLConfig(Config):
         """`baseconfig` (a config or its dict) with the hyperparameters `config` applied: trlx's
         sweep format, where a key is dotted (`"method.gamma": 0.99`) or a section name holding a
         dict (`"train": {"seed": 3}`). Dicts merge into dicts; anything else replaces the value."""
-        base = baseconfig.to_dict() if isinstance(baseconfig, Config) else copy.deepcopy(baseconfig)
+        base = config_to_dict(baseconfig) if isinstance(baseconfig, Config) else copy.deepcopy(baseconfig)
         if not isinstance(base, dict):
             raise TypeError(f"TRLConfig.update: baseconfig is a {type(baseconfig).__name__}; give a TRLConfig "
                             "or the dict of one (config.to_dict())")
@@ -92,6 +91,10 @@ class TRLConfig(Config):
                 nested = {part: nested}
             base = _merge(base, nested)
         return cls.from_dict(base)
+
+    def to_dict(self) -> dict:
+        """Plain YAML-ready data, as trlx's `TRLConfig.to_dict` (`rlora.config.config_to_dict`)."""
+        return config_to_dict(self)
 
     def evolve(self, **kwargs: Any) -> TRLConfig:
         """A copy with nested updates, e.g. `config.evolve(method=dict(gamma=0.99))`."""
@@ -116,7 +119,7 @@ def _trlx_dict(config: Any) -> Any:
     """trlx's own spellings turned into rlora's: `train.orchestrator` (trlx <= 0.4) checked and
     left out, `method.scale_reward: false` read as "ignored" (trlx scaled only for "running"/"ref")."""
     if not isinstance(config, dict):
-        return config  # _from_dict names the type error
+        return config  # from_dict names the type error
     config = copy.deepcopy(config)
     train, method = config.get("train"), config.get("method")
     if isinstance(train, dict) and "orchestrator" in train:

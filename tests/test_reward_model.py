@@ -12,15 +12,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlora.cli import main
-from rlora.reward import (
-    bradley_terry_loss,
-    encode_scored,
-    load_pairs,
-    load_score_head,
-    rollout_rows,
-    sequence_scores,
-    split_pairs,
-)
+from rlora.models.score_head import load_score_head, sequence_scores
+from rlora.reward_model import bradley_terry_loss, encode_scored, load_pairs, rollout_rows, split_pairs
 from rlora.tasks import letters
 
 
@@ -64,7 +57,7 @@ def test_split_is_seeded_and_refuses_an_empty_side():
 
 
 def load_pairs_like(n):
-    from rlora.reward import Pair
+    from rlora.reward_model import Pair
 
     return [Pair("p", f"c{i}", f"r{i}") for i in range(n)]
 

@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch
-from rlora.rollout.scoring import _incremental_ends, _prefix_ends, character_ends, validate_scores
+from rlora.rollout.rewards import (
+    RewardFunctions,
+    ScoreBatch,
+    _incremental_ends,
+    _prefix_ends,
+    character_ends,
+    validate_scores,
+)
 
 LENGTHS = [3, 2, 4]
 

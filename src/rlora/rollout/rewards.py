@@ -24,14 +24,20 @@ with a warning (as TRL warns). Per-token rewards (a list per sample) need a sing
 function; a list may hold one score per sampled token or, as trlx's dense example, one per token
 of `tokenizer(output)`, which are placed on the sampled tokens by character.
 
+Their scores are checked here too (`validate_scores`: one per sample, finite numbers, errors
+naming the sample and value), placed on the sampled tokens (`place_by_character`), added to the
+reward adapter's (`add_scores`) and joined across chunks (`concat_scores`).
+
 Notation: `b` samples, `r` response length.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import inspect
 import math
+import numbers
 import os
 import threading
 import warnings
@@ -39,8 +45,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-
-from rlora.rollout.scoring import collate_metadata, place_by_character, validate_scores
 
 RLORA_PARAMETERS = frozenset({"samples", "outputs", "tokenizer"})
 TRL_PARAMETERS = frozenset({"completions", "completion_ids", "trainer_state", "log_extra", "log_metric"})
@@ -100,6 +104,14 @@ def calling_convention(fn: Callable, name: str = "reward_fn") -> str:
 
 def function_name(fn: Callable, index: int) -> str:
     return getattr(fn, "__name__", None) or getattr(type(fn), "__name__", None) or f"reward_{index}"
+
+
+def check_reward_given(reward_fn: Any, has_reward_adapter: bool) -> None:
+    """Refuse a run with nothing to reward it: neither a reward function nor a reward adapter."""
+    if reward_fn is None and not has_reward_adapter:
+        raise ValueError("no reward: pass reward_fn=fn(samples, prompts, outputs, tokenizer, **metadata) (or TRL's "
+                         "fn(prompts, completions, **kwargs)), set task.reward_fn to 'module:function', or set "
+                         "model.reward_adapter to a reward adapter trained with `rlora rm`")
 
 
 class RewardFunctions:
@@ -285,3 +297,166 @@ def _without_none(scores: Any) -> Any:
     if isinstance(scores, (list, tuple)) and any(s is None for s in scores):
         return [0.0 if s is None else s for s in scores]
     return scores
+
+
+def _bad_number(x: Any) -> bool:
+    """Whether `x` is no finite real number. Bools count (as 0 and 1): TRL accepts them."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = x.item()
+    elif hasattr(x, "item") and getattr(x, "shape", None) == ():  # numpy scalars, np.bool_ included
+        x = x.item()
+    return not isinstance(x, numbers.Real) or not math.isfinite(float(x))
+
+
+def validate_scores(scores: Any, response_lengths: list[int], what: str = "reward_fn",
+                    place: Callable[[int, list[float]], list[float]] | None = None) -> torch.Tensor:
+    """Scores as a tensor: (b,) for one score per sample, or (b, r) for per-token scores.
+
+    Per-token rows are aligned from the first response token. `place(i, row)` puts a row whose
+    length is not sample i's response length on its response tokens (`place_by_character`), or
+    raises; without it such a row may be shorter than its response, never longer.
+    Raises naming the sample index and value: a wrong count, a non-number (bools count as 0 and
+    1), NaN/inf, or a per-token list longer than its response.
+    """
+    n = len(response_lengths)
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().tolist()
+    elif hasattr(scores, "tolist") and not isinstance(scores, (list, tuple)):
+        scores = scores.tolist()  # numpy arrays
+    if not isinstance(scores, (list, tuple)):
+        raise TypeError(f"{what} returned {type(scores).__name__}; return a list with one score per sample")
+    if len(scores) != n:
+        raise ValueError(f"{what} returned {len(scores)} scores for {n} samples; return one score per sample")
+    dense = any(isinstance(s, (list, tuple)) or (isinstance(s, torch.Tensor) and s.dim() == 1) for s in scores)
+    if not dense:
+        for i, s in enumerate(scores):
+            if _bad_number(s):
+                raise ValueError(f"{what} returned {s!r} for sample {i}; every score must be a finite number")
+        return torch.tensor([float(s) for s in scores], dtype=torch.float32)
+    out = torch.zeros(n, max(response_lengths), dtype=torch.float32)
+    for i, row in enumerate(scores):
+        if isinstance(row, torch.Tensor):
+            row = row.tolist()
+        if not isinstance(row, (list, tuple)):
+            raise ValueError(f"{what} returned a list of per-token scores for some samples but {row!r} for "
+                             f"sample {i}; return either one number per sample or one list per sample")
+        for j, s in enumerate(row):
+            if _bad_number(s):
+                raise ValueError(f"{what} returned {s!r} at token {j} of sample {i}; scores must be finite numbers")
+        row = [float(s) for s in row]
+        if len(row) != response_lengths[i] and place is not None:
+            row = place(i, row)
+        elif len(row) > response_lengths[i]:
+            raise ValueError(f"{what} returned {len(row)} per-token scores for sample {i}, whose response has "
+                             f"{response_lengths[i]} tokens; give at most one score per response token")
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def character_ends(ids: list[int], text: str, tokenizer) -> list[int]:
+    """For each token of `ids`, how many characters of `text` (their decoded text) are complete
+    once it is decoded, never decreasing: a token holding the first bytes of a character ends
+    where the previous one did, the one with its last byte completes it. Decoded as generation
+    decodes (special tokens skipped). Incrementally where that rebuilds `text` exactly, else from
+    every decoded prefix (quadratic in the length): also where `text` holds an undecodable byte
+    ("\ufffd"), which the incremental pass cannot tell from a character still incomplete."""
+    ends = None if "\ufffd" in text else _incremental_ends(ids, text, tokenizer)
+    return ends if ends is not None else _prefix_ends(ids, text, tokenizer)
+
+
+def _incremental_ends(ids: list[int], text: str, tokenizer) -> list[int] | None:
+    """`character_ends` as streaming detokenizers compute it (TGI, vLLM): each token adds what
+    decoding from the previous token's start adds, once that is no incomplete character ("\ufffd"
+    at the end); the context keeps SentencePiece's leading spaces. None unless the pieces join
+    to `text`: then decoding is not a concatenation (clean-up of spaces), and prefixes decide."""
+    ends, pieces, start, read, before, done = [], [], 0, 0, "", 0
+
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=True)
+
+    for k in range(len(ids)):
+        after = decode(ids[start:k + 1])
+        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+            pieces.append(after[len(before):])
+            done += len(pieces[-1])
+            start, read = read, k + 1
+            before = decode(ids[start:read])
+        ends.append(done)
+    return ends if "".join(pieces) == text else None
+
+
+def _prefix_ends(ids: list[int], text: str, tokenizer) -> list[int]:
+    """`character_ends` from each prefix `decode(ids[:k + 1])`: its common prefix with `text`."""
+    ends, reached = [], 0
+    prefixes = tokenizer.batch_decode([ids[:k + 1] for k in range(len(ids))], skip_special_tokens=True)
+    for prefix in prefixes:
+        common = len(prefix) if text.startswith(prefix) else len(os.path.commonprefix([prefix, text]))
+        reached = max(reached, common)
+        ends.append(reached)
+    return ends
+
+
+def place_by_character(row: list[float], sampled_ids: list[int], output: str, tokenizer, sample: int = 0,
+                       what: str = "reward_fn") -> list[float]:
+    """Per-token scores over `tokenizer(output).input_ids` (trlx's dense form: the output
+    re-tokenized, whose tokens need not be those sampled) placed on the sampled tokens: each on
+    the sampled token that completes the same last character. A special token the tokenizer
+    adds before the text (a BOS) scores at the first sampled token, one after it (an EOS) at the
+    last, where a terminal score goes. The sum is kept. Character ends come from the tokenizer's
+    offsets when it is fast, from decoded prefixes otherwise.
+
+    Shape: row (k,) for the k re-tokenized tokens -> (len(sampled_ids),).
+    """
+    n, fast = len(sampled_ids), getattr(tokenizer, "is_fast", False)
+    enc = None if tokenizer is None else tokenizer(output, return_special_tokens_mask=True,
+                                                   **({"return_offsets_mapping": True} if fast else {}))
+    if enc is None or len(row) != len(enc["input_ids"]) or n == 0:
+        retokenized = "" if enc is None else f" and whose output re-tokenizes to {len(enc['input_ids'])}"
+        raise ValueError(f"{what} returned {len(row)} per-token scores for sample {sample}, whose response has {n} "
+                         f"sampled tokens{retokenized}; return one score per sampled token (completion_ids) or one "
+                         "per token of tokenizer(output).input_ids (trlx's form)")
+    ids, special = list(enc["input_ids"]), list(enc["special_tokens_mask"])
+    ends = [end for _, end in enc["offset_mapping"]] if fast else character_ends(ids, output, tokenizer)
+    sampled_ends = character_ends(sampled_ids, output, tokenizer)
+    last_text = max((j for j in range(len(ids)) if not special[j]), default=-1)
+    placed, reached = [0.0] * n, 0
+    for j, score in enumerate(row):
+        if special[j] and j > last_text:
+            k = n - 1
+        else:
+            reached = reached if special[j] else max(reached, ends[j])
+            k = min(bisect.bisect_left(sampled_ends, reached), n - 1)  # the first token reaching that character
+        placed[k] += score
+    return placed
+
+
+def add_scores(fn_scores: torch.Tensor | None, adapter_scores: torch.Tensor | None,
+               lengths: torch.Tensor) -> torch.Tensor:
+    """reward_fn's scores plus the reward adapter's, which counts at each response's last real
+    token when reward_fn's are per token. Shape: (b,) or (b, r), (b,), lengths (b,) -> as fn_scores."""
+    if fn_scores is None or adapter_scores is None:
+        return adapter_scores if fn_scores is None else fn_scores
+    if fn_scores.dim() == 1:
+        return fn_scores + adapter_scores
+    rows = torch.arange(len(lengths))
+    out = fn_scores.clone()
+    out[rows, lengths - 1] += adapter_scores
+    return out
+
+
+def concat_scores(chunks: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Scores of all chunks: (n,) when every chunk gave one score per sample, else (n, width).
+
+    Shape: chunks of (b_i,) or (b_i, r_i) -> (n,) or (n, width).
+    """
+    if all(c.dim() == 1 for c in chunks):
+        return torch.cat(chunks)
+    if any(c.dim() == 1 for c in chunks):
+        raise ValueError("reward_fn returned one score per sample for some batches and per-token lists for others; "
+                         "return the same kind every time")
+    return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunks])
+
+
+def collate_metadata(metadata: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Per-sample dicts -> one list per key, aligned with the samples."""
+    return {key: [m[key] for m in metadata] for key in (metadata[0] if metadata else {})}

@@ -1,4 +1,5 @@
-"""What the built-in demos share about the method they train with (`rlora demo --method`)."""
+"""The method presets of the built-in demos (`rlora demo --method ppo|grpo`): what every task's
+GRPO run shares, and how many optimizer steps a phase takes."""
 
 from __future__ import annotations
 

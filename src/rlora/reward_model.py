@@ -1,5 +1,6 @@
-"""Reward models as adapters: a LoRA adapter plus a score head on the frozen base, trained from
-preference pairs (Bradley–Terry), then used in PPO on the same base (`model.reward_adapter`).
+"""Reward models as adapters: a LoRA adapter plus a score head (`rlora.models.score_head`) on the
+frozen base, trained from preference pairs (Bradley–Terry) by `rlora rm`, then used in PPO on the
+same base (`model.reward_adapter`).
 
 A reward adapter directory holds:
   adapter_config.json, adapter_model.safetensors   the LoRA adapter in peft's format (causal LM)
@@ -27,24 +28,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch import nn
 
-SCORE_HEAD, INFO = "score_head.safetensors", "reward_model.json"
+from rlora.models.score_head import ScoreHead, save_score_head, sequence_scores
 
-
-class ScoreHead(nn.Module):
-    """`Linear(h, 1)` in fp32 on the last real token's hidden state, as Hugging Face's
-    sequence-classification `score` layer with one label (plus a bias)."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, 1).float()
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Shape: hidden (b, h) in any dtype -> scores (b,) in fp32, under autocast too."""
-        with torch.autocast(hidden.device.type, enabled=False):
-            return self.linear(hidden.float()).squeeze(-1)
+INFO = "reward_model.json"
 
 
 @dataclass
@@ -108,16 +95,6 @@ def rollout_rows(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids
         rows.append([t for t, m in zip(q, qm) if m] + response + [eos_id])
     ids, mask = right_pad(rows, pad_id)
     return ids, mask.long()
-
-
-def sequence_scores(model, head: ScoreHead, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scores of right-padded rows read at each row's last real token, with whichever adapters
-    `model` (a peft causal LM) has active. Shape: (b, t) -> (b,)."""
-    from rlora.models.policy import last_hidden_state
-
-    hidden = last_hidden_state(model, input_ids, attention_mask)  # (b, t, h)
-    last = attention_mask.sum(1) - 1
-    return head(hidden[torch.arange(len(last), device=last.device), last])
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -197,28 +174,10 @@ def train_reward_model(model, head: ScoreHead, tokenizer, pairs: Sequence[Pair],
 def save_reward_adapter(model, head: ScoreHead, tokenizer, out: str, info: dict) -> None:
     """Write the active adapter, the score head, the tokenizer and `info` to `out`."""
     model.save_pretrained(out)
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, os.path.join(out, SCORE_HEAD))
+    save_score_head(head, out)
     tokenizer.save_pretrained(out)
     with open(os.path.join(out, INFO), "w", encoding="utf-8") as f:
         json.dump({"hidden_size": head.linear.in_features, **info}, f, indent=2)
-
-
-def load_score_head(path: str, hidden_size: int, device: torch.device | str = "cpu") -> ScoreHead:
-    """The score head saved in the reward adapter directory `path`, frozen; `hidden_size` is the
-    width of the base's last hidden state (`rlora.models.policy.hidden_width`)."""
-    file = os.path.join(path, SCORE_HEAD)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"model.reward_adapter={path!r} has no {SCORE_HEAD}: give a directory written by "
-                                "`rlora rm` (a peft adapter plus its score head)")
-    state = load_file(file)
-    width = state["linear.weight"].shape[1] if "linear.weight" in state else None
-    if width != hidden_size:
-        raise ValueError(f"model.reward_adapter={path!r}: its score head reads hidden size {width}, but the base "
-                         f"model's last hidden state has {hidden_size}; train the reward adapter on this base "
-                         "(rlora rm --model ...)")
-    head = ScoreHead(hidden_size)
-    head.load_state_dict(state)
-    return head.to(device).requires_grad_(False).eval()
 
 
 def split_pairs(pairs: list[Pair], eval_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -280,9 +239,9 @@ def rm_main(argv: Sequence[str] | None = None) -> int:
 
     from peft import LoraConfig, get_peft_model
 
-    from rlora.models.loading import fit_to_tokenizer, load_base_model, load_tokenizer
-    from rlora.models.policy import hidden_width
     from rlora.config import ModelConfig, TokenizerConfig
+    from rlora.models.loading import fit_to_tokenizer, load_base_model, load_tokenizer
+    from rlora.models.trunk import hidden_width
 
     torch.manual_seed(args.seed)
     try:

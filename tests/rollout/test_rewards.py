@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import TrainerState
 
-from rlora.rollout.reward_fns import RewardFunctions, ScoreBatch, calling_convention
+from rlora.rollout.rewards import RewardFunctions, ScoreBatch, calling_convention, check_reward_given
 
 CHAT = [{"role": "user", "content": "think, then answer"}]
 
@@ -434,3 +434,12 @@ def test_trl_reward_forms_train_a_group_method(tiny_model_dir, tmp_path):
     phase = [r for r in trainer.history if "phase" in r][0]
     assert all(f"rewards/{name}/mean" in phase for name in ("by_token_count", "only_kwargs", "has_s", "with_state"))
     assert 0.0 <= phase["rewards/has_s/mean"] <= 1.0 and phase["rewards/by_token_count/mean"] >= 1.0
+
+
+def test_a_run_without_any_reward_is_refused_before_the_model_loads(tmp_path):
+    import rlora
+
+    check_reward_given(None, has_reward_adapter=True)  # the reward adapter scores alone
+    check_reward_given(reward_len, has_reward_adapter=False)
+    with pytest.raises(ValueError, match=r"^no reward: pass reward_fn=.*set model.reward_adapter"):
+        rlora.build_trainer(config={"model": {"model_path": str(tmp_path / "no-model-here")}})
