@@ -8,7 +8,7 @@ True on real response tokens (a prefix of each row), False on padding.
 
 from rlora.algo.advantages import gae
 from rlora.algo.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3, make_kl_controller
-from rlora.algo.group import aggregate_loss, clipped_token_loss, group_advantages, group_policy_loss, overlong_penalty
+from rlora.algo.group import aggregate_loss, clipped_token_loss, group_advantages, overlong_penalty
 from rlora.algo.logprobs import logprobs_and_entropy, logprobs_of_labels, token_entropy
 from rlora.algo.losses import policy_loss, value_loss
 from rlora.algo.masked import (
@@ -33,7 +33,6 @@ __all__ = [
     "clipped_token_loss",
     "gae",
     "group_advantages",
-    "group_policy_loss",
     "kl_k1",
     "kl_k3",
     "logprobs_and_entropy",

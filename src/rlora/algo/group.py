@@ -1,8 +1,9 @@
 """Critic-free group methods as pure functions: group advantages, the clipped token loss (token or
-sequence ratio), the k3 KL penalty, DAPO's overlong shaping and the loss aggregations.
+sequence ratio), DAPO's overlong shaping and the loss aggregations. A loss type pairs a token loss
+with an aggregation, and adds the k3 KL penalty (`rlora.algo.loss_types`).
 
-Each formula cites its source at the line. The k3 KL is `rlora.algo.kl_k3`; REINFORCE++'s returns
-are `rlora.algo.gae` with V = 0 and λ = 1 over `rlora.algo.token_rewards`.
+Each formula cites its source at the line. REINFORCE++'s returns are `rlora.algo.gae` with V = 0
+and λ = 1 over `rlora.algo.token_rewards`.
 
 Notation: `n` completions = `n / G` prompts × `G` completions each (`num_generations`; groups
 contiguous), `t` response tokens, `A` advantages, `ρ = π_θ / π_old`. `loss_mask` (n, t) is True
@@ -14,12 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from rlora.algo.kl import kl_k3
 from rlora.algo.masked import masked_sum, token_mean, zero_padding
 
 ESTIMATORS = ("grpo", "rloo", "reinforce++", "reinforce++_baseline")
 SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")  # how a loss type adds up its tokens (algo.loss_types)
 STD_EPS = 1e-4  # TRL's grpo_trainer.py: (r - mean) / (std + 1e-4)
 
 
@@ -116,8 +116,8 @@ def aggregate_loss(per_token: torch.Tensor, loss_mask: torch.Tensor, loss_type: 
       how it is split (give `total_tokens`; the microbatch losses are then summed, not averaged).
     Shape: per_token, loss_mask (n, t) -> ().
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+    if loss_type not in AGGREGATIONS:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {AGGREGATIONS}")
     total = masked_sum(per_token, loss_mask)
     if loss_type == "grpo":
         return (masked_sum(per_token, loss_mask, dim=1) / loss_mask.sum(1).clamp(min=1)).mean()
@@ -128,29 +128,3 @@ def aggregate_loss(per_token: torch.Tensor, loss_mask: torch.Tensor, loss_type: 
     if total_tokens is None or total_tokens <= 0:
         raise ValueError("loss_type='dapo' needs total_tokens: the real tokens of the whole optimizer step")
     return total / total_tokens
-
-
-def group_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      loss_mask: torch.Tensor, *, epsilon: float, epsilon_high: float | None, level: str,
-                      loss_type: str, max_completion_length: int, beta: float = 0.0,
-                      ref_logprobs: torch.Tensor | None = None, total_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The group methods' loss of one microbatch: the clipped token loss plus `beta · k3` to the
-    reference (GRPO, Shao et al. 2024, eq. 3), aggregated by `loss_type` (`aggregate_loss`).
-
-    Returns the loss and detached stats: clip fractions, the ratio's mean (1 on the first
-    minibatch of a phase), and `kl` (mean k3 per real token) when `beta > 0`; each a mean over
-    the loss's tokens counting at least one, so a microbatch without any gives 0, not nan.
-    Shape: logprobs, old_logprobs, loss_mask (n, t), advantages (n,) or (n, t) -> ().
-    """
-    per_token, stats = clipped_token_loss(logprobs, old_logprobs, advantages, loss_mask, epsilon, epsilon_high, level)
-    if beta > 0:
-        if ref_logprobs is None:
-            raise ValueError("beta > 0 needs the reference log-probs (ref_logprobs)")
-        kl = zero_padding(kl_k3(logprobs, ref_logprobs), loss_mask)
-        per_token = per_token + beta * kl
-        stats["kl"] = token_mean(kl.detach(), loss_mask)
-    loss = aggregate_loss(per_token, loss_mask, loss_type, max_completion_length, total_tokens)
-    with torch.no_grad():
-        stats["policy/ratio_mean"] = token_mean(torch.exp(logprobs - old_logprobs), loss_mask)
-        stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
-    return loss, stats
