@@ -104,6 +104,11 @@ class ModelConfig:
     reward_adapter: str | None = None
     """A directory written by `rlora rm` (LoRA adapter + score head, trained on this base): its
     score of each rollout is the reward, added to `reward_fn`'s when both are given."""
+    reference: str = "base"
+    """rlora: the KL reference. "base" = the frozen base, the adapters switched off; "adapter" = a
+    frozen copy of the adapter the policy starts from (an SFT adapter given as `model_path`), on
+    the same base, so the KL is measured from where training started (TRL's reference for a
+    PeftModel)."""
     dtype: str = "float32"
     """rlora: the precision the base is loaded in: "float32", "bfloat16" or "auto" (the checkpoint's
     own); adapters and the value head stay float32."""

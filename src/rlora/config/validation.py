@@ -193,6 +193,8 @@ def _validate_model(m: ModelConfig) -> None:
            "use 'bfloat16' (a bf16 sampler), 'float32', or null (sample in model.dtype)")
     _check(m.attention_dtype in (None, "float32", "model"), "model.attention_dtype", m.attention_dtype,
            "use null (float32 on CPU for a bf16 model), 'float32' (always), or 'model' (the model's own precision)")
+    _check(m.reference in ("base", "adapter"), "model.reference", m.reference,
+           "use 'base' (the adapters switched off) or 'adapter' (a frozen copy of the adapter the policy starts from)")
     _check(m.adapter_compute_dtype in ("model", "float32"), "model.adapter_compute_dtype", m.adapter_compute_dtype,
            "use 'model' (a bf16 base's adapters compute in bf16 under autocast) or 'float32' (peft's upcast)")
     _check(m.num_layers_unfrozen >= -1, "model.num_layers_unfrozen", m.num_layers_unfrozen,

@@ -9,6 +9,7 @@ Everything here runs once at start-up; errors name the config key to change.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 
 from rlora.models.activations import fuse_activations
 from rlora.models.attention import float32_attention
-from rlora.models.policy import POLICY, REWARD, VALUE, Policy
+from rlora.models.policy import POLICY, REFERENCE, REWARD, VALUE, Policy
 from rlora.models.score_head import load_score_head
 from rlora.models.trunk import hidden_width
 
@@ -120,14 +121,14 @@ def load_tokenizer(tokenizer_config, model_path: Any, trust_remote_code: bool = 
     return tokenizer
 
 
-def load_base_model(model_config) -> PreTrainedModel:
+def load_base_model(model_config, model: PreTrainedModel | None = None) -> PreTrainedModel:
     """The Hugging Face causal LM named by `model.model_path` (a path, hub name or config object),
-    its Python-composed tanh GELUs fused (`model.fused_activations`) and its attention in the
-    precision `model.attention_dtype` says.
+    or `model` when given (already loaded), its Python-composed tanh GELUs fused
+    (`model.fused_activations`) and its attention in the precision `model.attention_dtype` says.
 
     For a peft adapter directory, the base model it names (without the adapter).
     """
-    model = _load_base_model(model_config)
+    model = _load_base_model(model_config) if model is None else model
     if model_config.fused_activations:
         fuse_activations(model)
     float32_attention(model_config.attention_dtype, model)
@@ -190,9 +191,15 @@ def fit_to_tokenizer(base: PreTrainedModel, tokenizer) -> PreTrainedModel:
     return base
 
 
-def build_policy(model_config, tokenizer, value_head: bool = True) -> Policy:
+def build_policy(model_config, tokenizer, value_head: bool = True, model: Any = None) -> Policy:
     """Load the base once and build the policy, reference and value roles on it (docs/design.md §1);
-    `value_head=False` for the critic-free group methods."""
+    `value_head=False` for the critic-free group methods.
+
+    `model`, when given, is the model itself instead of `model.model_path`: a `PreTrainedModel`
+    (the base), or a `PeftModel` whose adapter the policy trains on from its weights (an SFT
+    adapter), as TRL's trainers take them."""
+    if isinstance(model, PeftModel):
+        return _policy_of_peft_model(model, model_config, tokenizer, value_head)
     adapter = adapter_dir(model_config.model_path)
     if adapter is not None and model_config.peft_config is not None:
         raise ValueError(f"model.model_path={model_config.model_path!r} is a saved peft adapter, whose training "
@@ -203,7 +210,7 @@ def build_policy(model_config, tokenizer, value_head: bool = True) -> Policy:
     if adapter is None and peft_config is None and n_unfrozen == 0:
         raise ValueError("model.num_layers_unfrozen=0 without a peft_config leaves nothing to train but the value "
                          "head; set a peft_config, -1 (train all), or N > 0 (train the top N blocks)")
-    base = fit_to_tokenizer(load_base_model(model_config), tokenizer)
+    base = fit_to_tokenizer(load_base_model(model_config, model), tokenizer)
     if adapter is not None or peft_config is not None:
         if n_unfrozen >= 0:
             warnings.warn(f"model.num_layers_unfrozen={n_unfrozen} is ignored with a peft adapter: the base stays "
@@ -212,9 +219,7 @@ def build_policy(model_config, tokenizer, value_head: bool = True) -> Policy:
         if peft_config is not None:
             size_virtual_tokens(peft_config, base)
         lm = load_trainable_adapter(base, adapter) if adapter is not None else get_peft_model(base, peft_config)
-        policy = Policy(lm, "prompt" if lm.active_peft_config.is_prompt_learning else "adapter", value_head=value_head)
-        add_role_adapters(policy, model_config)
-        return policy
+        return _adapter_policy(lm, model_config, value_head, started_from=adapter)
     if base.dtype != torch.float32:
         raise ValueError(f"model.dtype={model_config.dtype!r} loads the base in {base.dtype}, but without a peft "
                          "adapter its own weights train; train those in float32 (model.dtype: float32) or train an "
@@ -227,6 +232,57 @@ def build_policy(model_config, tokenizer, value_head: bool = True) -> Policy:
     if n_unfrozen > 0:
         return Policy(base, "hydra", num_layers_unfrozen=n_unfrozen, value_head=value_head)
     return Policy(base, "full", value_head=value_head)
+
+
+def _policy_of_peft_model(lm: PeftModel, model_config, tokenizer, value_head: bool) -> Policy:
+    """The policy of a peft model given as it is: its active adapter trains on from its weights,
+    as the policy's ("default"), on its base, frozen."""
+    if model_config.peft_config is not None:
+        raise ValueError("the model is a PeftModel, whose adapter trains on, and a peft config is given too; "
+                         "merge and unload the adapter into its base first, or give no peft config")
+    if lm.active_adapter != POLICY:
+        raise ValueError(f"the PeftModel's active adapter is {lm.active_adapter!r}; rlora trains the adapter named "
+                         f"{POLICY!r} (peft's default name): load it under that name")
+    base = lm.get_base_model()
+    load_base_model(model_config, base)  # fused activations and the attention precision, in place
+    fit_to_tokenizer(base, tokenizer)
+    for name, p in lm.named_parameters():
+        p.requires_grad_(f".{POLICY}." in name or name.endswith(f".{POLICY}"))
+    if lm.active_peft_config.is_prompt_learning:
+        lm.prompt_encoder[POLICY].requires_grad_(True)
+    return _adapter_policy(lm, model_config, value_head, started_from="the PeftModel given")
+
+
+def _adapter_policy(lm: PeftModel, model_config, value_head: bool, started_from: str | None) -> Policy:
+    """A policy that trains `lm`'s adapter, with its role adapters and, with `model.reference:
+    adapter`, a frozen copy of the adapter it `started_from` as the KL reference."""
+    policy = Policy(lm, "prompt" if lm.active_peft_config.is_prompt_learning else "adapter", value_head=value_head)
+    if model_config.reference == "adapter":
+        if started_from is None:
+            raise ValueError("model.reference='adapter' is a frozen copy of the adapter the policy starts from, but "
+                             "this policy starts from a fresh one (equal to the base); give model.model_path a saved "
+                             "adapter (an SFT adapter), or set model.reference: base")
+        add_reference_adapter(policy)
+    add_role_adapters(policy, model_config)
+    return policy
+
+
+def add_reference_adapter(policy: Policy) -> None:
+    """A frozen copy of the policy's adapter, as it is now, under the name `REFERENCE`: the KL
+    reference of a run that starts from a trained adapter (TRL copies a PeftModel's adapter into
+    a frozen reference adapter the same way), on the same base, not a second model."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    lm = policy.lm
+    if policy.mode != "adapter":
+        raise ValueError("model.reference='adapter' needs an adapter of LoRA's kind (LoRA, DoRA, LoHa, ...) beside "
+                         "which a frozen copy can sit; prompt learning keeps model.reference: base")
+    trainable = {name for name, p in lm.named_parameters() if p.requires_grad}
+    lm.add_adapter(REFERENCE, copy.deepcopy(lm.peft_config[POLICY]))
+    set_peft_model_state_dict(lm, get_peft_model_state_dict(lm, adapter_name=POLICY), adapter_name=REFERENCE)
+    lm.set_adapter(POLICY)
+    for name, p in lm.named_parameters():
+        p.requires_grad_(name in trainable)
 
 
 def size_virtual_tokens(peft_config: PeftConfig, base: PreTrainedModel) -> None:

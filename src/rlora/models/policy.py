@@ -33,7 +33,7 @@ from rlora.models.trunk import hidden_width, last_hidden_state, position_ids_fro
 from rlora.models.value_head import ValueHead
 
 MODES = ("adapter", "prompt", "hydra", "full")
-POLICY, VALUE, REWARD = "default", "value", "reward"  # peft adapter names of the roles
+POLICY, VALUE, REWARD, REFERENCE = "default", "value", "reward", "reference"  # peft adapter names of the roles
 
 
 @dataclass
@@ -130,6 +130,11 @@ class Policy(nn.Module):
         return self.mode == "adapter" and VALUE in self.lm.peft_config
 
     @property
+    def has_reference_adapter(self) -> bool:
+        """Whether the reference is a frozen copy of the starting adapter (`model.reference: adapter`)."""
+        return self.mode == "adapter" and REFERENCE in self.lm.peft_config
+
+    @property
     def has_reward_adapter(self) -> bool:
         return self.mode == "adapter" and REWARD in self.lm.peft_config and self.reward_head is not None
 
@@ -213,10 +218,14 @@ class Policy(nn.Module):
         """Within this block, the yielded module is the frozen reference model.
 
         Adapter and prompt modes disable the adapters of the one shared module and enable them
-        again on exit, also when the block raises. Hydra yields nothing callable on its own (use
+        again on exit, also when the block raises; with a reference adapter (a frozen copy of the
+        starting adapter) that adapter acts instead. Hydra yields nothing callable on its own (use
         `reference_logits`); full mode yields the frozen copy.
         """
-        if self.is_peft:
+        if self.has_reference_adapter:
+            with self.use_adapter(REFERENCE):
+                yield self.lm
+        elif self.is_peft:
             with self._keeping_requires_grad(), self.lm.disable_adapter():
                 yield self.lm
         else:
