@@ -46,7 +46,10 @@ from rlora.state import PhaseState, RunState
 
 REQUIRED = ("trainer_state.json", "config.yaml", "rng.safetensors", "rank_0.json",
             "rank_0.safetensors")
-STEP_DIR = re.compile(r"^step_(\d+)$")
+def step_dir(prefix: str) -> re.Pattern:
+    """The names of step checkpoints: `prefix` then the step (`train.checkpoint_prefix`)."""
+    return re.compile(rf"^{re.escape(prefix)}(\d+)$")
+
 PROMPT_ENCODER = "prompt_encoder.safetensors"
 
 
@@ -356,16 +359,16 @@ def _file_device(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else str(device)  # safetensors rejects "cpu:0"
 
 
-def resolve(spec: str, run_dir: str | None, checkpoint_dir: str) -> str:
+def resolve(spec: str, run_dir: str | None, checkpoint_dir: str, prefix: str = "step_") -> str:
     """A checkpoint path from `train.resume_from_checkpoint`: a directory, or "latest" (the
-    newest complete `step_N` of `run_dir`)."""
+    newest complete `<prefix>N` of `run_dir`)."""
     if spec != "latest":
         return spec
     if run_dir is None:
         raise ValueError("resume_from_checkpoint='latest' needs train.run_dir: the run to continue")
     directory = os.path.join(run_dir, checkpoint_dir)
     steps = sorted((int(m.group(1)), name) for name in (os.listdir(directory) if os.path.isdir(directory) else [])
-                   if (m := STEP_DIR.match(name)))
+                   if (m := step_dir(prefix).match(name)))
     for _, name in reversed(steps):
         try:
             check(os.path.join(directory, name))
@@ -375,11 +378,11 @@ def resolve(spec: str, run_dir: str | None, checkpoint_dir: str) -> str:
     raise FileNotFoundError(f"no complete checkpoint under {directory}; start without resuming")
 
 
-def prune(directory: str, keep: int) -> None:
-    """Delete all but the newest `keep` `step_N` checkpoints, and temporary directories of failed
-    writes (`.old-` ones are kept: after a crash mid-rename they may hold the only copy)."""
+def prune(directory: str, keep: int, prefix: str = "step_") -> None:
+    """Delete all but the newest `keep` `<prefix>N` checkpoints, and temporary directories of
+    failed writes (`.old-` ones are kept: after a crash mid-rename they may hold the only copy)."""
     names = os.listdir(directory)
-    steps = sorted((int(m.group(1)), name) for name in names if (m := STEP_DIR.match(name)))
+    steps = sorted((int(m.group(1)), name) for name in names if (m := step_dir(prefix).match(name)))
     for _, name in steps[:-keep]:
         shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     for name in names:

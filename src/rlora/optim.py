@@ -32,7 +32,12 @@ def build_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> torch.o
         return torch.optim.lr_scheduler.LinearLR(optimizer, **kwargs)
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    raise ValueError(f"scheduler.name={name!r} is not one of ['constant', 'cosine_annealing', 'linear']")
+    if name == "transformers":
+        from transformers import get_scheduler
+
+        return get_scheduler(kwargs.pop("type", "linear"), optimizer, num_training_steps=config.train.total_steps,
+                             **kwargs)
+    raise ValueError(f"scheduler.name={name!r} is not one of ['constant', 'cosine_annealing', 'linear', 'transformers']")
 
 
 def default_run_dir(config: Config) -> str:

@@ -89,7 +89,7 @@ class Trainer:
         resumed = None
         if train.resume_from_checkpoint:
             resumed = checkpoint.resolve(train.resume_from_checkpoint, self.run_dir if train.run_dir else None,
-                                         train.checkpoint_dir)
+                                         train.checkpoint_dir, train.checkpoint_prefix)
             checkpoint.load(resumed, self.state, self._parts())  # restores run_dir too, unless train.run_dir names one
         self.tracker = Tracker(self.run_dir, train.tracker, config_to_dict(config), train.project_name,
                                train.entity_name, train.group_name, train.tags,
@@ -99,7 +99,8 @@ class Trainer:
         # what TRL-style reward functions get as `trainer_state` (global_step: optimizer steps done)
         self.trainer_state = TrainerState(max_steps=self.total_steps)
         self.evaluation = Evaluation(self.sampler, self.reward_fn, metric_fn, self.eval_prompts, self.eval_prompt_ids,
-                                     config.method, self.dist, self.trainer_state)
+                                     config.method, self.dist, self.trainer_state) if eval_prompts else None
+        self.observers: list[Callable[..., None]] = []  # called with each event of the run (`_notify`)
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ the loop
@@ -111,6 +112,7 @@ class Trainer:
         """
         train, method, state = self.config.train, self.method, self.state
         self.model.eval()  # dropout off in every pass of the loop, so the ratio starts at 1 (docs/design.md §1)
+        self._notify("train_begin")
         if state.step == 0 and not state.history:
             self.evaluate()  # the baseline, before any update
         progress = self._progress()
@@ -149,6 +151,7 @@ class Trainer:
                     stats.update({"time/rollout": t_rollout - t0, "time/rollout_pass": time.perf_counter() - t_rollout})
                     # the phase's rollouts are logged now, with its first step: a run that stops mid-phase has them
                     record = self._record(stats, step=state.step + 1, phase=state.phase + 1)
+                    self._notify("phase", record=record)
                     batches = [batch for order in orders for batch in order.split(self.layout.batch_size)]
                     state.pending = PhaseState(exp, batches, 0, record)
 
@@ -160,7 +163,7 @@ class Trainer:
                     stats = self.train_step(pending.exp, pending.batches[pending.cursor])
                     pending.cursor += 1
                     state.step += 1
-                    self._record({**stats, "time/step": time.perf_counter() - t0})
+                    self._notify("step", record=self._record({**stats, "time/step": time.perf_counter() - t0}))
                     progress.update(task, completed=state.step, reward=pending.stats[method.progress_key])
                     if state.step % train.eval_interval == 0:
                         self.evaluate()
@@ -182,6 +185,7 @@ class Trainer:
             self.evaluate()
         if self.dist.is_main:
             plot_history(state.history, self.run_dir)
+        self._notify("train_end")
         self.tracker.close()
         self.accelerator.wait_for_everyone()  # no process exits while another still works
         return self
@@ -359,6 +363,13 @@ class Trainer:
                       "train.epochs (or set it to null for no cap), or lower train.total_steps.", stacklevel=3)
         return train.epochs * steps_per_phase
 
+    def _notify(self, event: str, **data: Any) -> None:
+        """Tell the observers (`self.observers`) of an event of the run: "train_begin", "phase" and
+        "step" (their records), "evaluate" (its record), "save" (the path), "train_end". They
+        watch; the loop does not wait on them for anything."""
+        for observer in self.observers:
+            observer(event, **data)
+
     def _parts(self) -> checkpoint.Parts:
         return checkpoint.Parts(self.policy, self.tokenizer, self.optimizer, self.scheduler, self.config, self.dist,
                                 self.accelerator.device)
@@ -400,9 +411,12 @@ class Trainer:
         variant); log the reward and `metric_fn` means, and keep the best checkpoint
         (`train.save_best`)."""
         state = self.state
+        if self.evaluation is None:  # no eval prompts: a run without evaluation
+            return {}
         self.trainer_state.global_step = state.step
         stats, tables = self.evaluation(state.step)
         record = self._record(stats, eval=True)
+        self._notify("evaluate", record=record)
         if self.config.train.save_best and state.step > 0 and stats["reward/mean"] > state.best_reward:
             state.best_reward = stats["reward/mean"]
             self.save(os.path.join(self.run_dir, self.config.train.checkpoint_dir, "best"))
@@ -414,10 +428,12 @@ class Trainer:
         """Write a checkpoint directory atomically (default `checkpoint_dir/step_N`, keeping the
         last `train.keep_checkpoints`); returns its path."""
         directory = os.path.join(self.run_dir, self.config.train.checkpoint_dir)
-        written = checkpoint.save(path or os.path.join(directory, f"step_{self.state.step}"), self.state,
+        prefix = self.config.train.checkpoint_prefix
+        written = checkpoint.save(path or os.path.join(directory, f"{prefix}{self.state.step}"), self.state,
                                   self._parts())
         if path is None and self.dist.is_main:
-            checkpoint.prune(directory, self.config.train.keep_checkpoints)
+            checkpoint.prune(directory, self.config.train.keep_checkpoints, prefix)
+        self._notify("save", path=written)
         return written
 
     def _on_signal(self, signum: int) -> None:

@@ -26,7 +26,9 @@ class TrainConfig:
     eval_interval: int = 100
     """Optimizer steps between evaluations."""
     checkpoint_dir: str = "ckpts"
-    """Directory for checkpoints."""
+    """Directory for checkpoints, within `run_dir`."""
+    checkpoint_prefix: str = "step_"
+    """rlora: a step checkpoint's name is this and the step (TRL's layout: "checkpoint-")."""
     logging_dir: str | None = None
     """Directory for tracker logs (tensorboard); None = the tracker's default."""
     run_dir: str | None = None
@@ -175,7 +177,10 @@ class OptimizerConfig:
 @dataclass
 class SchedulerConfig:
     name: str = "cosine_annealing"
-    """One of "cosine_annealing", "linear", "constant"."""
+    """One of "cosine_annealing", "linear", "constant" (torch's, as trlx), or "transformers": the
+    schedule `transformers.get_scheduler` builds over `train.total_steps`, with `kwargs` `type`
+    (its SchedulerType: "linear", "cosine", "constant_with_warmup", ...), `num_warmup_steps` and
+    its `scheduler_specific_kwargs`, as TRL's `lr_scheduler_type` and `warmup_steps`."""
     kwargs: dict = field(default_factory=lambda: {"T_max": 1e12, "eta_min": 3e-5})
     """Keyword arguments of the torch scheduler (trlx's default is effectively constant)."""
 

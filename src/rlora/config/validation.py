@@ -144,8 +144,12 @@ def validate(config: Config) -> None:
     lr = opt.kwargs.get("lr")
     _check(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0, "optimizer.kwargs.lr", lr,
            "set a positive learning rate, e.g. optimizer.kwargs.lr=3.0e-5")
-    _check(config.scheduler.name in ("cosine_annealing", "linear", "constant"), "scheduler.name",
-           config.scheduler.name, "use one of 'cosine_annealing', 'linear', 'constant'")
+    _check(config.scheduler.name in ("cosine_annealing", "linear", "constant", "transformers"), "scheduler.name",
+           config.scheduler.name, "use one of 'cosine_annealing', 'linear', 'constant', 'transformers'")
+    if config.scheduler.name == "transformers":
+        extra = sorted(set(config.scheduler.kwargs) - {"type", "num_warmup_steps", "scheduler_specific_kwargs"})
+        _check(not extra, "scheduler.kwargs", config.scheduler.kwargs,
+               f"transformers' get_scheduler takes type, num_warmup_steps and scheduler_specific_kwargs, not {extra}")
 
 
 def _check(ok: bool, key: str, value: Any, fix: str) -> None:

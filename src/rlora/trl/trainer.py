@@ -1,0 +1,243 @@
+"""TRL 1.16's `GRPOTrainer` and `RLOOTrainer` on rlora: TRL's constructor and methods over rlora's
+one config and one loop (docs/design.md §10). Nothing here trains: the arguments become an
+`rlora.Config`, the model a `Policy`, the datasets prompts, the reward functions rlora's, and
+`train()` runs `rlora.trainer.Trainer.learn`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any, Callable
+
+import torch
+from accelerate.utils import set_seed
+
+from rlora.config import load_config
+from rlora.models import build_policy, load_tokenizer
+from rlora.models.loading import POSITION_KEYS
+from rlora.models.policy import POLICY
+from rlora.rollout.prompts import normalize_prompts
+from rlora.rollout.rewards import RewardFunctions
+from rlora.trainer import Trainer
+from rlora.trl.callbacks import CallbackBridge, eval_metrics
+from rlora.trl.config import GRPOConfig, RLOOConfig, defaults_of
+from rlora.trl.rewards import SequenceClassifierReward, is_reward_adapter
+from rlora.trl.translate import to_rlora
+
+
+class GRPOTrainer:
+    """`trl.GRPOTrainer`'s surface; the training is rlora's (`self.trainer`)."""
+
+    config_class = GRPOConfig
+    estimator = "grpo"
+
+    def __init__(self, model: Any, reward_funcs: Any = None, args: GRPOConfig | None = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, processing_class: Any = None, reward_processing_classes: Any = None,
+                 callbacks: list | None = None, optimizers: tuple = (None, None), quantization_config: Any = None,
+                 peft_config: Any = None, tools: list | None = None, rollout_func: Callable | None = None,
+                 environment_factory: Any = None):
+        _refuse_arguments(optimizers, quantization_config, tools, rollout_func, environment_factory)
+        if args is None:
+            name = model if isinstance(model, str) else str(getattr(model.config, "_name_or_path", "model"))
+            args = self.config_class(f"{name.rstrip('/').split('/')[-1]}-{type(self).__name__.removesuffix('Trainer')}")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required: a datasets.Dataset (or a list of rows) with a 'prompt' column")
+        self.args = args
+        set_seed(args.seed)  # a new adapter's initial weights depend on it, as in TRL
+        model_path, self._model = (model, None) if isinstance(model, str) else (_name_of(model), model)
+        self.processing_class = processing_class or load_tokenizer(
+            _tokenizer_settings(), model_path, args.trust_remote_code)
+        self.processing_class.padding_side = "left"
+        functions, reward_adapter = _reward_functions(reward_funcs, reward_processing_classes, args)
+        self.prompts = dataset_rows(train_dataset, "train_dataset", args.remove_unused_columns, _rows_needed(args))
+        self.eval_prompts = dataset_rows(eval_dataset, "eval_dataset", args.remove_unused_columns) \
+            if eval_dataset is not None and str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no" \
+            else []
+        data = to_rlora(args, defaults_of(args), model_path=model_path, positions=_positions(model, model_path, args),
+                        prompts=len(self.prompts), estimator=self.estimator)
+        data["model"].update(self._adapter_settings(peft_config, reward_adapter))
+        self.config = load_config(data)
+        self.reward_funcs = functions
+        self.callbacks = list(callbacks or [])
+        self.trainer = self._build()
+
+    # ------------------------------------------------------------------ TRL's methods
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> Any:
+        """Train for `max_steps` (or `num_train_epochs`); `resume_from_checkpoint` True continues from
+        the newest `checkpoint-N` of `output_dir`, a path from that checkpoint, exactly."""
+        if kwargs:
+            raise TypeError(f"train() got {sorted(kwargs)}; rlora's takes resume_from_checkpoint only")
+        if resume_from_checkpoint:
+            self.config.train.resume_from_checkpoint = "latest" if resume_from_checkpoint is True \
+                else str(resume_from_checkpoint)
+            self.trainer = self._build()
+        self.trainer.learn()
+        return self.state
+
+    def evaluate(self, eval_dataset: Any = None, **kwargs) -> dict[str, float]:
+        """The mean reward (and per function) on the eval dataset, named as TRL names it (`eval_reward`)."""
+        if eval_dataset is not None or kwargs:
+            raise TypeError("evaluate() runs on the trainer's eval_dataset; give it to the constructor")
+        if not self.eval_prompts:
+            raise ValueError("there is no eval_dataset (or eval_strategy is 'no'); give one to evaluate")
+        return eval_metrics(self.trainer.evaluate())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The trained adapter in peft's format (loadable with `PeftModel.from_pretrained`) and the
+        tokenizer; a model trained without an adapter, whole. `rlora export` merges an adapter."""
+        output_dir = output_dir or self.args.output_dir
+        policy = self.trainer.policy
+        if policy.is_peft:
+            policy.lm.save_pretrained(output_dir, selected_adapters=[POLICY])
+        else:
+            policy.lm.save_pretrained(output_dir)
+        self.processing_class.save_pretrained(output_dir)
+
+    @property
+    def state(self):
+        """transformers' `TrainerState` of the run: `global_step`, `max_steps`, `log_history`."""
+        return self.trainer.trainer_state
+
+    @property
+    def model(self):
+        """The model that trains: the peft model on the one base (or the model itself)."""
+        return self.trainer.policy.lm
+
+    @property
+    def accelerator(self):
+        return self.trainer.accelerator
+
+    def add_callback(self, callback: Any) -> None:
+        self.callbacks.append(callback() if isinstance(callback, type) else callback)
+        self._bridge.callbacks = self.callbacks
+
+    # ------------------------------------------------------------------ the pieces
+    def _build(self) -> Trainer:
+        """rlora's trainer of the translated config, with the callbacks watching it."""
+        config = self.config
+        policy = build_policy(config.model, self.processing_class, value_head=False, model=self._model) \
+            if not hasattr(self, "trainer") else self.trainer.policy
+        trainer = Trainer(config, policy, self.processing_class, self.reward_funcs, normalize_prompts(self.prompts),
+                          normalize_prompts(self.eval_prompts, "eval_dataset") if self.eval_prompts else [],
+                          verbose=not self.args.disable_tqdm)
+        state = trainer.trainer_state
+        state.logging_steps, state.save_steps = self.args.logging_steps, self.args.save_steps
+        state.eval_steps = config.train.eval_interval
+        method = config.method
+        per_phase = method.ppo_epochs * (method.num_rollouts // config.train.batch_size)
+        steps_per_epoch = (len(self.prompts) // (method.num_rollouts // method.num_generations)) * per_phase
+        self._bridge = CallbackBridge(self.callbacks, self.args, state, steps_per_epoch, {
+            "model": policy.lm, "processing_class": self.processing_class, "optimizer": trainer.optimizer,
+            "lr_scheduler": trainer.scheduler})
+        trainer.observers.append(self._bridge)
+        return trainer
+
+    def _adapter_settings(self, peft_config: Any, reward_adapter: str | None) -> dict:
+        """The model section's adapter settings: the given peft config trains a new adapter; a
+        PeftModel trains on, its adapter as it was the reference (TRL's); no adapter at all
+        trains the whole model."""
+        from peft import PeftModel
+
+        settings: dict[str, Any] = {"reward_adapter": reward_adapter}
+        if isinstance(self._model, PeftModel):
+            settings["reference"] = "adapter"
+        elif peft_config is not None:
+            settings["peft_config"] = peft_config
+        else:
+            settings["num_layers_unfrozen"] = -1  # TRL trains the whole model
+        return settings
+
+
+class RLOOTrainer(GRPOTrainer):
+    """`trl.RLOOTrainer`'s surface: GRPO's with the leave-one-out baseline (`advantage_estimator:
+    rloo`). rlora's RLOO keeps GRPO's per-token ratio and, with `beta > 0`, the k3 KL in the loss;
+    TRL's takes a ratio of whole-sequence probabilities and puts a k1 KL in the reward."""
+
+    config_class = RLOOConfig
+    estimator = "rloo"
+
+
+def dataset_rows(dataset: Any, what: str, prompt_only: bool = False, limit: int | None = None) -> list[dict]:
+    """A dataset's rows as dicts (a `datasets.Dataset`, an `IterableDataset`, or a list of rows),
+    each with a `prompt`; the other columns reach the reward functions (dropped with
+    `remove_unused_columns`). An iterable dataset is read as far as `limit` rows (what the run
+    draws), and needs one."""
+    if not hasattr(dataset, "__len__"):  # a stream
+        if limit is None:
+            raise ValueError(f"{what} is an iterable dataset: set max_steps, so the rows the run draws are known")
+        rows = list(itertools.islice(dataset, limit))
+    else:
+        rows = list(dataset)
+    if not rows or not all(isinstance(row, dict) and "prompt" in row for row in rows):
+        raise ValueError(f"{what} needs rows with a 'prompt' column (text, or a list of chat messages); got "
+                         f"{type(dataset).__name__} of {len(rows)} rows" + (f", first {rows[0]!r:.80}" if rows else ""))
+    return [{"prompt": row["prompt"]} if prompt_only else dict(row) for row in rows]
+
+
+def _rows_needed(args: Any) -> int | None:
+    """The prompts a run of `max_steps` draws (None without max_steps): whole generations."""
+    if args.max_steps <= 0:
+        return None
+    per_generation = args.num_iterations * args.steps_per_generation // max(1, args.gradient_accumulation_steps)
+    generations = -(-args.max_steps // max(1, per_generation))
+    return generations * (args.generation_batch_size // args.num_generations)
+
+
+def _refuse_arguments(optimizers: tuple, quantization_config: Any, tools: Any, rollout_func: Any,
+                      environment_factory: Any) -> None:
+    """The constructor's arguments rlora does not take, each refused with the reason."""
+    if optimizers not in ((None, None), None):
+        raise ValueError("optimizers: rlora builds AdamW and its schedule from the arguments (learning_rate, adam_*, "
+                         "weight_decay, lr_scheduler_type, warmup_steps); give those instead of an optimizer")
+    for name, value, why in (("quantization_config", quantization_config, "a 4-bit base is planned (docs/design.md "
+                              "§12)"), ("tools", tools, "tool calling is planned (docs/design.md §11)"),
+                             ("rollout_func", rollout_func, "rlora samples its own rollouts"),
+                             ("environment_factory", environment_factory, "environments are planned (docs/design.md "
+                              "§11)")):
+        if value is not None:
+            raise ValueError(f"{name}: rlora does not run it yet; {why}")
+
+
+def _reward_functions(reward_funcs: Any, processing_classes: Any, args: Any) -> tuple[RewardFunctions | None, str | None]:
+    """TRL's reward functions as rlora's: callables as they are, a sequence-classification model
+    (path or loaded) scored as TRL scores it, and an `rlora rm` directory as the reward adapter on
+    the policy's base (one at most; its score is added to the functions')."""
+    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs] if reward_funcs else []
+    classes = processing_classes if isinstance(processing_classes, (list, tuple)) else [processing_classes] * len(funcs)
+    if len(classes) != len(funcs):
+        raise ValueError(f"reward_processing_classes has {len(classes)} entries for {len(funcs)} reward functions; "
+                         "give one per function (None for a plain function)")
+    adapters = [f for f in funcs if is_reward_adapter(f)]
+    if len(adapters) > 1 or adapters and args.reward_weights is not None:
+        raise ValueError("an `rlora rm` reward adapter scores on the policy's base with weight 1, one at most; give one "
+                         "and no reward_weights, or use its model as a sequence classifier")
+    out = [SequenceClassifierReward(f, c, args.trust_remote_code) if isinstance(f, (str, torch.nn.Module)) else f
+           for f, c in zip(funcs, classes) if f not in adapters]
+    if not out and not adapters:
+        raise ValueError("reward_funcs is required: a function, a reward model, or a list of them")
+    return (RewardFunctions(out, args.reward_weights) if out else None), (adapters[0] if adapters else None)
+
+
+def _tokenizer_settings():
+    from rlora.config import TokenizerConfig
+
+    return TokenizerConfig(padding_side="left", truncation_side="left")
+
+
+def _name_of(model: Any) -> str:
+    """A loaded model's name or path (its config's `_name_or_path`; for a PeftModel, its base's)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return str(getattr(base.config, "_name_or_path", "") or "model")
+
+
+def _positions(model: Any, model_path: str, args: Any) -> int | None:
+    """The model's maximum number of positions, which bounds prompt + completion."""
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(os.path.expanduser(model_path), trust_remote_code=args.trust_remote_code)
+    else:
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    text = config.get_text_config()
+    return next((getattr(text, key) for key in POSITION_KEYS if isinstance(getattr(text, key, None), int)), None)
