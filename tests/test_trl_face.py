@@ -246,3 +246,42 @@ def test_what_rlora_does_not_run_is_refused_with_the_reason(tiny_model_dir, tmp_
 def test_an_unknown_field_is_an_error_with_a_suggestion(tmp_path):
     with pytest.raises(TypeError, match="did you mean 'max_completion_length'"):
         args(tmp_path, max_completion_lenght=8)
+
+
+# --- the same examples on a real model (slow tier)
+@pytest.fixture(scope="module")
+def smollm2():
+    from rlora.fetch import fetch
+
+    return fetch("smollm2-135m-instruct")
+
+
+@pytest.mark.slow
+def test_trl_s_examples_on_smollm2(smollm2, tmp_path):
+    """The quickstart's length reward on text prompts, then a chat dataset with weighted format and
+    accuracy rewards, then an SFT adapter's run at KL 0: TRL's scripts, the import changed."""
+    text = datasets.Dataset.from_list([{"prompt": p} for p in ["The weather today", "My favourite food",
+                                                               "A good book", "The city at night"]])
+    trainer = GRPOTrainer(model=smollm2, reward_funcs=reward_len, train_dataset=text, peft_config=lora(),
+                          args=args(tmp_path / "quickstart", per_device_train_batch_size=16, num_generations=4,
+                                    max_completion_length=12, learning_rate=1e-3))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    chat = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": f"Say the letter {s}."}],
+                                        "solution": s} for s in "abcd"])
+    trainer = GRPOTrainer(model=smollm2, reward_funcs=[format_reward, accuracy_reward], train_dataset=chat,
+                          peft_config=lora(), args=args(tmp_path / "chat", per_device_train_batch_size=16,
+                                                        num_generations=4, max_completion_length=12,
+                                                        reward_weights=[0.5, 2.0]))
+    trainer.train()
+    record = [r for r in trainer.state.log_history if "reward" in r][0]
+    assert record["reward"] == pytest.approx(0.5 * record["rewards/format_reward/mean"] +
+                                             2.0 * record["rewards/accuracy_reward/mean"], abs=1e-6)
+    trainer.save_model(str(tmp_path / "sft"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), str(tmp_path / "sft"),
+                                      is_trainable=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_len, train_dataset=text,
+                          args=args(tmp_path / "from-sft", per_device_train_batch_size=16, num_generations=4,
+                                    max_completion_length=12, beta=0.1, max_steps=1))
+    trainer.train()
+    assert [r["kl"] for r in trainer.state.log_history if "kl" in r][0] == 0.0
