@@ -285,3 +285,65 @@ def test_trl_s_examples_on_smollm2(smollm2, tmp_path):
                                     max_completion_length=12, beta=0.1, max_steps=1))
     trainer.train()
     assert [r["kl"] for r in trainer.state.log_history if "kl" in r][0] == 0.0
+
+
+# --- what a script does after train(), and what its callbacks ask
+class StopAtTwo(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def test_control_requests_are_carried_out_and_train_returns_trl_s_output(tiny_model_dir, tmp_path):
+    dataset = [{"prompt": p} for p in ["hello", "abc", "xyz", "the "]]
+    trainer = GRPOTrainer(model=tiny_model_dir("gpt2"), reward_funcs=reward_len, train_dataset=dataset,
+                          peft_config=lora(), callbacks=[StopAtTwo()], args=args(tmp_path, max_steps=6,
+                                                                                logging_steps=0.5))
+    output = trainer.train()
+    trainer.end()  # TRL's scripts call it after train() with transformers >= 5.18
+    assert output.global_step == 2 and "train_runtime" in output.metrics and output.training_loss == \
+        pytest.approx(output.metrics["train_loss"])
+    assert os.path.isdir(os.path.join(tmp_path, "out", "checkpoint-2"))
+    assert trainer.state.logging_steps == 3  # half of max_steps=6, as transformers reads a fraction
+    with pytest.raises(NotImplementedError, match="output_dir only"):
+        trainer.push_to_hub()
+
+
+@pytest.mark.parametrize(("fields", "logged"), [({"logging_strategy": "no"}, []), ({"logging_steps": 2}, [2, 4])],
+                         ids=["no-logging", "every-2"])
+def test_the_logging_strategy_is_honoured(tiny_model_dir, tmp_path, fields, logged):
+    dataset = [{"prompt": p} for p in ["hello", "abc", "xyz", "the "]]
+    trainer = GRPOTrainer(model=tiny_model_dir("gpt2"), reward_funcs=reward_len, train_dataset=dataset,
+                          peft_config=lora(), args=args(tmp_path, max_steps=4, **fields))
+    trainer.train()
+    assert [r["step"] for r in trainer.state.log_history if "reward" in r] == logged
+
+
+def test_evaluation_follows_eval_strategy_and_eval_on_start(tiny_model_dir, tmp_path):
+    dataset = [{"prompt": p} for p in ["hello", "abc", "xyz", "the "]]
+    trainer = GRPOTrainer(model=tiny_model_dir("gpt2"), reward_funcs=reward_len, train_dataset=dataset,
+                          eval_dataset=dataset[:2], peft_config=lora(),
+                          args=args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2))
+    trainer.train()
+    evals = [r for r in trainer.state.log_history if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [2, 4]  # TRL's eval_on_start is False: no step-0 evaluation
+    assert set(trainer.evaluate()) >= {"eval_reward"}
+
+
+def test_rloo_takes_only_trl_s_rloo_fields_and_a_peft_model_s_run_is_described_by_its_config(tiny_model_dir,
+                                                                                             tmp_path):
+    with pytest.raises(TypeError, match="unknown argument 'loss_type'"):
+        RLOOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss_type="cispo")
+    torch.manual_seed(7)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir("gpt2")),
+                         LoraConfig(r=4, lora_alpha=16, init_lora_weights=False, task_type="CAUSAL_LM"))
+    trainer = GRPOTrainer(model=sft, reward_funcs=reward_len, train_dataset=[{"prompt": "ab"}] * 4,
+                          args=args(tmp_path, per_device_train_batch_size=4, num_generations=8,
+                                    generation_batch_size=8))
+    initial = os.path.join(tmp_path, "out", "initial_adapter")
+    assert trainer.config.model.model_path == initial and os.path.isfile(os.path.join(initial, "adapter_config.json"))
+    assert trainer.config.model.reference == "adapter"
+    assert trainer.config.method.shared_prefix is False  # a process's microbatch of 4 holds no whole group of 8
+    assert trainer.config.method.use_bias_correction_kl is True  # TRL's default

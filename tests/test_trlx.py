@@ -146,7 +146,8 @@ def test_as_rlora_config_translates_without_modifying_its_argument(monkeypatch):
         config = trlx_api.as_rlora_config(base, model_path="local/dir/model")
     assert (config.model.model_path, config.tokenizer.tokenizer_path, config.train.tracker) == \
         ("local/dir/model", "gpt2", None)
-    assert (config.method.num_rollouts, config.method.chunk_size, config.train.batch_size) == (256, 256, 64)
+    # chunk_size counts what each process generates at once, in rlora as in trlx: it stays
+    assert (config.method.num_rollouts, config.method.chunk_size, config.train.batch_size) == (256, 128, 64)
     assert config.method.scale_reward == "ignored"
     assert (base.model.model_path, base.train.batch_size, base.train.tracker) == ("lvwerra/gpt2-imdb", 32, "wandb")
 

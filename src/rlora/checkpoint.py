@@ -10,7 +10,8 @@ Layout of a checkpoint directory:
   tokenizer/               the tokenizer (with any pad token rlora added)
   value_head.safetensors   the value head (PPO; group methods have none)
   optimizer.pt, scheduler.pt   their state dicts (tensors and plain data; loaded weights_only)
-  rng.safetensors          the PPO shuffle generator (the same on every process)
+  rng.safetensors          the batch shuffle generator (the same on every process) and, for a phase
+                           stopped between its optimizer steps, its batches
   rank_R.safetensors       process R's torch RNG states and, for a phase stopped between its
                            optimizer steps, its share of the experience
   rank_R.json              process R's python and numpy RNG states
@@ -46,11 +47,12 @@ from rlora.state import PhaseState, RunState
 
 REQUIRED = ("trainer_state.json", "config.yaml", "rng.safetensors", "rank_0.json",
             "rank_0.safetensors")
+PROMPT_ENCODER = "prompt_encoder.safetensors"
+
+
 def step_dir(prefix: str) -> re.Pattern:
     """The names of step checkpoints: `prefix` then the step (`train.checkpoint_prefix`)."""
     return re.compile(rf"^{re.escape(prefix)}(\d+)$")
-
-PROMPT_ENCODER = "prompt_encoder.safetensors"
 
 
 @dataclass

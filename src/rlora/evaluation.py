@@ -7,6 +7,7 @@ and nothing else of the trainer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -70,7 +71,8 @@ class Evaluation:
                 by_function.setdefault(name, []).append(v)
         for name, values in by_function.items() if len(by_function) > 1 else ():
             stats[f"reward/{prefix}{name}/mean"] = float(nan_moments(torch.cat(values))["mean"])
-        stats[f"reward/{prefix}mean"] = sum(scores) / len(scores)
+        judged = [s for s in scores if not math.isnan(s)]  # a sample no function judged has no reward (NaN)
+        stats[f"reward/{prefix}mean"] = sum(judged) / len(judged) if judged else math.nan
         logged = self.reward_fn.drain_logs()[0] if self.reward_fn is not None else {}
         stats.update({f"{prefix}{name}": value for name, value in logged.items()})
         if self.metric_fn is not None:

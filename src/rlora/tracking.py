@@ -31,6 +31,7 @@ class Tracker:
         records a killed run wrote after its last checkpoint do not stay."""
         self.run_dir, self.enabled = run_dir, enabled
         self._file = self._tb = self._wandb = None
+        self.path = os.path.join(run_dir, "metrics.jsonl")
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -61,6 +62,8 @@ class Tracker:
         """One record: a dict with a `step` key and float statistics."""
         if not self.enabled:
             return
+        if self._file is None:  # a record after close() (an evaluation after training): metrics.jsonl only
+            self._file = open(self.path, "a", encoding="utf-8")
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         step = record.get("step", 0)
@@ -78,6 +81,7 @@ class Tracker:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+        self._file = self._tb = self._wandb = None
 
 
 def log_rollouts(directory: str | None, phase: int, step: int, rollouts, scores) -> None:

@@ -31,6 +31,7 @@ from rlora.config import Config, config_to_dict, rollout_gen_kwargs
 from rlora.distributed import Processes
 from rlora.evaluation import Evaluation, show
 from rlora.methods import build_method
+from rlora.methods.base import shares_of
 from rlora.models import Policy
 from rlora.models.loading import check_positions
 from rlora.optim import build_optimizer, build_scheduler, default_run_dir
@@ -101,6 +102,7 @@ class Trainer:
         self.evaluation = Evaluation(self.sampler, self.reward_fn, metric_fn, self.eval_prompts, self.eval_prompt_ids,
                                      config.method, self.dist, self.trainer_state) if eval_prompts else None
         self.observers: list[Callable[..., None]] = []  # called with each event of the run (`_notify`)
+        self.stop_requested = False  # set by an observer: the run ends after the current step
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ the loop
@@ -113,7 +115,7 @@ class Trainer:
         train, method, state = self.config.train, self.method, self.state
         self.model.eval()  # dropout off in every pass of the loop, so the ratio starts at 1 (docs/design.md §1)
         self._notify("train_begin")
-        if state.step == 0 and not state.history:
+        if state.step == 0 and not state.history and train.eval_at_start:
             self.evaluate()  # the baseline, before any update
         progress = self._progress()
         task = progress.add_task(self.config.method.name.removesuffix("Config"), total=self.total_steps,
@@ -159,6 +161,7 @@ class Trainer:
                 #    step, resuming where a checkpoint left the phase
                 pending = state.pending
                 while pending.cursor < len(pending.batches) and state.step < self.total_steps:
+                    self._notify("step_begin")
                     t0 = time.perf_counter()
                     stats = self.train_step(pending.exp, pending.batches[pending.cursor])
                     pending.cursor += 1
@@ -169,8 +172,13 @@ class Trainer:
                         self.evaluate()
                     if state.step % train.checkpoint_interval == 0 and state.step < self.total_steps:
                         self.save()
-                    if (signum := self._agreed_stop_signal()) is not None:
+                    signum, stop = self._agreed_stops()
+                    if signum is not None:
                         raise TrainingInterrupted(signum, self.save())
+                    if stop:  # an observer asked (a callback's should_training_stop)
+                        break
+                if self.stop_requested:
+                    break
 
                 # 7. The end of a phase (PPO: the KL controller on its mean KL)
                 if pending.cursor == len(pending.batches):
@@ -285,7 +293,7 @@ class Trainer:
             stats.append({"loss": loss.detach(), **step_stats})
         learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step uses, before the schedule moves on
         grad_norm, finite = self._optimizer_step(torch.stack([s["loss"] for s in stats]).sum())
-        weights = tokens / tokens.sum() if tokens.sum() > 0 else torch.full_like(tokens, 1 / len(tokens))
+        weights = torch.tensor(shares_of(tokens), dtype=torch.float64)
         out = {key: torch.stack([s[key] for s in stats]).double().cpu().max().float() if "max" in key else
                (torch.stack([s[key] for s in stats]).double().cpu() * weights).sum().float() for key in stats[0]}
         out["loss"] = torch.stack([s["loss"] for s in stats]).sum()  # each was scaled to its share of the step
@@ -365,8 +373,9 @@ class Trainer:
 
     def _notify(self, event: str, **data: Any) -> None:
         """Tell the observers (`self.observers`) of an event of the run: "train_begin", "phase" and
-        "step" (their records), "evaluate" (its record), "save" (the path), "train_end". They
-        watch; the loop does not wait on them for anything."""
+        "step" (their records), "step_begin", "evaluate" (its record), "save" (the path),
+        "train_end". They watch; the loop waits on them for nothing, and only `stop_requested`
+        (which ends the run after the current step, saved and evaluated as any end) reaches it."""
         for observer in self.observers:
             observer(event, **data)
 
@@ -439,12 +448,14 @@ class Trainer:
     def _on_signal(self, signum: int) -> None:
         self._stop_signal = signum
 
-    def _agreed_stop_signal(self) -> int | None:
-        """The signal any process has received, the same on every process: each checks at its own step
-        boundary, and one stopping to save while another goes on to the next step's all-reduce would
-        hang them both. With several processes, one small all-reduce a step."""
-        signum = int(self.dist.max(torch.tensor([self._stop_signal or 0])).item())
-        return signum or None
+    def _agreed_stops(self) -> tuple[int | None, bool]:
+        """The signal any process has received, and whether any observer asked to stop, the same on
+        every process: each checks at its own step boundary, and one stopping while another goes
+        on to the next step's all-reduce would hang them both. With several processes, one small
+        all-reduce a step."""
+        signum, stop = self.dist.max(torch.tensor([self._stop_signal or 0, int(self.stop_requested)])).tolist()
+        self.stop_requested = bool(stop)
+        return int(signum) or None, bool(stop)
 
 
 PPOTrainer = Trainer  # trlx's name; the one trainer runs every method

@@ -65,3 +65,26 @@ def test_cispo_is_a_row_of_the_table_aggregated_over_the_step_s_tokens():
     assert loss.item() == pytest.approx(loop_cispo(logp.detach(), old, adv, mask, 5.0).sum().item() / 30)
     with pytest.raises(ValueError, match="needs epsilon_high"):
         cispo_token_loss(logp, old, adv, mask, epsilon_high=None)
+
+
+def test_the_bias_corrected_kl_weights_k3_by_the_ratio_and_keeps_its_gradient():
+    """TRL's use_bias_correction_kl: β·ρ·k3. On-policy (ρ = 1) the value is the plain term's, and
+    the gradient gains β·k3 per token: d(ρ k3)/d log π = ρ k3 + ρ dk3/d log π."""
+    from rlora.algo.kl import kl_k3
+
+    g = torch.Generator().manual_seed(2)
+    old = -torch.rand(3, 4, generator=g, dtype=F64)
+    ref = old + 0.3 * torch.randn(3, 4, generator=g, dtype=F64)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    adv = torch.tensor([1.0, -0.5, 0.2], dtype=F64)
+    grads, values = [], []
+    for corrected in (False, True):
+        logp = old.clone().requires_grad_()
+        loss, stats = group_loss(logp, old, adv, mask, loss_type="dapo", epsilon=0.2, epsilon_high=None,
+                                 level="token", max_completion_length=4, beta=0.5, ref_logprobs=ref, step_tokens=12,
+                                 kl_bias_correction=corrected)
+        loss.backward()
+        grads.append(logp.grad)
+        values.append(loss.item())
+    assert values[0] == pytest.approx(values[1])
+    torch.testing.assert_close(grads[1] - grads[0], 0.5 * kl_k3(old, ref) / 12, rtol=0, atol=1e-12)

@@ -136,3 +136,25 @@ def test_dapo_gradient_does_not_depend_on_the_microbatching():
             aggregate_loss(loss, mask[index], "dapo", 6, total_tokens=total).backward()
         grads.append(logp.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("estimator", "scale"), [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
+                                                  ("rloo", "group"), ("reinforce++_baseline", "group")])
+def test_an_unjudged_reward_is_left_out_of_its_group_and_gets_advantage_zero(estimator, scale):
+    """TRL's nan-aware statistics: a completion no reward function judged (NaN) does not move its
+    group's mean, std or leave-one-out baseline, and its own advantage is 0."""
+    rewards = torch.tensor([1.0, float("nan"), 3.0, 6.0, 2.0, 2.0, float("nan"), 5.0], dtype=F64)
+    out = group_advantages(rewards, 4, estimator, scale)
+    assert out[1] == 0 and out[6] == 0 and not torch.isnan(out).any()
+    g1, g2 = torch.tensor([1.0, 3.0, 6.0], dtype=F64), torch.tensor([2.0, 2.0, 5.0], dtype=F64)
+    if estimator == "rloo":
+        expected = [1 - (3 + 6) / 2, 3 - (1 + 6) / 2, 6 - (1 + 3) / 2, 2 - (2 + 5) / 2, 2 - (2 + 5) / 2, 5 - 2.0]
+    elif estimator == "reinforce++_baseline" or scale == "none":
+        expected = [*(g1 - g1.mean()).tolist(), *(g2 - g2.mean()).tolist()]
+    elif scale == "group":
+        expected = [*((g1 - g1.mean()) / (g1.std() + 1e-4)).tolist(), *((g2 - g2.mean()) / (g2.std() + 1e-4)).tolist()]
+    else:
+        both = torch.cat([g1, g2])
+        expected = [*((g1 - g1.mean()) / (both.std() + 1e-4)).tolist(), *((g2 - g2.mean()) / (both.std() + 1e-4)).tolist()]
+    judged = torch.tensor([0, 2, 3, 4, 5, 7])
+    torch.testing.assert_close(out[judged], torch.tensor(expected, dtype=F64), rtol=0, atol=1e-12)

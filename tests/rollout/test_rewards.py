@@ -306,13 +306,13 @@ def test_samples_no_function_judges_warn_naming_the_functions():
         return [None, None, 0.5]
 
     with pytest.warns(UserWarning, match=r"every reward function \(math_only, code_only\) returned None for 1 of 3 "
-                                         r"samples \(the first: sample 0, output '<think>a</think>.*'\); they train "
-                                         r"on reward 0"):
+                                         r"samples \(the first: sample 0, output '<think>a</think>.*'\); they have "
+                                         r"no reward"):
         total, _ = RewardFunctions([math_only, code_only])(batch(), tokenizer=None)
-    assert total.tolist() == [0.0, 1.0, 0.5]
+    assert math.isnan(total[0]) and total[1:].tolist() == [1.0, 0.5]  # judged by none: NaN, as TRL's
     with pytest.warns(UserWarning, match=r"^reward_fn returned None for 3 of 3 samples"):
         total, _ = RewardFunctions(lambda completions, **kw: [None] * 3)(batch(), tokenizer=None)
-    assert total.tolist() == [0.0] * 3
+    assert torch.isnan(total).all()
 
 
 def test_no_warning_while_some_function_judges_every_sample():

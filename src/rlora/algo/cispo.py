@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from rlora.algo.masked import masked_sum, token_mean, zero_padding
+from rlora.algo.group import log_importance_weights
+from rlora.algo.masked import token_mean, zero_padding
 
 
 def cispo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -30,13 +31,7 @@ def cispo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advanta
     """
     if epsilon_high is None:
         raise ValueError("loss_type='cispo' needs epsilon_high, the bound on the importance weight (ScaleRL: 5.0)")
-    if level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level={level!r} must be 'token' or 'sequence'")
-    log_ratio = zero_padding(logprobs - old_logprobs, loss_mask)
-    if level == "sequence":
-        log_ratio = (masked_sum(log_ratio, loss_mask, dim=1) / loss_mask.sum(1).clamp(min=1))[:, None].expand_as(
-            logprobs)
-    weight = torch.exp(log_ratio).detach()  # (n, t)
+    weight = torch.exp(log_importance_weights(logprobs, old_logprobs, loss_mask, level)).detach()  # (n, t)
     adv = advantages[:, None].expand_as(weight) if advantages.dim() == 1 else advantages
     loss = zero_padding(-torch.clamp(weight, max=epsilon_high) * adv * logprobs, loss_mask)
     clipped = (weight > epsilon_high) & (adv > 0)

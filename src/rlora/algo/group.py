@@ -34,7 +34,9 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, estimator: str
     - reinforce++_baseline (Hu 2025; OpenRLHF): `r_i − mean_G`; the batch whitening of
       REINFORCE++ follows over tokens (`rlora.algo.masked_whiten`), not here.
     - reinforce++: `r_i` itself (no baseline; whitened over the batch afterwards).
-    A group of G equal rewards gets advantages 0 (never NaN).
+    A group of G equal rewards gets advantages 0 (never NaN). A NaN reward (a completion no reward
+    function judged) is left out of its group's mean, std and leave-one-out baseline, and gets
+    advantage 0, as TRL's nan-aware statistics do (`_nan_group_advantages`).
     Shape: rewards (n,) -> (n,).
     """
     if estimator not in ESTIMATORS:
@@ -46,6 +48,8 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, estimator: str
     if estimator == "rloo" and num_generations < 2:
         raise ValueError("rloo needs num_generations >= 2: the baseline is the mean of the other completions")
     grouped = rewards.reshape(-1, num_generations).double()  # (n / G, G)
+    if torch.isnan(grouped).any():
+        return _nan_group_advantages(grouped, estimator, scale_rewards).reshape(-1).to(rewards.dtype)
     mean = grouped.mean(1, keepdim=True)
     if estimator == "reinforce++":
         return rewards.clone()
@@ -62,6 +66,35 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, estimator: str
     return centred.reshape(-1).to(rewards.dtype)
 
 
+def _nan_group_advantages(grouped: torch.Tensor, estimator: str, scale_rewards: str) -> torch.Tensor:
+    """`group_advantages` over groups in which some rewards are NaN (unjudged): each statistic over
+    a group's judged rewards only (TRL's nanmean / nanstd), and advantage 0 for the unjudged.
+    Shape: grouped (groups, G) -> (groups, G)."""
+    judged = ~torch.isnan(grouped)
+    count = judged.sum(1, keepdim=True).double()
+    total = torch.nansum(grouped, 1, keepdim=True)
+    mean = total / count
+
+    def std(x: torch.Tensor, keep: torch.Tensor, dim=None) -> torch.Tensor:  # unbiased, over `keep` only
+        n = keep.sum(dim, keepdim=dim is not None).double()
+        m = torch.where(keep, x, 0.0).sum(dim, keepdim=dim is not None) / n
+        return (torch.where(keep, (x - m) ** 2, 0.0).sum(dim, keepdim=dim is not None) / (n - 1)).sqrt()
+
+    if estimator == "reinforce++":
+        out = grouped
+    elif estimator == "reinforce++_baseline":
+        out = grouped - mean
+    elif estimator == "rloo":
+        out = grouped - (total - grouped) / (count - 1)
+    else:
+        out = grouped - mean
+        if scale_rewards == "group":
+            out = out / (std(grouped, judged, 1) + STD_EPS)
+        elif scale_rewards == "batch":
+            out = out / (std(grouped, judged) + STD_EPS)
+    return torch.nan_to_num(torch.where(judged, out, 0.0), nan=0.0)  # a group of one judged: no baseline, 0
+
+
 def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float) -> torch.Tensor:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to `max_length − buffer`
     tokens, then falling linearly to `−factor` at `max_length`:
@@ -70,6 +103,20 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor
         raise ValueError(f"overlong_buffer_len={buffer} must be in (0, max_new_tokens={max_length}]")
     excess = lengths.double() - (max_length - buffer)
     return torch.clamp(-excess / buffer * factor, max=0.0).float()
+
+
+def log_importance_weights(logprobs: torch.Tensor, old_logprobs: torch.Tensor, loss_mask: torch.Tensor,
+                           level: str = "token") -> torch.Tensor:
+    """`log ρ_t = log π_θ − log π_old` per token (0 on padding), or with `level="sequence"` (GSPO,
+    Zheng et al. 2025, eq. 7) each completion's length-normalised `(1 / L_i) Σ_t log ρ_t` on its
+    every token. Shape: (n, t) -> (n, t)."""
+    if level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level={level!r} must be 'token' or 'sequence'")
+    log_ratio = zero_padding(logprobs - old_logprobs, loss_mask)
+    if level == "sequence":
+        lengths = loss_mask.sum(1).clamp(min=1)  # (n,)
+        log_ratio = (masked_sum(log_ratio, loss_mask, dim=1) / lengths)[:, None].expand_as(logprobs)
+    return log_ratio
 
 
 def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -85,14 +132,8 @@ def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
     real tokens clipped below and above.
     Shape: logprobs, old_logprobs, loss_mask (n, t), advantages (n,) or (n, t) -> ℓ (n, t).
     """
-    if level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level={level!r} must be 'token' or 'sequence'")
     high = epsilon if epsilon_high is None else epsilon_high
-    log_ratio = zero_padding(logprobs - old_logprobs, loss_mask)
-    if level == "sequence":
-        lengths = loss_mask.sum(1).clamp(min=1)  # (n,)
-        log_ratio = (masked_sum(log_ratio, loss_mask, dim=1) / lengths)[:, None].expand_as(logprobs)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_importance_weights(logprobs, old_logprobs, loss_mask, level))
     adv = advantages[:, None].expand_as(ratio) if advantages.dim() == 1 else advantages
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + high)
     loss = -zero_padding(torch.minimum(ratio * adv, clipped * adv), loss_mask)

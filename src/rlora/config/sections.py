@@ -25,6 +25,8 @@ class TrainConfig:
     """Optimizer steps between checkpoints."""
     eval_interval: int = 100
     """Optimizer steps between evaluations."""
+    eval_at_start: bool = True
+    """rlora: evaluate once before the first update, as a baseline (TRL's `eval_on_start`)."""
     checkpoint_dir: str = "ckpts"
     """Directory for checkpoints, within `run_dir`."""
     checkpoint_prefix: str = "step_"
@@ -194,7 +196,7 @@ class PPOConfig:
     num_rollouts: int = 128
     """Experiences collected per PPO phase."""
     chunk_size: int = 128
-    """Prompts generated for at once."""
+    """Prompts each process generates for at once."""
     init_kl_coef: float = 0.001
     """Initial KL penalty coefficient beta."""
     target: float | None = None
@@ -246,7 +248,7 @@ class GRPOConfig:
     num_generations: int = 8
     """G, completions per prompt (a group)."""
     chunk_size: int = 64
-    """Completions generated at once, in whole groups (a multiple of `num_generations`)."""
+    """Completions each process generates at once, in whole groups (a multiple of `num_generations`)."""
     ppo_epochs: int = 1
     """Passes over each phase (TRL's `num_iterations`). With 1 and `train.batch_size >= num_rollouts`
     (one optimizer step a phase) the old log-probs are the current ones detached and no separate
@@ -270,6 +272,9 @@ class GRPOConfig:
     beta: float = 0.0
     """KL coefficient to the reference (the adapter disabled); 0 = no reference pass at all. In the
     loss as k3 for grpo; for reinforce++ as −beta·KL in the per-token reward."""
+    use_bias_correction_kl: bool = False
+    """TRL's: the k3 KL term weighted by the importance ratio (with its gradient), which keeps it
+    unbiased for samples of an older policy; TRL's default is true, rlora's false (GRPO's plain k3)."""
     gamma: float = 1.0
     """reinforce++: discount of the per-token returns."""
     dynamic_sampling: bool = False

@@ -35,8 +35,8 @@ _VLLM_IS = TRLField(None, "the importance-sampling correction for a vLLM sampler
                           "scores, so there is nothing to correct")
 _SAPO = TRLField(None, "loss_type 'sapo' is not implemented; rlora's loss types are grpo, bnpo, dr_grpo, dapo and cispo")
 _VESPO = TRLField(None, "loss_type 'vespo' is not implemented; rlora's loss types are grpo, bnpo, dr_grpo, dapo and cispo")
-_REF_SYNC = TRLField(None, "the reference is the frozen base with the adapter disabled; TR-DPO's syncing of it into "
-                           "the policy is not implemented")
+_REF_SYNC = TRLField(None, "the reference is the frozen base with the adapter disabled (or the starting adapter's "
+                           "frozen copy, model.reference); TR-DPO's syncing of it into the policy is not implemented")
 _ENTROPY = TRLField(None, "there is no entropy bonus or adaptive entropy control (the entropy is logged as "
                           "`entropy`)")
 _COMPLETION_LOGS = TRLField(None, "rlora prints and logs a table of eval samples at every evaluation "
@@ -113,8 +113,8 @@ GRPO_FIELDS: dict[str, TRLField] = {
     "vllm_importance_sampling_clip_max": _VLLM_IS, "vllm_importance_sampling_clip_min": _VLLM_IS,
     "vllm_importance_sampling_cap": _VLLM_IS,
     "off_policy_mask_threshold": TRLField(None, "off-policy sequence masking is not implemented"),
-    "use_bias_correction_kl": TRLField(None, "the KL term is k3 to the reference, without an importance-sampling "
-                                             "correction"),
+    "use_bias_correction_kl": TRLField("method.use_bias_correction_kl", "the same name and meaning; TRL's default "
+                                                                        "true, rlora's false"),
     # --- logging
     "log_completions": _COMPLETION_LOGS, "log_multimodal": _COMPLETION_LOGS,
     "num_completions_to_print": _COMPLETION_LOGS, "log_unique_prompts": _COMPLETION_LOGS,
@@ -136,7 +136,8 @@ GRPO_FIELDS: dict[str, TRLField] = {
     "bf16": TRLField("train.mixed_precision", "'bf16': bf16 autocast over float32 weights; model.dtype: "
                                               "bfloat16 loads the frozen base in bf16 instead (faster)"),
     "max_grad_norm": TRLField("train.max_grad_norm", "TRL clips at 1.0 by default; rlora only when set"),
-    "lr_scheduler_type": TRLField("scheduler.name", "cosine_annealing, linear or constant"),
+    "lr_scheduler_type": TRLField("scheduler.kwargs.type", "with scheduler.name: transformers, any of transformers' "
+                                                           "schedules over steps"),
     "weight_decay": TRLField("optimizer.kwargs.weight_decay"),
     "adam_beta1": TRLField("optimizer.kwargs.betas", "the pair [beta1, beta2]"),
     "adam_beta2": TRLField("optimizer.kwargs.betas", "the pair [beta1, beta2]"),

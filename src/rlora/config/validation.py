@@ -150,6 +150,9 @@ def validate(config: Config) -> None:
         extra = sorted(set(config.scheduler.kwargs) - {"type", "num_warmup_steps", "scheduler_specific_kwargs"})
         _check(not extra, "scheduler.kwargs", config.scheduler.kwargs,
                f"transformers' get_scheduler takes type, num_warmup_steps and scheduler_specific_kwargs, not {extra}")
+        _check(config.scheduler.kwargs.get("type") != "reduce_lr_on_plateau", "scheduler.kwargs.type",
+               "reduce_lr_on_plateau", "it steps on an eval metric, which rlora's loop does not feed it; use a "
+               "schedule over steps (linear, cosine, constant_with_warmup, ...)")
 
 
 def _check(ok: bool, key: str, value: Any, fix: str) -> None:

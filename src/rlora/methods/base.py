@@ -136,6 +136,11 @@ class Method:
         """After a phase's last optimizer step."""
 
 
+def loss_tokens(exp: Experience, micro: list[torch.Tensor]) -> torch.Tensor:
+    """The tokens each microbatch's loss counts. Shape: -> (len(micro),) float64."""
+    return torch.stack([exp.loss_mask[index].sum() for index in micro]).double()
+
+
 def shares_of(counts: torch.Tensor) -> list[float]:
     """`counts` as fractions of their sum (equal shares when they sum to 0)."""
     return (counts / counts.sum() if counts.sum() > 0 else torch.full_like(counts, 1 / len(counts))).tolist()

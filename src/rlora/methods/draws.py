@@ -9,10 +9,22 @@ one completion).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rlora.distributed import Processes
 from rlora.rollout.store import Scored
+
+
+def equal_rewards(grouped: torch.Tensor) -> torch.Tensor:
+    """Whether each group's rewards are all equal, exactly (a group of one judged reward, or none,
+    counts as equal: it carries no advantage). NaN rewards (no function judged them) are left out.
+    Shape: (groups, G) -> (groups,) bool."""
+    judged = ~torch.isnan(grouped)
+    high = torch.where(judged, grouped, -math.inf).amax(1)
+    low = torch.where(judged, grouped, math.inf).amin(1)
+    return (high == low) | (judged.sum(1) <= 1)
 
 
 class EveryDraw:
@@ -64,8 +76,7 @@ class DynamicSampling(EveryDraw):
         return self.per_chunk
 
     def add(self, chunk: Scored) -> None:
-        grouped = chunk.scores.reshape(-1, self.num_generations)
-        equal = grouped.amax(1) == grouped.amin(1)  # (groups,) all rewards equal, exactly
+        equal = equal_rewards(chunk.scores.reshape(-1, self.num_generations))  # (groups,)
         rows = torch.arange(len(chunk)).reshape(-1, self.num_generations)
         self.draws, self.groups, self.equal_groups = self.draws + 1, self.groups + len(equal), \
             self.equal_groups + int(equal.sum())

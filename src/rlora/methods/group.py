@@ -22,8 +22,8 @@ import torch
 from rlora.algo import gae, group_advantages, overlong_penalty, token_mean, token_rewards
 from rlora.algo.loss_types import LOSS_TYPES, group_loss
 from rlora.distributed import Processes, call_through
-from rlora.methods.base import Layout, Method, Passes, shares_of
-from rlora.methods.draws import DynamicSampling, EveryDraw
+from rlora.methods.base import Layout, Method, Passes, loss_tokens, shares_of
+from rlora.methods.draws import DynamicSampling, EveryDraw, equal_rewards
 from rlora.rollout.generation import Rollouts
 from rlora.rollout.forward import ResponseOutputs, forward_group_responses, forward_responses
 from rlora.rollout.store import Experience, Scored
@@ -122,10 +122,11 @@ class GroupMethod(Method):
         if not self.reinforce:
             exp.advantages = advantages[:, None] * mask
             return {}
+        judged = ~torch.isnan(score_sums[dist.rank * n:(dist.rank + 1) * n])  # (n,) an unjudged one: advantage 0
         ref = exp.ref_logprobs if self.passes.reference else exp.logprobs  # beta = 0: no KL term
         token_level, kl = token_rewards(exp.logprobs, ref, mask, config.beta, advantages)
         returns, _ = gae(torch.zeros_like(token_level), token_level, mask, config.gamma, 1.0)
-        exp.advantages = dist.whiten(returns, mask)
+        exp.advantages = dist.whiten(returns, mask) * judged[:, None]
         # the per-sequence k1 in REINFORCE++'s rewards; "kl" is grpo's mean k3 per token in the loss
         return {"kl_in_reward": dist.mean(kl["kl"])} if config.beta > 0 else {}
 
@@ -143,7 +144,7 @@ class GroupMethod(Method):
         """A microbatch counts by its rows (a mean over completions) or its tokens (bnpo); a loss
         divided by the step's tokens (dapo, cispo) is summed as it is, × the processes that DDP
         averages over."""
-        tokens = torch.stack([exp.loss_mask[index].sum() for index in micro]).double()
+        tokens = loss_tokens(exp, micro)
         if self.loss_type.divides_by_step_tokens:  # Σ ℓ over the step's real tokens on every process
             step_tokens = max(1.0, float(dist.mean(exp.loss_mask[batch].sum().double().reshape(1))) * dist.world)
             return [float(dist.world)] * len(micro), tokens, step_tokens
@@ -162,15 +163,16 @@ class GroupMethod(Method):
                                  epsilon=config.epsilon, epsilon_high=config.epsilon_high,
                                  level=config.importance_sampling_level, max_completion_length=self.max_new_tokens,
                                  beta=0.0 if self.reinforce else config.beta, ref_logprobs=mb.ref_logprobs,
-                                 step_tokens=step_tokens)
+                                 step_tokens=step_tokens, kl_bias_correction=config.use_bias_correction_kl)
         return loss, {**stats, "entropy": token_mean(out.entropy, mb.loss_mask)}
 
     def phase_stats(self, phase: Scored, dist: Processes) -> dict[str, Any]:
-        """TRL's names, over every process's groups."""
+        """TRL's names, over every process's groups; rewards no function gave (NaN) left out."""
         scores = dist.all_values(phase.scores).reshape(-1, self.num_generations)  # (groups, G)
         lengths = dist.all_values(phase.rollouts.response_mask.sum(1).float())
-        return {"reward": scores.mean(), "reward_std": scores.std(1).mean(),
-                "frac_reward_zero_std": (scores.amax(1) == scores.amin(1)).double().mean(),
+        judged = scores[~torch.isnan(scores)]
+        return {"reward": judged.mean(), "reward_std": judged.std(),
+                "frac_reward_zero_std": equal_rewards(scores).double().mean(),
                 "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
                 "completions/max_length": lengths.max(),
                 "completions/clipped_ratio": dist.all_values(phase.rollouts.truncated.float()).mean()}

@@ -27,7 +27,7 @@ from rlora.algo import (
     value_loss,
 )
 from rlora.distributed import Processes
-from rlora.methods.base import Layout, Method, Passes, shares_of
+from rlora.methods.base import Layout, Method, Passes, loss_tokens, shares_of
 from rlora.methods.draws import EveryDraw
 from rlora.rollout.forward import ResponseOutputs, forward_responses
 from rlora.rollout.store import Experience, Scored
@@ -46,6 +46,10 @@ class PPO(Method):
         return Layout(dist.share(self.config.num_rollouts, "method.num_rollouts"),
                       dist.share(train.batch_size, "train.batch_size"),
                       dist.share(train.minibatch_size or train.batch_size, "train.minibatch_size"))
+
+    def shape_chunk(self, scored: Scored) -> Scored:
+        """A sample no reward function judged (reward NaN) trains on 0, as trlx's PPO would."""
+        return Scored(scored.rollouts, torch.nan_to_num(scored.scores, nan=0.0), scored.values)
 
     def run_state(self, loader, shuffle: torch.Generator, run_dir: str) -> RunState:
         """trlx's KL controller (fixed, or adaptive with a `target`) and reference reward statistics."""
@@ -88,7 +92,7 @@ class PPO(Method):
     def step_shares(self, exp: Experience, batch: torch.Tensor, micro: list[torch.Tensor],
                     dist: Processes) -> tuple[list[float], torch.Tensor, float | None]:
         """Both losses are means over the response tokens: each microbatch counts by its tokens."""
-        tokens = torch.stack([exp.loss_mask[index].sum() for index in micro]).double()
+        tokens = loss_tokens(exp, micro)
         return shares_of(tokens), tokens, None
 
     def loss(self, out: ResponseOutputs, mb: Experience, step_tokens: float | None

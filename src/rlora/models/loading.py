@@ -47,11 +47,16 @@ def _from_pretrained(loader: Any, path: str, what: str, key: str, **kwargs):
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")  # where configs keep it
 
 
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The most positions a model's config names (None when it names none)."""
+    text = config.get_text_config()
+    return next((getattr(text, key) for key in POSITION_KEYS if isinstance(getattr(text, key, None), int)), None)
+
+
 def check_positions(seq_length: int, config: PretrainedConfig) -> None:
     """Refuse a `train.seq_length` beyond the positions the model has (trlx's default 1024 against
     a small model), before a long prompt runs off its position embeddings mid-run."""
-    text = config.get_text_config()
-    positions = next((getattr(text, key) for key in POSITION_KEYS if isinstance(getattr(text, key, None), int)), None)
+    positions = max_positions(config)
     if positions is not None and seq_length > positions:
         raise ValueError(f"train.seq_length={seq_length} is more than the {positions} positions this model has "
                          f"({type(config).__name__}); prompt plus response must fit in them: set train.seq_length to "
@@ -229,6 +234,9 @@ def build_policy(model_config, tokenizer, value_head: bool = True, model: Any = 
             raise ValueError(f"model.{key} is set but the policy has no peft adapter (it trains "
                              f"{'its top blocks' if n_unfrozen > 0 else 'the whole model'}); a critic or reward "
                              "adapter shares the frozen base with a LoRA policy: set model.peft_config")
+    if model_config.reference == "adapter":
+        raise ValueError("model.reference='adapter' is a frozen copy of the adapter the policy starts from, but this "
+                         "policy trains without a peft adapter; set model.reference: base")
     if n_unfrozen > 0:
         return Policy(base, "hydra", num_layers_unfrozen=n_unfrozen, value_head=value_head)
     return Policy(base, "full", value_head=value_head)

@@ -19,8 +19,9 @@ itself inside an event loop (a notebook).
 
 With several functions the reward is `Σ_k w_k r_k` (weights `task.reward_weights`, default 1
 each). Scores may be numbers or bools (1 and 0). A function may return None for a sample it does
-not judge; it counts 0 in the sum (as TRL's nansum), and a sample no function judges trains on 0
-with a warning (as TRL warns). Per-token rewards (a list per sample) need a single reward
+not judge; it counts 0 in the sum (as TRL's nansum), and a sample no function judges has reward
+NaN, with a warning (as TRL warns): the group methods leave it out of its group's statistics and
+give it advantage 0, as TRL does; PPO trains it on 0. Per-token rewards (a list per sample) need a single reward
 function; a list may hold one score per sampled token or, as trlx's dense example, one per token
 of `tokenizer(output)`, which are placed on the sampled tokens by character.
 
@@ -163,9 +164,10 @@ class RewardFunctions:
             unjudged = torch.tensor([x is None for x in _as_list(raw)], dtype=torch.bool)
             unjudged_by_all &= unjudged
             values[name] = scores.masked_fill(unjudged, math.nan)
-            total += weight * scores  # an unjudged sample counts 0
+            total += weight * scores  # a sample this function did not judge counts 0
         if unjudged_by_all.any():
             self._warn_unjudged(batch, unjudged_by_all)
+            total = total.masked_fill(unjudged_by_all, math.nan)  # judged by none: no reward at all (TRL)
         return total, values
 
     def drain_logs(self) -> tuple[dict[str, float], dict[str, list]]:
@@ -241,8 +243,9 @@ class RewardFunctions:
         first = int(unjudged.nonzero()[0])
         who = "reward_fn" if len(self.functions) == 1 else f"every reward function ({', '.join(self.names)})"
         warnings.warn(f"{who} returned None for {int(unjudged.sum())} of {len(batch)} samples (the first: sample "
-                      f"{first}, output {batch.outputs[first][:60]!r}); they train on reward 0. Return a number for "
-                      "each sample from at least one reward function", stacklevel=3)
+                      f"{first}, output {batch.outputs[first][:60]!r}); they have no reward (the group methods give "
+                      "them advantage 0, PPO reward 0). Return a number for each sample from at least one reward "
+                      "function", stacklevel=3)
 
 
 def _parameters(fn: Callable) -> tuple[frozenset[str], bool] | None:
@@ -436,8 +439,8 @@ def add_scores(fn_scores: torch.Tensor | None, adapter_scores: torch.Tensor | No
     token when reward_fn's are per token. Shape: (b,) or (b, r), (b,), lengths (b,) -> as fn_scores."""
     if fn_scores is None or adapter_scores is None:
         return adapter_scores if fn_scores is None else fn_scores
-    if fn_scores.dim() == 1:
-        return fn_scores + adapter_scores
+    if fn_scores.dim() == 1:  # a sample no function judged has the adapter's score alone
+        return torch.nan_to_num(fn_scores, nan=0.0) + adapter_scores
     rows = torch.arange(len(lengths))
     out = fn_scores.clone()
     out[rows, lengths - 1] += adapter_scores

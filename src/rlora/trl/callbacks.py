@@ -1,16 +1,18 @@
 """transformers' `TrainerCallback`s fed from rlora's run: each event of the loop (a step's record,
-an evaluation, a checkpoint, the start and the end) becomes the callback call transformers'
+an evaluation, a checkpoint, the start and the end) becomes the callback calls transformers'
 `Trainer` would make, with TRL's `args`, a `TrainerState` (`global_step`, `max_steps`, `epoch`,
-`log_history`) and a `TrainerControl`. Logs are TRL's: every `logging_steps` steps, the means of
-the window's step and phase metrics under TRL's names.
+`log_history`) and a `TrainerControl` whose requests (stop, save, evaluate, log) are carried out.
+Logs are TRL's: every `logging_steps` steps (or each epoch, or never, as `logging_strategy`
+says), the means of the window's step and phase metrics under TRL's names.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
-from transformers import TrainerControl, TrainerState
+from transformers import TrainerControl
 
 # rlora's step / phase record names that TRL logs under another name
 RENAMED = {"time/step": "step_time"}
@@ -31,28 +33,66 @@ def trl_log(records: list[dict[str, Any]]) -> dict[str, float]:
     return {key: sum(values) / len(values) for key, values in sums.items()}
 
 
-class CallbackBridge:
-    """An observer of rlora's `Trainer` (its `observers` list) that calls `callbacks`."""
+def absolute_steps(steps: float | None, max_steps: int) -> int | None:
+    """transformers' `*_steps`: a value below 1 is that fraction of the run's steps."""
+    if steps is None:
+        return None
+    return max(1, math.ceil(steps * max_steps)) if steps < 1 else int(steps)
 
-    def __init__(self, callbacks: list, args: Any, state: TrainerState, steps_per_epoch: int, extra: dict):
-        self.callbacks, self.args, self.state = list(callbacks), args, state
-        self.control = TrainerControl()
+
+class CallbackBridge:
+    """An observer of rlora's `Trainer` (its `observers` list) that calls `callbacks` with the
+    arguments transformers passes, and does what their `TrainerControl` asks."""
+
+    def __init__(self, callbacks: list, args: Any, trainer: Any, steps_per_epoch: int, extra: dict):
+        self.callbacks, self.args, self.trainer = list(callbacks), args, trainer
+        self.state, self.control = trainer.trainer_state, TrainerControl()
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.extra = extra  # model, processing_class, optimizer, lr_scheduler: what transformers passes
+        state, total = self.state, trainer.total_steps
+        state.logging_steps = absolute_steps(args.logging_steps, total)
+        state.save_steps = absolute_steps(args.save_steps, total)
+        state.eval_steps = absolute_steps(args.eval_steps or args.logging_steps, total)
+        state.num_train_epochs = math.ceil(total / self.steps_per_epoch)
+        self.strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
         self.window: list[dict[str, Any]] = []  # records since the last log
         self.losses: list[float] = []
         self.started = time.perf_counter()
+        self.call("on_init_end")
 
     def __call__(self, event: str, **data: Any) -> None:
         getattr(self, f"on_{event}")(**data)
 
     def call(self, name: str, **kwargs: Any) -> None:
+        """`name` on every callback, then what the control asks: stop (after this step), save,
+        evaluate, log now; each request is cleared once done, as transformers does."""
         for callback in self.callbacks:
-            getattr(callback, name)(self.args, self.state, self.control, **self.extra, **kwargs)
+            result = getattr(callback, name)(self.args, self.state, self.control, **self.extra, **kwargs)
+            if isinstance(result, TrainerControl):
+                self.control = result
+        control = self.control
+        if control.should_training_stop:
+            self.trainer.stop_requested = True
+        if name == "on_step_end":
+            if control.should_log:
+                control.should_log = False
+                self.log(trl_log(self.window))
+                self.window = []
+            if control.should_evaluate:
+                control.should_evaluate = False
+                self.trainer.evaluate()
+            if control.should_save:
+                control.should_save = False
+                self.trainer.save()
 
     def on_train_begin(self) -> None:
         self.started = time.perf_counter()
+        self.state.max_steps = self.trainer.total_steps
         self.call("on_train_begin")
+        self.call("on_epoch_begin")
+
+    def on_step_begin(self) -> None:
+        self.call("on_step_begin")
 
     def on_phase(self, record: dict[str, Any]) -> None:
         self.window.append(record)  # its rollouts' statistics: logged with the window's steps
@@ -62,13 +102,20 @@ class CallbackBridge:
         state.global_step, state.epoch = record["step"], record["step"] / self.steps_per_epoch
         self.window.append(record)
         self.losses.append(record.get("loss", 0.0))
+        self.call("on_pre_optimizer_step")
+        self.call("on_optimizer_step")
+        epoch_ended = state.global_step % self.steps_per_epoch == 0
+        if self.strategy == "steps" and state.global_step % state.logging_steps == 0 or \
+                self.strategy == "epoch" and epoch_ended:
+            self.control.should_log = True
         self.call("on_step_end")
-        if state.global_step % max(1, int(self.args.logging_steps)) == 0:
-            self.log(trl_log(self.window))
-            self.window = []
+        if epoch_ended:
+            self.call("on_epoch_end")
+            if state.global_step < self.trainer.total_steps:
+                self.call("on_epoch_begin")
 
     def log(self, logs: dict[str, float]) -> None:
-        logs = {**logs, "epoch": round(self.state.epoch, 4)}
+        logs = {**logs, "epoch": round(self.state.epoch or 0.0, 4)}
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.call("on_log", logs=logs)
 

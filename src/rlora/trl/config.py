@@ -137,14 +137,25 @@ class RLOOConfig(GRPOConfig):
     reward_clip_range: tuple[float, float] | None = None
 
 
-def _suggesting(cls: type) -> type:
+# GRPOConfig's fields that TRL 1.16's RLOOConfig does not have: RLOOConfig refuses them, as TRL's does
+GRPO_ONLY = frozenset({
+    "cast_lm_head_to_fp32", "delta", "entropy_coef", "entropy_coef_delta", "entropy_coef_max", "entropy_coef_min",
+    "entropy_target", "importance_sampling_level", "log_completions_hub_repo", "loss_type",
+    "max_tool_calling_iterations", "multi_objective_aggregation", "off_policy_mask_threshold",
+    "sapo_temperature_neg", "sapo_temperature_pos", "scale_rewards", "top_entropy_quantile", "use_adaptive_entropy",
+    "use_bias_correction_kl", "vespo_k_neg", "vespo_k_pos", "vespo_lambda_neg", "vespo_lambda_pos",
+    "vllm_importance_sampling_cap", "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
+    "vllm_importance_sampling_correction", "vllm_importance_sampling_mode"})
+
+
+def _suggesting(cls: type, not_taken: frozenset = frozenset()) -> type:
     """`cls` whose constructor names an unknown argument with the closest field, as rlora's config
-    loading does (a dataclass's own TypeError names none)."""
+    loading does (a dataclass's own TypeError names none); `not_taken` are fields it refuses."""
     import dataclasses
     import difflib
 
     init = cls.__init__
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    names = {f.name for f in dataclasses.fields(cls) if f.init} - not_taken
 
     def __init__(self, *args, **kwargs):
         unknown = sorted(set(kwargs) - names)
@@ -160,7 +171,7 @@ def _suggesting(cls: type) -> type:
 
 
 GRPOConfig = _suggesting(GRPOConfig)
-RLOOConfig = _suggesting(RLOOConfig)
+RLOOConfig = _suggesting(RLOOConfig, GRPO_ONLY)
 
 
 def generation_batch(per_device: int, world: int, accumulation: int, generation_batch_size: int | None,

@@ -28,14 +28,17 @@ class SequenceClassifierReward:
     sequence-classification model, as TRL's `GRPOTrainer` scores a reward model. Its name is the
     model's, as TRL logs it (`rewards/<name>/mean`)."""
 
-    def __init__(self, model, tokenizer, trust_remote_code: bool = False, batch_size: int = 32):
+    def __init__(self, model, tokenizer, model_kwargs: dict | None = None, device: Any = None, batch_size: int = 32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        model_kwargs = dict(model_kwargs or {})  # TRL's model_init_kwargs, as TRL loads a reward model with them
         if isinstance(model, str):
-            model = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1,
-                                                                       trust_remote_code=trust_remote_code)
+            model = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, **model_kwargs)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path,
+                                                      trust_remote_code=model_kwargs.get("trust_remote_code", False))
+        if device is not None:
+            model = model.to(device)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # it scores the last non-pad token

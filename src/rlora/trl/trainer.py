@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 
 from rlora.config import load_config
 from rlora.models import build_policy, load_tokenizer
-from rlora.models.loading import POSITION_KEYS
+from rlora.models.loading import max_positions
 from rlora.models.policy import POLICY
 from rlora.rollout.prompts import normalize_prompts
 from rlora.rollout.rewards import RewardFunctions
@@ -23,7 +23,7 @@ from rlora.trainer import Trainer
 from rlora.trl.callbacks import CallbackBridge, eval_metrics
 from rlora.trl.config import GRPOConfig, RLOOConfig, defaults_of
 from rlora.trl.rewards import SequenceClassifierReward, is_reward_adapter
-from rlora.trl.translate import to_rlora
+from rlora.trl.translate import epoch_steps, to_rlora
 
 
 class GRPOTrainer:
@@ -31,6 +31,7 @@ class GRPOTrainer:
 
     config_class = GRPOConfig
     estimator = "grpo"
+    method_settings: dict = {}  # rlora's method settings the trainer fixes (RLOO's aggregation)
 
     def __init__(self, model: Any, reward_funcs: Any = None, args: GRPOConfig | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, processing_class: Any = None, reward_processing_classes: Any = None,
@@ -49,14 +50,16 @@ class GRPOTrainer:
         self.processing_class = processing_class or load_tokenizer(
             _tokenizer_settings(), model_path, args.trust_remote_code)
         self.processing_class.padding_side = "left"
-        functions, reward_adapter = _reward_functions(reward_funcs, reward_processing_classes, args)
+        self.processing_class.truncation_side = "left"  # a prompt over the limit keeps its end (TRL's)
+        functions, reward_adapter = _reward_functions(reward_funcs, reward_processing_classes, args, args.device)
         self.prompts = dataset_rows(train_dataset, "train_dataset", args.remove_unused_columns, _rows_needed(args))
         self.eval_prompts = dataset_rows(eval_dataset, "eval_dataset", args.remove_unused_columns) \
             if eval_dataset is not None and str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no" \
             else []
         data = to_rlora(args, defaults_of(args), model_path=model_path, positions=_positions(model, model_path, args),
                         prompts=len(self.prompts), estimator=self.estimator)
-        data["model"].update(self._adapter_settings(peft_config, reward_adapter))
+        data["model"].update(self._adapter_settings(peft_config, reward_adapter, args.output_dir))
+        data["method"].update(self.method_settings)
         self.config = load_config(data)
         self.reward_funcs = functions
         self.callbacks = list(callbacks or [])
@@ -68,12 +71,24 @@ class GRPOTrainer:
         the newest `checkpoint-N` of `output_dir`, a path from that checkpoint, exactly."""
         if kwargs:
             raise TypeError(f"train() got {sorted(kwargs)}; rlora's takes resume_from_checkpoint only")
+        from transformers.trainer_utils import TrainOutput
+
         if resume_from_checkpoint:
             self.config.train.resume_from_checkpoint = "latest" if resume_from_checkpoint is True \
                 else str(resume_from_checkpoint)
             self.trainer = self._build()
         self.trainer.learn()
-        return self.state
+        summary = self.state.log_history[-1] if self.state.log_history else {}
+        return TrainOutput(self.state.global_step, summary.get("train_loss", 0.0),
+                           {k: v for k, v in summary.items() if k.startswith("train_")})
+
+    def end(self) -> None:
+        """What transformers' `Trainer.end()` finishes after training: the run's trackers, closed."""
+        self.trainer.tracker.close()
+
+    def push_to_hub(self, *args, **kwargs) -> None:
+        raise NotImplementedError("rlora writes to output_dir only (save_model); push the saved adapter with "
+                                  "huggingface_hub's upload_folder")
 
     def evaluate(self, eval_dataset: Any = None, **kwargs) -> dict[str, float]:
         """The mean reward (and per function) on the eval dataset, named as TRL names it (`eval_reward`)."""
@@ -113,6 +128,12 @@ class GRPOTrainer:
         self._bridge.callbacks = self.callbacks
 
     # ------------------------------------------------------------------ the pieces
+    @staticmethod
+    def _is_main() -> bool:
+        from accelerate import PartialState
+
+        return PartialState().is_main_process
+
     def _build(self) -> Trainer:
         """rlora's trainer of the translated config, with the callbacks watching it."""
         config = self.config
@@ -120,28 +141,40 @@ class GRPOTrainer:
             if not hasattr(self, "trainer") else self.trainer.policy
         trainer = Trainer(config, policy, self.processing_class, self.reward_funcs, normalize_prompts(self.prompts),
                           normalize_prompts(self.eval_prompts, "eval_dataset") if self.eval_prompts else [],
-                          verbose=not self.args.disable_tqdm)
-        state = trainer.trainer_state
-        state.logging_steps, state.save_steps = self.args.logging_steps, self.args.save_steps
-        state.eval_steps = config.train.eval_interval
-        method = config.method
-        per_phase = method.ppo_epochs * (method.num_rollouts // config.train.batch_size)
-        steps_per_epoch = (len(self.prompts) // (method.num_rollouts // method.num_generations)) * per_phase
-        self._bridge = CallbackBridge(self.callbacks, self.args, state, steps_per_epoch, {
+                          accelerator=self._accelerator(), verbose=not self.args.disable_tqdm)
+        self._bridge = CallbackBridge(self.callbacks, self.args, trainer, epoch_steps(self.args, len(self.prompts)), {
             "model": policy.lm, "processing_class": self.processing_class, "optimizer": trainer.optimizer,
             "lr_scheduler": trainer.scheduler})
         trainer.observers.append(self._bridge)
         return trainer
 
-    def _adapter_settings(self, peft_config: Any, reward_adapter: str | None) -> dict:
+    def _accelerator(self):
+        """The run's accelerator: the CPU when `use_cpu`, as TRL's arguments say."""
+        from accelerate import Accelerator
+
+        if not hasattr(self, "_accelerator_object"):
+            precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"
+            self._accelerator_object = Accelerator(cpu=self.args.use_cpu or not torch.cuda.is_available(),
+                                                   mixed_precision=precision)
+        return self._accelerator_object
+
+    def _adapter_settings(self, peft_config: Any, reward_adapter: str | None, output_dir: str) -> dict:
         """The model section's adapter settings: the given peft config trains a new adapter; a
         PeftModel trains on, its adapter as it was the reference (TRL's); no adapter at all
-        trains the whole model."""
+        trains the whole model. A PeftModel's starting adapter is written to
+        `output_dir/initial_adapter`, which the config names, so that the run's `config.yaml`
+        rebuilds it (`rlora eval`, a resume from the command line)."""
         from peft import PeftModel
 
         settings: dict[str, Any] = {"reward_adapter": reward_adapter}
         if isinstance(self._model, PeftModel):
-            settings["reference"] = "adapter"
+            if peft_config is not None:
+                raise ValueError("the model is a PeftModel and peft_config is given too; merge and unload its adapter "
+                                 "into the base first, or give no peft_config (its adapter then trains on)")
+            initial = os.path.join(output_dir, "initial_adapter")
+            if not os.path.isdir(initial) and self._is_main():
+                self._model.save_pretrained(initial, selected_adapters=[self._model.active_adapter])
+            settings.update(model_path=initial, reference="adapter")
         elif peft_config is not None:
             settings["peft_config"] = peft_config
         else:
@@ -150,12 +183,16 @@ class GRPOTrainer:
 
 
 class RLOOTrainer(GRPOTrainer):
-    """`trl.RLOOTrainer`'s surface: GRPO's with the leave-one-out baseline (`advantage_estimator:
-    rloo`). rlora's RLOO keeps GRPO's per-token ratio and, with `beta > 0`, the k3 KL in the loss;
-    TRL's takes a ratio of whole-sequence probabilities and puts a k1 KL in the reward."""
+    """`trl.RLOOTrainer`'s surface: GRPO's loop with the leave-one-out baseline (`advantage_estimator:
+    rloo`) and the `dr_grpo` aggregation, whose on-policy gradient is TRL's RLOO's (a sum over each
+    completion's tokens, a mean over completions) divided by `max_completion_length`. rlora's RLOO
+    keeps the per-token ratio and, with `beta > 0`, the k3 KL in the loss; TRL's takes the ratio of
+    whole-sequence probabilities and puts a k1 KL in the reward, which differ once the policy has
+    moved within a generation."""
 
     config_class = RLOOConfig
     estimator = "rloo"
+    method_settings = {"loss_type": "dr_grpo"}
 
 
 def dataset_rows(dataset: Any, what: str, prompt_only: bool = False, limit: int | None = None) -> list[dict]:
@@ -199,7 +236,8 @@ def _refuse_arguments(optimizers: tuple, quantization_config: Any, tools: Any, r
             raise ValueError(f"{name}: rlora does not run it yet; {why}")
 
 
-def _reward_functions(reward_funcs: Any, processing_classes: Any, args: Any) -> tuple[RewardFunctions | None, str | None]:
+def _reward_functions(reward_funcs: Any, processing_classes: Any, args: Any, device: Any
+                      ) -> tuple[RewardFunctions | None, str | None]:
     """TRL's reward functions as rlora's: callables as they are, a sequence-classification model
     (path or loaded) scored as TRL scores it, and an `rlora rm` directory as the reward adapter on
     the policy's base (one at most; its score is added to the functions')."""
@@ -212,7 +250,8 @@ def _reward_functions(reward_funcs: Any, processing_classes: Any, args: Any) -> 
     if len(adapters) > 1 or adapters and args.reward_weights is not None:
         raise ValueError("an `rlora rm` reward adapter scores on the policy's base with weight 1, one at most; give one "
                          "and no reward_weights, or use its model as a sequence classifier")
-    out = [SequenceClassifierReward(f, c, args.trust_remote_code) if isinstance(f, (str, torch.nn.Module)) else f
+    kwargs = {**(args.model_init_kwargs or {}), "trust_remote_code": args.trust_remote_code}
+    out = [SequenceClassifierReward(f, c, kwargs, device) if isinstance(f, (str, torch.nn.Module)) else f
            for f, c in zip(funcs, classes) if f not in adapters]
     if not out and not adapters:
         raise ValueError("reward_funcs is required: a function, a reward model, or a list of them")
@@ -239,5 +278,4 @@ def _positions(model: Any, model_path: str, args: Any) -> int | None:
         config = AutoConfig.from_pretrained(os.path.expanduser(model_path), trust_remote_code=args.trust_remote_code)
     else:
         config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    text = config.get_text_config()
-    return next((getattr(text, key) for key in POSITION_KEYS if isinstance(getattr(text, key, None), int)), None)
+    return max_positions(config)

@@ -19,32 +19,37 @@ from typing import Any
 
 from rlora.config.trl_names import GRPO_FIELDS
 
-# TrainingArguments fields whose value does not change what rlora computes or writes
+# TrainingArguments fields whose value changes nothing rlora computes or writes: the data loader's
+# workers (prompts are in memory), evaluation batch sizes (evaluation generates in chunk_size),
+# logging verbosity, the launcher's own settings, and what transformers' Trainer itself reads only
+# from `train()`'s argument (resume_from_checkpoint); hub settings matter only with push_to_hub,
+# which is refused.
 NO_EFFECT = {
-    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "logging_dir", "logging_strategy",
-    "logging_first_step", "logging_nan_inf_filter", "disable_tqdm", "dataloader_num_workers",
-    "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_drop_last",
-    "per_device_eval_batch_size", "eval_accumulation_steps", "use_cpu", "save_safetensors", "save_only_model",
-    "local_rank", "ddp_backend", "ddp_timeout", "ddp_find_unused_parameters", "ddp_broadcast_buffers",
-    "log_level", "log_level_replica", "log_on_each_node", "include_num_input_tokens_seen", "prediction_loss_only",
-    "remove_unused_columns", "label_names", "ignore_data_skip", "skip_memory_metrics", "hub_token", "hub_model_id",
-    "hub_strategy", "hub_private_repo", "hub_always_push", "hub_revision", "push_to_hub", "data_seed",
-    "gradient_checkpointing_kwargs", "batch_eval_metrics", "eval_on_start", "eval_do_concat_batches",
-    "dataloader_num_workers", "report_to", "run_name", "project", "trackio_space_id", "pad_to_multiple_of",
-    "ds3_gather_for_generation", "disable_dropout", "restore_callback_states_from_checkpoint",
-    "include_for_metrics", "average_tokens_across_devices", "full_determinism", "seed", "tf32",
+    "overwrite_output_dir", "do_train", "do_eval", "do_predict", "logging_dir", "logging_first_step",
+    "logging_nan_inf_filter", "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_drop_last",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "save_safetensors", "local_rank", "ddp_backend",
+    "ddp_timeout", "ddp_find_unused_parameters", "ddp_broadcast_buffers", "log_level", "log_level_replica",
+    "log_on_each_node", "prediction_loss_only", "label_names", "ignore_data_skip", "skip_memory_metrics",
+    "hub_token", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_always_push", "hub_revision", "data_seed",
+    "gradient_checkpointing_kwargs", "batch_eval_metrics", "eval_do_concat_batches", "project", "trackio_space_id",
+    "pad_to_multiple_of", "ds3_gather_for_generation", "restore_callback_states_from_checkpoint",
+    "include_for_metrics", "average_tokens_across_devices", "full_determinism", "resume_from_checkpoint",
+    "disable_dropout",  # every pass of rlora's runs with dropout off, whichever value
 }
-# fields `to_rlora` carries over (beside the run's own sizes)
+# fields `to_rlora` (or the trainer and its callbacks) carries over
 CARRIED = {
+    "output_dir", "seed", "run_name", "report_to", "remove_unused_columns", "use_cpu", "tf32", "save_only_model",
     "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
     "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "num_train_epochs", "max_steps",
     "per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size", "steps_per_generation",
-    "logging_steps", "save_strategy", "save_steps", "save_total_limit", "eval_strategy", "eval_steps", "bf16", "fp16",
-    "model_init_kwargs", "trust_remote_code", "num_generations", "max_completion_length", "max_prompt_length",
-    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs", "cache_implementation",
-    "beta", "num_iterations", "epsilon", "epsilon_high", "importance_sampling_level", "reward_weights",
-    "scale_rewards", "loss_type", "mask_truncated_completions", "gradient_checkpointing", "shuffle_dataset",
-    "normalize_advantages", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
+    "logging_strategy", "logging_steps", "save_strategy", "save_steps", "save_total_limit", "eval_strategy",
+    "eval_steps", "eval_on_start", "bf16", "fp16", "model_init_kwargs", "trust_remote_code", "num_generations",
+    "max_completion_length", "max_prompt_length", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "generation_kwargs", "cache_implementation", "beta", "num_iterations", "epsilon", "epsilon_high",
+    "importance_sampling_level", "reward_weights", "scale_rewards", "loss_type", "mask_truncated_completions",
+    "use_bias_correction_kl", "gradient_checkpointing", "shuffle_dataset", "normalize_advantages",
+    "load_best_model_at_end",
 }
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")  # AdamW in torch's implementation
 
@@ -74,8 +79,8 @@ def to_rlora(args: Any, defaults: Any, *, model_path: str, positions: int | None
     problems = refused(args, defaults) + _unsupported_values(args)
     if problems:
         raise ValueError("rlora does not run these TRL settings:\n  - " + "\n  - ".join(problems))
-    world, G = args.world_size, args.num_generations
-    minibatch = args.per_device_train_batch_size * world
+    world, G, per_device = args.world_size, args.num_generations, args.per_device_train_batch_size
+    minibatch = per_device * world
     batch = minibatch * args.gradient_accumulation_steps
     if args.steps_per_generation % args.gradient_accumulation_steps:
         raise ValueError(f"steps_per_generation={args.steps_per_generation} is no multiple of "
@@ -85,8 +90,7 @@ def to_rlora(args: Any, defaults: Any, *, model_path: str, positions: int | None
     seq_length = (args.max_prompt_length + new_tokens) if args.max_prompt_length else positions
     if seq_length is None:
         raise ValueError("the model's config names no maximum number of positions; set max_prompt_length")
-    steps_per_epoch = (prompts // (args.generation_batch_size // G)) * args.num_iterations * \
-        args.steps_per_generation // args.gradient_accumulation_steps
+    steps_per_epoch = epoch_steps(args, prompts)
     total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
     if args.gradient_checkpointing:
         warnings.warn("gradient_checkpointing=True (TRL's default): rlora keeps its activations for backward and "
@@ -104,8 +108,11 @@ def to_rlora(args: Any, defaults: Any, *, model_path: str, positions: int | None
                   "checkpoint_prefix": "checkpoint-",
                   "checkpoint_interval": _interval(args.save_strategy, args.save_steps, steps_per_epoch, total),
                   "keep_checkpoints": args.save_total_limit or 10 ** 6, "save_best": False,
+                  "save_optimizer": not args.save_only_model,
                   "eval_interval": _interval(args.eval_strategy, args.eval_steps or args.logging_steps,
                                              steps_per_epoch, total),
+                  "eval_at_start": bool(args.eval_on_start),
+                  "float32_matmul_precision": None if args.tf32 is None else "high" if args.tf32 else "highest",
                   "tracker": _tracker(args.report_to), "run_name": args.run_name,
                   "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
                   "max_grad_norm": args.max_grad_norm or None},
@@ -124,7 +131,9 @@ def to_rlora(args: Any, defaults: Any, *, model_path: str, positions: int | None
                    "epsilon": args.epsilon, "epsilon_high": args.epsilon_high, "beta": args.beta,
                    "importance_sampling_level": args.importance_sampling_level,
                    "mask_truncated_completions": args.mask_truncated_completions,
-                   "shared_prefix": minibatch % G == 0, "gen_kwargs": gen_kwargs},
+                   "use_bias_correction_kl": args.use_bias_correction_kl,
+                   # each process's microbatch of whole groups: each prompt then runs once per group
+                   "shared_prefix": per_device % G == 0, "gen_kwargs": gen_kwargs},
         "task": {"reward_weights": args.reward_weights},
     }
 
@@ -144,12 +153,25 @@ def _unsupported_values(args: Any) -> list[str]:
     if args.load_best_model_at_end:
         out.append("load_best_model_at_end=True: the run ends with its last weights (rlora's best eval checkpoint is "
                    "train.save_best)")
+    if args.push_to_hub:
+        out.append("push_to_hub=True: rlora writes to output_dir only; push the saved adapter with huggingface_hub")
+    if str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) == "reduce_lr_on_plateau":
+        out.append("lr_scheduler_type='reduce_lr_on_plateau': it steps on an eval metric; use a schedule over steps")
     strategies = {"steps", "no", "epoch"}
-    for key in ("save_strategy", "eval_strategy"):
+    for key in ("save_strategy", "eval_strategy", "logging_strategy"):
         value = str(getattr(getattr(args, key), "value", getattr(args, key)))
         if value not in strategies:
             out.append(f"{key}={value!r}: use 'steps', 'epoch' or 'no'")
     return out
+
+
+def epoch_steps(args: Any, prompts: int) -> int:
+    """Optimizer steps in one pass over `prompts` prompts, as TRL 1.16 counts them: whole
+    generations of `generation_batch_size / num_generations` prompts (a partial one is dropped),
+    each trained `num_iterations` times in `steps_per_generation / gradient_accumulation_steps`
+    steps."""
+    generations = prompts // (args.generation_batch_size // args.num_generations)
+    return generations * args.num_iterations * args.steps_per_generation // args.gradient_accumulation_steps
 
 
 def _interval(strategy: Any, steps: float | None, steps_per_epoch: int, total: int) -> int:

@@ -84,9 +84,8 @@ def as_rlora_config(config: TRLConfig | Config | dict | str | os.PathLike, model
     if method.scale_reward is False:
         method.scale_reward = "ignored"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # trlx's sizes are each process's; rlora's are global
+    if world > 1:  # trlx's sizes are each process's; rlora's are global (chunk_size is each process's in both)
         method.num_rollouts *= world
-        method.chunk_size *= world
         train_.batch_size *= world
         if train_.minibatch_size is not None:
             train_.minibatch_size *= world
