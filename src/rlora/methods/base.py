@@ -38,9 +38,8 @@ from rlora.state import RunState
 class Passes:
     """Which no-grad passes a phase's rollout pass runs, as the method needs them."""
 
-    old_logprobs: bool  # the policy's log-probs at rollout time (ratio and KL-in-reward baselines)
-    values: bool  # the value head's (PPO's critic)
-    reference: bool  # the reference's (adapter disabled) log-probs, for a KL term
+    old_logprobs: bool  # the policy's log-probs at rollout time, and its values where it has a value head
+    reference: bool  # the reference's log-probs, for a KL term
 
 
 @dataclass(frozen=True)

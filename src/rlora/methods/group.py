@@ -46,7 +46,7 @@ class GroupMethod(Method):
         # with one optimizer step a phase the old log-probs are the current ones detached (TRL), unless
         # REINFORCE++ needs them for its KL reward
         one_step = config.ppo_epochs == 1 and batch_size >= config.num_rollouts
-        self.passes = Passes(old_logprobs=not one_step or kl and self.reinforce, values=False, reference=kl)
+        self.passes = Passes(old_logprobs=not one_step or kl and self.reinforce, reference=kl)
 
     @property
     def shares_prompts(self) -> bool:

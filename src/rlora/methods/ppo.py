@@ -40,7 +40,7 @@ class PPO(Method):
     value_head = True
     with_entropy = False
     progress_key = "rollout_scores/mean"
-    passes = Passes(old_logprobs=True, values=True, reference=True)
+    passes = Passes(old_logprobs=True, reference=True)
 
     def layout(self, dist: Processes, train: Any) -> Layout:
         return Layout(dist.share(self.config.num_rollouts, "method.num_rollouts"),
