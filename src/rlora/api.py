@@ -11,6 +11,7 @@ from accelerate.utils import set_seed
 
 from rlora.config import Config, GRPOConfig, load_config
 from rlora.data import load_prompts, resolve_function
+from rlora.environments import Agent
 from rlora.models import build_policy, load_tokenizer
 from rlora.rollout.prompts import normalize_prompts
 from rlora.rollout.rewards import RewardFunctions, check_reward_given
@@ -32,20 +33,22 @@ def set_threads(num_threads: int | None) -> int:
 def train(reward_fn: Callable | list[Callable] | None = None, prompts: list[str | list | dict] | None = None,
           eval_prompts: list[str | dict] | None = None, metric_fn: Callable | None = None,
           config: Config | dict | str | None = None, stop_sequences: list[str] | None = None,
-          overrides: list[str] | None = None, verbose: bool = True) -> Trainer:
+          overrides: list[str] | None = None, verbose: bool = True, environment: Callable | dict | None = None,
+          tools: list[Callable] | None = None) -> Trainer:
     """Fine-tune `config.model` with PPO or a group method (`method.name`) so that `reward_fn` rises;
     returns the trainer.
 
     The arguments are those of `build_trainer`, whose docstring describes them.
     """
     return build_trainer(reward_fn, prompts, eval_prompts, metric_fn, config, stop_sequences, overrides,
-                         verbose).learn()
+                         verbose, environment, tools).learn()
 
 
 def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: list[str | list | dict] | None = None,
                   eval_prompts: list[str | dict] | None = None, metric_fn: Callable | None = None,
                   config: Config | dict | str | None = None, stop_sequences: list[str] | None = None,
-                  overrides: list[str] | None = None, verbose: bool = True) -> Trainer:
+                  overrides: list[str] | None = None, verbose: bool = True,
+                  environment: Callable | dict | None = None, tools: list[Callable] | None = None) -> Trainer:
     """The trainer `train` runs, built but not started.
 
     - `reward_fn(samples, prompts, outputs, tokenizer, **metadata)` returns one float per sample
@@ -60,6 +63,11 @@ def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: l
     - `metric_fn(samples, prompts, outputs, **metadata)` returns `{name: [float per sample]}`.
     - `config`: an `rlora.Config`, a dict or a YAML path; `overrides` are `"a.b=value"` strings.
     - `stop_sequences`: each output is cut at the first of these strings and given an EOS.
+    - `environment`: a multi-turn environment's factory (a class; `rlora.environments` says what
+      it provides), one instance per episode, or a dict of them (each record names its own in an
+      "environment" column); `tools`: functions the model may call. With either, each sample is
+      an episode of up to `method.max_turns` assistant turns, and the reward functions see
+      TRL's `completions` (the messages after the opening) and `environments`.
     Arguments left out are taken from the config's `task` section when it names them.
     """
     config = load_config(config, overrides)
@@ -74,7 +82,12 @@ def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: l
     stop_sequences = stop_sequences if stop_sequences is not None else task.stop_sequences
     if reward_fn is not None:  # checked (callables, one weight each) before any model is loaded
         reward_fn = RewardFunctions(reward_fn, task.reward_weights)
-    check_reward_given(reward_fn, config.model.reward_adapter is not None)
+    environment = environment or resolve_function(task.environment, "task.environment")
+    tools = tools if tools is not None else [resolve_function(spec, f"task.tools[{i}]")
+                                             for i, spec in enumerate(task.tools)]
+    agent = Agent(environment, tools, config.method.max_turns, config.method.max_tool_calling_iterations) \
+        if environment is not None or tools else None
+    check_reward_given(reward_fn, config.model.reward_adapter is not None, environment is not None)
     set_threads(config.train.num_threads)
     if config.train.float32_matmul_precision is not None:  # process-wide, as torch's own setting is
         torch.set_float32_matmul_precision(config.train.float32_matmul_precision)
@@ -87,7 +100,7 @@ def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: l
     set_seed(config.train.seed)  # the adapter's and value head's initial weights depend on it
     policy = build_policy(config.model, tokenizer, value_head=not isinstance(config.method, GRPOConfig))
     return Trainer(config, policy, tokenizer, reward_fn, prompt_items, eval_items, metric_fn, stop_sequences,
-                      verbose=verbose)
+                   verbose=verbose, agent=agent)
 
 
 def evaluate(checkpoint: str, overrides: list[str] | None = None, verbose: bool = True, **kwargs) -> dict:

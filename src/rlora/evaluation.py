@@ -7,6 +7,7 @@ and nothing else of the trainer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -17,6 +18,7 @@ from rich.table import Table
 from rlora.algo import nan_moments
 from rlora.distributed import Processes
 from rlora.rollout.prompts import Prompt
+from rlora.rollout.episodes import environment_rewards, with_environment_rewards
 from rlora.rollout.rewards import RewardFunctions, ScoreBatch, collate_metadata, validate_scores
 from rlora.rollout.sampler import Sampler
 from rlora.tracking import console, eval_table
@@ -49,27 +51,32 @@ class Evaluation:
         stats: dict[str, Any] = {}
         tables = []
         for prefix, gen_kwargs in variants.items():
-            batch, scores = self.samples(gen_kwargs)
+            batch, scores, judged = self.samples(gen_kwargs)
             if self.dist.is_main:
-                stats.update(self.score(batch, scores, prefix))
+                stats.update(self.score(batch, scores, prefix, judged))
                 if not prefix:
                     tables.append(eval_table(batch.prompt_texts, batch.outputs, scores, step))
         policy.train(was_training)
         return self.dist.broadcast(stats), tables
 
-    def score(self, batch: ScoreBatch, scores: list[float], prefix: str) -> dict[str, Any]:
+    def score(self, batch: ScoreBatch, scores: list[float], prefix: str,
+              judged: list[dict[str, float]] | None = None) -> dict[str, Any]:
         """The reward (functions, added to the reward adapter's `scores` in place) and the metrics
-        of one variant's samples, named with `prefix`."""
+        of one variant's samples, named with `prefix`. Episodes come scored where they ran
+        (`judged`: each sample's value per source, already in `scores`)."""
         stats: dict[str, Any] = {}
         chunk = self.method_config.chunk_size
         by_function: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, len(batch) if self.reward_fn is not None else 0, chunk):
+        if judged is not None:
+            for name in judged[0] if judged else ():
+                by_function[name] = [torch.tensor([row[name] for row in judged])]
+        for start in range(0, len(batch) if self.reward_fn is not None and judged is None else 0, chunk):
             total, values = self.reward_fn(batch[start:start + chunk], self.sampler.tokenizer, self.trainer_state)
             for i, value in enumerate((total.sum(1) if total.dim() == 2 else total).tolist(), start):
                 scores[i] += value
             for name, v in values.items():
                 by_function.setdefault(name, []).append(v)
-        for name, values in by_function.items() if len(by_function) > 1 else ():
+        for name, values in by_function.items() if len(by_function) > 1 or "environment" in by_function else ():
             stats[f"reward/{prefix}{name}/mean"] = float(nan_moments(torch.cat(values))["mean"])
         judged = [s for s in scores if not math.isnan(s)]  # a sample no function judged has no reward (NaN)
         stats[f"reward/{prefix}mean"] = sum(judged) / len(judged) if judged else math.nan
@@ -84,10 +91,11 @@ class Evaluation:
                 stats[f"metrics/{prefix}{name}"] = values.mean().item()
         return stats
 
-    def samples(self, gen_kwargs: dict) -> tuple[ScoreBatch, list[float]]:
+    def samples(self, gen_kwargs: dict) -> tuple[ScoreBatch, list[float], list[dict[str, float]] | None]:
         """The samples of one pass over the eval prompts and their reward-adapter scores (0
         without one), each process generating (and scoring with the reward adapter) every
-        world-th prompt; gathered in the eval prompts' order."""
+        world-th prompt; gathered in the eval prompts' order. Episodes are scored here, where
+        their environments are (their values per source are the third item; else None)."""
         chunk, world, rank = self.method_config.chunk_size, self.dist.world, self.dist.rank
         mine = list(range(rank, len(self.prompt_ids), world))
         rows = []
@@ -97,9 +105,20 @@ class Evaluation:
             batch = ScoreBatch.of(rollouts, [self.prompts[i].metadata for i in index])
             adapter_scores = self.sampler.reward_adapter_scores(rollouts)
             adapter_scores = [0.0] * len(index) if adapter_scores is None else adapter_scores.tolist()
-            rows += zip(index, (batch[k:k + 1] for k in range(len(batch))), adapter_scores)
+            judged: list = [None] * len(index)
+            if rollouts.episodes is not None:
+                total, values = (None, {}) if self.reward_fn is None else \
+                    self.reward_fn(batch, self.sampler.tokenizer, self.trainer_state)
+                total, values = with_environment_rewards(total, values, environment_rewards(rollouts))
+                total = torch.zeros(len(index)) if total is None else total
+                adapter_scores = [a + t for a, t in zip(adapter_scores, total.tolist())]
+                judged = [{name: float(v[k]) for name, v in values.items()} for k in range(len(index))]
+                batch = dataclasses.replace(batch, environments=None)  # the instances stay on this process
+            rows += zip(index, (batch[k:k + 1] for k in range(len(batch))), adapter_scores, judged)
         rows = sorted(self.dist.gather(rows), key=lambda row: row[0])
-        return ScoreBatch.concat([r[1] for r in rows]), [r[2] for r in rows]
+        judged = [r[3] for r in rows]
+        return (ScoreBatch.concat([r[1] for r in rows]), [r[2] for r in rows],
+                None if any(j is None for j in judged) else judged)
 
 
 def show(tables: list[Table], step: int, stats: dict[str, Any]) -> None:

@@ -29,12 +29,14 @@ from rlora import checkpoint
 from rlora.algo import nan_moments
 from rlora.config import Config, config_to_dict, rollout_gen_kwargs
 from rlora.distributed import Processes
+from rlora.environments import Agent
 from rlora.evaluation import Evaluation, show
 from rlora.methods import build_method
 from rlora.methods.base import shares_of
 from rlora.models import Policy
 from rlora.models.loading import check_positions
 from rlora.optim import build_optimizer, build_scheduler, default_run_dir
+from rlora.rollout.episodes import EpisodeRunner, environment_rewards, episode_stats, with_environment_rewards
 from rlora.rollout.generation import Rollouts, sampling_temperature
 from rlora.rollout.prompts import Prompt, PromptLoader, normalize_prompts, tokenize_prompts
 from rlora.rollout.rewards import RewardFunctions, ScoreBatch, add_scores, check_reward_given
@@ -51,8 +53,8 @@ class Trainer:
     def __init__(self, config: Config, policy: Policy, tokenizer, reward_fn: Callable | list[Callable] | None,
                  prompts: list[Prompt], eval_prompts: list[Prompt], metric_fn: Callable | None = None,
                  stop_sequences: list[str] | None = None, accelerator: Accelerator | None = None,
-                 verbose: bool = True):
-        check_reward_given(reward_fn, policy.has_reward_adapter)
+                 verbose: bool = True, agent: Agent | None = None):
+        check_reward_given(reward_fn, policy.has_reward_adapter, agent is not None and bool(agent.factories))
         self.config, self.tokenizer, self.policy = config, tokenizer, policy
         self.reward_fn = reward_fn if reward_fn is None or isinstance(reward_fn, RewardFunctions) else \
             RewardFunctions(reward_fn, config.task.reward_weights)
@@ -79,8 +81,14 @@ class Trainer:
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
         # ZeRO-3 shards the weights: every process must join each generation step
         extra = {"synced_gpus": True} if deepspeed is not None and deepspeed.zero_stage == 3 else {}
+        # with an agent each sample is a multi-turn episode (docs/design.md §11); the loop is the same
+        if agent is not None and stop_sequences:
+            raise ValueError(f"stop_sequences {stop_sequences} cut single completions; an episode's turns end at the "
+                             "chat template's end of turn. Drop stop_sequences (or task.stop_sequences)")
+        episodes = None if agent is None else EpisodeRunner(agent, tokenizer, train.seq_length)
         self.sampler = Sampler(policy, tokenizer, self.accelerator, config.model, list(stop_sequences or []),
-                               self.layout.minibatch_size, share_prompts=self.method.shares_prompts, extra=extra)
+                               self.layout.minibatch_size, share_prompts=self.method.shares_prompts, extra=extra,
+                               episodes=episodes)
         self.temperature = sampling_temperature(rollout_gen_kwargs(config.method))  # every pass scores what was sampled
         self._tokenize_prompts(prompts, eval_prompts)
 
@@ -216,17 +224,25 @@ class Trainer:
         stats: dict[str, Any] = self.logged_by_reward_functions()
         for name, values in phase.values.items():  # each reward function's own mean and std over what it judged
             stats.update({f"rewards/{name}/{k}": v for k, v in nan_moments(self.dist.all_values(values)).items()})
-        return phase, {**stats, **self.method.phase_stats(phase, self.dist), **draws.stats(self.dist)}
+        return phase, {**stats, **self.method.phase_stats(phase, self.dist), **draws.stats(self.dist),
+                       **episode_stats(phase.rollouts, self.dist)}
 
     def _rewards(self, index: list[int], rollouts: Rollouts) -> Scored:
         """The rewards of one chunk (generated from the prompts at `index`): reward functions plus
         the reward adapter."""
         metadata = [self.prompts[i].metadata for i in index for _ in range(self.method.num_generations)]
         self.trainer_state.global_step = self.state.step
+        here = self.config.train.reward_on_all_ranks or rollouts.episodes is not None  # environments stay here
         fn_scores, values = (None, {}) if self.reward_fn is None else self.dist.score(
-            self.reward_fn, ScoreBatch.of(rollouts, metadata), self.tokenizer, self.config.train.reward_on_all_ranks,
-            self.trainer_state)
+            self.reward_fn, ScoreBatch.of(rollouts, metadata), self.tokenizer, here, self.trainer_state)
+        if rollouts.episodes is not None and fn_scores is not None and fn_scores.dim() == 2:
+            raise ValueError("reward_fn returned per-token scores for multi-turn episodes; score each episode with "
+                             "one number (the environment's tokens between turns are no actions to score)")
+        fn_scores, values = with_environment_rewards(fn_scores, values, environment_rewards(rollouts))
         scores = add_scores(fn_scores, self.sampler.reward_adapter_scores(rollouts), rollouts.response_mask.sum(1))
+        if scores is None:
+            raise ValueError("no reward: the episodes' environments have no get_reward() and no reward function was "
+                             "given; give the environment a get_reward() method, or pass reward_fn")
         return Scored(rollouts, scores, values)
 
     def logged_by_reward_functions(self) -> dict[str, float]:
@@ -254,7 +270,7 @@ class Trainer:
         exp = Experience(rollouts.query_ids, rollouts.query_mask, rollouts.response_ids, rollouts.response_mask,
                          logprobs=torch.zeros(n, r), values=torch.zeros(n, r), advantages=torch.zeros(n, r),
                          returns=torch.zeros(n, r), ref_logprobs=torch.zeros(n, r),
-                         loss_mask=self.method.loss_mask(rollouts))
+                         loss_mask=self.method.loss_mask(rollouts), action_mask=rollouts.action_mask.clone())
         passes = self.method.passes
         if not (passes.old_logprobs or passes.reference):
             return exp

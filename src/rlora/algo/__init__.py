@@ -13,6 +13,7 @@ from rlora.algo.logprobs import logprobs_and_entropy, logprobs_of_labels, token_
 from rlora.algo.losses import policy_loss, value_loss
 from rlora.algo.masked import (
     RunningMoments,
+    TokenSelection,
     check_right_padded,
     masked_mean,
     masked_sum,
@@ -28,6 +29,7 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "RunningMoments",
+    "TokenSelection",
     "aggregate_loss",
     "check_right_padded",
     "clipped_token_loss",

@@ -25,6 +25,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "check_right_padded",
+    "TokenSelection",
     "RunningMoments",
 ]
 
@@ -119,6 +120,38 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     if not shift_mean:
         whitened = whitened + mean
     return zero_padding(whitened, mask)
+
+
+class TokenSelection:
+    """The tokens of each row where `mask` is True, moved to the left in their order: a right-padded
+    view of scattered tokens, and back.
+
+    A multi-turn episode's response holds the model's tokens with the environment's between them;
+    GAE and the KL rewards run over the model's tokens as one sequence (an environment turn is no
+    time step), so they take `TokenSelection(action_mask).take(x)` and put their results back with
+    `put`. Where `mask` is already right-padded, `take` and `put` return the same values.
+
+    Shape: mask (b, t); take: (b, t) -> (b, m), m = most selected tokens in a row; put: (b, m) -> (b, t).
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise TypeError(f"mask must be a (b, t) bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+        counts = mask.sum(1)  # (b,)
+        width = int(counts.max()) if mask.numel() else 0
+        # a stable sort of "not selected" puts each row's selected positions first, in order
+        self.index = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # (b, m)
+        self.mask = torch.arange(width, device=mask.device)[None, :] < counts[:, None]  # (b, m), right-padded
+        self.shape = mask.shape
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The selected values of `x`, left-aligned; 0 after each row's last. Shape: (b, t) -> (b, m)."""
+        return zero_padding(x.gather(1, self.index), self.mask)
+
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        """`x`'s values back at the selected positions, 0 elsewhere. Shape: (b, m) -> (b, t)."""
+        out = torch.zeros(self.shape, dtype=x.dtype, device=x.device)
+        return out.scatter(1, self.index, zero_padding(x, self.mask))
 
 
 def check_right_padded(mask: torch.Tensor, name: str = "response_mask") -> None:

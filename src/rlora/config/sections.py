@@ -159,7 +159,8 @@ class TokenizerConfig:
     """"left" or "right": the side a plain-text prompt over the limit is cut from (trlx's); a
     conversation keeps its end, its earliest messages dropped whole."""
     chat_template: str | None = None
-    """rlora: a Jinja chat template for chat-message prompts, instead of the tokenizer's own."""
+    """rlora: a Jinja chat template for chat-message prompts, instead of the tokenizer's own; or
+    "hermes", rlora's ChatML template that renders tools (`rlora.tools.HERMES_TOOL_TEMPLATE`)."""
     add_special_tokens: bool = True
     """rlora: open each prompt with the tokenizer's own special tokens (a BOS for Llama / Mistral
     tokenizers; GPT-2's adds none), as `tokenizer(text)` does; false = no special tokens (trlx)."""
@@ -234,6 +235,11 @@ class PPOConfig:
     pays off for small-batch decoding on GPUs, not measurably on CPU (see BENCHMARKS.md)."""
     num_value_layers_unfrozen: int = 0
     """trlx compatibility: blocks of a separate value branch; rlora's value head is on the trunk."""
+    max_turns: int = 1
+    """rlora: the most assistant turns of a multi-turn episode (an environment or tools given); an
+    episode also ends when the environment has nothing more to say or `train.seq_length` is used up."""
+    max_tool_calling_iterations: int | None = None
+    """TRL's: the most turns of an episode whose tool calls are run; None = no limit but `max_turns`."""
 
 
 @dataclass
@@ -303,6 +309,11 @@ class GRPOConfig:
     """Extra named eval settings, each over `gen_kwargs` (`{greedy: {do_sample: false}}`)."""
     merge_adapter_for_generation: bool = False
     """Generate rollouts with the adapter merged into the base (restored exactly after)."""
+    max_turns: int = 1
+    """rlora: the most assistant turns of a multi-turn episode (an environment or tools given); an
+    episode also ends when the environment has nothing more to say or `train.seq_length` is used up."""
+    max_tool_calling_iterations: int | None = None
+    """TRL's: the most turns of an episode whose tool calls are run; None = no limit but `max_turns`."""
 
 
 METHODS = {"ppoconfig": PPOConfig, "grpoconfig": GRPOConfig}  # method.name (any case) -> its section
@@ -333,6 +344,11 @@ class TaskConfig:
     """The prompt's key in .jsonl rows and dataset records; the other keys become metadata."""
     stop_sequences: list[str] = field(default_factory=list)
     """Outputs are cut at the first of these strings and given an EOS."""
+    environment: str | None = None
+    """A multi-turn environment's factory (a class), `package.module:Class` or `path/to/file.py:Class`:
+    one instance per episode (`rlora.environments`)."""
+    tools: list[str] = field(default_factory=list)
+    """Tools the model may call, each `module:function` (typed, with a Google-style docstring)."""
 
 
 @dataclass

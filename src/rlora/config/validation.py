@@ -292,6 +292,10 @@ def _validate_method(p: PPOConfig, seq_length: int) -> None:
 
 
 def _check_generation(p: PPOConfig | GRPOConfig, seq_length: int) -> None:
+    _check(p.max_turns >= 1, "method.max_turns", p.max_turns, "an episode has at least one assistant turn (1 = "
+           "single-turn)")
+    _check(p.max_tool_calling_iterations is None or p.max_tool_calling_iterations >= 0,
+           "method.max_tool_calling_iterations", p.max_tool_calling_iterations, "give a count >= 0, or null for no limit")
     _check_gen_kwargs(p.gen_kwargs, "method.gen_kwargs", seq_length)
     if p.gen_experience_kwargs is not None:
         _check_gen_kwargs(p.gen_experience_kwargs, "method.gen_experience_kwargs", seq_length)

@@ -99,8 +99,8 @@ class Method:
         return scores
 
     def loss_mask(self, rollouts: Rollouts) -> torch.Tensor:
-        """The tokens the loss counts. Shape: -> (n, r) bool."""
-        return rollouts.response_mask.clone()
+        """The tokens the loss counts: the model's own (never an environment's). Shape: -> (n, r) bool."""
+        return rollouts.action_mask.clone()
 
     def forward(self, model, policy, mb: Experience, temperature: float, **flags) -> ResponseOutputs:
         """The pass over a microbatch's responses, through `model` (the prepared one in the update)."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rlora.algo import gae, group_advantages, overlong_penalty, token_mean, token_rewards
+from rlora.algo import TokenSelection, gae, group_advantages, overlong_penalty, token_mean, token_rewards
 from rlora.algo.loss_types import LOSS_TYPES, group_loss
 from rlora.distributed import Processes, call_through
 from rlora.methods.base import Layout, Method, Passes, loss_tokens, shares_of
@@ -87,13 +87,13 @@ class GroupMethod(Method):
                              "completion within its group; return one number per sample (or use PPOConfig)")
         if self.config.overlong_buffer_len is None:
             return scored
-        penalty = overlong_penalty(scored.rollouts.response_mask.sum(1), self.max_new_tokens,
+        penalty = overlong_penalty(scored.rollouts.action_mask.sum(1), self.max_new_tokens,
                                    self.config.overlong_buffer_len, self.config.overlong_penalty_factor)
         return Scored(scored.rollouts, scored.scores + penalty, scored.values)
 
     def loss_mask(self, rollouts: Rollouts) -> torch.Tensor:
         """With `mask_truncated_completions`, completions cut at max_new_tokens stay out (DAPO)."""
-        mask = rollouts.response_mask.clone()
+        mask = rollouts.action_mask.clone()
         if self.config.mask_truncated_completions:
             mask &= ~rollouts.truncated[:, None]
         return mask
@@ -115,7 +115,7 @@ class GroupMethod(Method):
         over the whole phase), broadcast over its tokens; REINFORCE++ spreads the (baselined)
         reward as per-token rewards with −β·KL, takes discounted returns (GAE with V = 0 and
         λ = 1) and whitens them over every process. Shape: score_sums (N,) in rank order."""
-        config, n, mask = self.config, len(exp), exp.response_mask
+        config, n, mask = self.config, len(exp), exp.action_mask
         advantages = group_advantages(score_sums, self.num_generations, config.advantage_estimator,
                                       config.scale_rewards)
         advantages = advantages[dist.rank * n:(dist.rank + 1) * n]  # this process's groups
@@ -124,9 +124,10 @@ class GroupMethod(Method):
             return {}
         judged = ~torch.isnan(score_sums[dist.rank * n:(dist.rank + 1) * n])  # (n,) an unjudged one: advantage 0
         ref = exp.ref_logprobs if self.passes.reference else exp.logprobs  # beta = 0: no KL term
-        token_level, kl = token_rewards(exp.logprobs, ref, mask, config.beta, advantages)
-        returns, _ = gae(torch.zeros_like(token_level), token_level, mask, config.gamma, 1.0)
-        exp.advantages = dist.whiten(returns, mask) * judged[:, None]
+        own = TokenSelection(mask)  # the model's tokens as one sequence (a multi-turn episode's)
+        token_level, kl = token_rewards(own.take(exp.logprobs), own.take(ref), own.mask, config.beta, advantages)
+        returns, _ = gae(torch.zeros_like(token_level), token_level, own.mask, config.gamma, 1.0)
+        exp.advantages = dist.whiten(own.put(returns), mask) * judged[:, None]
         # the per-sequence k1 in REINFORCE++'s rewards; "kl" is grpo's mean k3 per token in the loss
         return {"kl_in_reward": dist.mean(kl["kl"])} if config.beta > 0 else {}
 
@@ -169,7 +170,7 @@ class GroupMethod(Method):
     def phase_stats(self, phase: Scored, dist: Processes) -> dict[str, Any]:
         """TRL's names, over every process's groups; rewards no function gave (NaN) left out."""
         scores = dist.all_values(phase.scores).reshape(-1, self.num_generations)  # (groups, G)
-        lengths = dist.all_values(phase.rollouts.response_mask.sum(1).float())
+        lengths = dist.all_values(phase.rollouts.action_mask.sum(1).float())  # the model's tokens, as TRL
         judged = scores[~torch.isnan(scores)]
         return {"reward": judged.mean(), "reward_std": judged.std(),
                 "frac_reward_zero_std": equal_rewards(scores).double().mean(),

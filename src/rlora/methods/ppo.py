@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from rlora.algo import (
+    TokenSelection,
     gae,
     make_kl_controller,
     masked_mean,
@@ -74,12 +75,17 @@ class PPO(Method):
 
     def advantages(self, exp: Experience, scores: torch.Tensor, score_sums: torch.Tensor, state,
                    dist: Processes) -> dict[str, Any]:
-        """Per-token rewards (−β·KL, the score at the last real token), GAE, advantages whitened
-        over every process's real tokens."""
-        mask = exp.response_mask
-        rewards, kl = token_rewards(exp.logprobs, exp.ref_logprobs, mask, state.kl_ctl.value, scores)
-        advantages, exp.returns = gae(exp.values, rewards, mask, self.config.gamma, self.config.lam)
-        exp.advantages = dist.whiten(advantages, mask)
+        """Per-token rewards (−β·KL, the score at the model's last token), GAE, advantages whitened
+        over every process's real tokens. In a multi-turn episode these run over the model's own
+        tokens in order, as one sequence: γ and λ discount per model token, and the environment's
+        tokens between turns are no time steps (they get no reward, value or advantage)."""
+        mask = exp.action_mask
+        own = TokenSelection(mask)  # the model's tokens as one sequence: an environment turn is no time step
+        scores = own.take(scores) if scores.dim() == 2 else scores
+        rewards, kl = token_rewards(own.take(exp.logprobs), own.take(exp.ref_logprobs), own.mask,
+                                    state.kl_ctl.value, scores)
+        advantages, returns = gae(own.take(exp.values), rewards, own.mask, self.config.gamma, self.config.lam)
+        exp.advantages, exp.returns = dist.whiten(own.put(advantages), mask), own.put(returns)
         kl = {k: dist.mean(v) for k, v in kl.items()}  # the KL controller's is global
         return {
             "rollout_scores/mean": score_sums.mean(), "rollout_scores/std": score_sums.std(),
@@ -99,8 +105,8 @@ class PPO(Method):
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The clipped policy loss plus `vf_coef` × the clipped value loss of one microbatch."""
         config = self.config
-        pg_loss, pg_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.response_mask, config.cliprange)
-        vf_loss, vf_stats = value_loss(out.values, mb.values, mb.returns, mb.response_mask, config.cliprange_value)
+        pg_loss, pg_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.loss_mask, config.cliprange)
+        vf_loss, vf_stats = value_loss(out.values, mb.values, mb.returns, mb.loss_mask, config.cliprange_value)
         loss = pg_loss + config.vf_coef * vf_loss
         return loss, {
             "losses/total_loss": loss.detach(), "losses/policy_loss": pg_stats["policy_loss"],
@@ -109,12 +115,12 @@ class PPO(Method):
             "policy/ratio_max_abs_dev": pg_stats["ratio_max_abs_dev"],
             "values/mean": vf_stats["values_mean"], "values/values_error": vf_stats["values_error"],
             "values/clipfrac": vf_stats["clipfrac"],
-            "returns/mean": masked_mean(mb.returns, mb.response_mask),
-            "returns/var": masked_var(mb.returns, mb.response_mask, unbiased=False),
+            "returns/mean": masked_mean(mb.returns, mb.loss_mask),
+            "returns/var": masked_var(mb.returns, mb.loss_mask, unbiased=False),
         }
 
     def phase_stats(self, phase: Scored, dist: Processes) -> dict[str, Any]:
-        return {"response_length/mean": dist.all_values(phase.rollouts.response_mask.sum(1).float()).mean()}
+        return {"response_length/mean": dist.all_values(phase.rollouts.action_mask.sum(1).float()).mean()}
 
     def end_phase(self, stats: dict[str, float], state) -> None:
         """The KL controller, once per phase, on its mean KL with n = num_rollouts (trlx)."""

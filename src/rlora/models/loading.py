@@ -24,6 +24,7 @@ from rlora.models.attention import float32_attention
 from rlora.models.policy import POLICY, REFERENCE, REWARD, VALUE, Policy
 from rlora.models.score_head import load_score_head
 from rlora.models.trunk import hidden_width
+from rlora.tools import resolve_chat_template
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -115,7 +116,7 @@ def load_tokenizer(tokenizer_config, model_path: Any, trust_remote_code: bool = 
     tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", key,
                                  trust_remote_code=trust_remote_code, **tokenizer_config.tokenizer_extra_configs)
     if tokenizer_config.chat_template is not None:
-        tokenizer.chat_template = tokenizer_config.chat_template
+        tokenizer.chat_template = resolve_chat_template(tokenizer_config.chat_template)
     tokenizer.padding_side = tokenizer_config.padding_side
     tokenizer.truncation_side = tokenizer_config.truncation_side
     if tokenizer.eos_token is None:

@@ -33,6 +33,14 @@ class Rollouts:
     outputs: list[str]
     prompt_texts: list[str]  # the text each prompt stands for (chat messages rendered by the template)
     truncated: torch.Tensor  # (b,) bool, True where the response reached max_new_tokens without a stop
+    # (b, r) bool, True on the tokens the model sampled; in a multi-turn episode the environment's
+    # and the tools' tokens between its turns are real response tokens but not the model's (False)
+    action_mask: torch.Tensor | None = None
+    episodes: list | None = None  # multi-turn episodes: each sample's `rlora.rollout.episodes.Episode`
+
+    def __post_init__(self):
+        if self.action_mask is None:  # single-turn: every real response token is the model's
+            self.action_mask = self.response_mask.clone()
 
     @property
     def samples(self) -> list[str]:
@@ -217,6 +225,15 @@ def tokens_before_stop_sequence(tokens: list[int], decode, stop_sequences: Seque
     return tokens[:_first(len(tokens), lambda k: len(decode(tokens[:k])) > c) - 1]
 
 
+def sampling_settings(policy, tokenizer, gen_kwargs: dict):
+    """The `GenerationConfig`, the further `generate` arguments and the stop ids that sample
+    `gen_kwargs` with `policy` (`rollout_generation_config`, the token draw of `drawn_here`)."""
+    base = getattr(policy, "base_model", None)
+    stops = stop_token_ids(gen_kwargs, tokenizer, getattr(base, "generation_config", None))
+    config, arguments = drawn_here(*rollout_generation_config(gen_kwargs, tokenizer, stops))
+    return config, arguments, stops
+
+
 @torch.no_grad()
 def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[int]], gen_kwargs: dict,
                       stop_sequences: Sequence[str] = (), merged: bool = False,
@@ -252,9 +269,7 @@ def generate_rollouts(policy, tokenizer, prompts: list, prompt_ids: list[list[in
             prompt_ids = _repeat(prompt_ids, num_generations)
     query_ids, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
-    base = getattr(policy, "base_model", None)
-    stops = stop_token_ids(gen_kwargs, tokenizer, getattr(base, "generation_config", None))
-    config, arguments = drawn_here(*rollout_generation_config(gen_kwargs, tokenizer, stops))
+    config, arguments, stops = sampling_settings(policy, tokenizer, gen_kwargs)
     if merged:
         arguments["merged"] = True
     if dtype is not None:

@@ -60,23 +60,33 @@ class ScoreBatch:
     outputs: list[str]
     completion_ids: list[list[int]]  # the real response tokens (a generated EOS included)
     metadata: list[dict[str, Any]]
+    # multi-turn episodes: the messages after each opening (TRL's completions), and the environments
+    completions: list | None = None
+    environments: list | None = None
 
     @classmethod
     def of(cls, rollouts, metadata: list[dict[str, Any]]) -> "ScoreBatch":
         ids = [row[mask].tolist() for row, mask in zip(rollouts.response_ids, rollouts.response_mask)]
-        return cls(list(rollouts.prompts), list(rollouts.prompt_texts), list(rollouts.outputs), ids, list(metadata))
+        episodes = rollouts.episodes
+        return cls(list(rollouts.prompts), list(rollouts.prompt_texts), list(rollouts.outputs), ids, list(metadata),
+                   None if episodes is None else [e.completion for e in episodes],
+                   None if episodes is None else [e.environment for e in episodes])
 
     @classmethod
     def concat(cls, parts: Sequence["ScoreBatch"]) -> "ScoreBatch":
-        return cls(*([x for part in parts for x in getattr(part, name)] for name in
-                     ("prompts", "prompt_texts", "outputs", "completion_ids", "metadata")))
+        lists = [[x for part in parts for x in getattr(part, name)] for name in
+                 ("prompts", "prompt_texts", "outputs", "completion_ids", "metadata")]
+        optional = [None if any(getattr(part, name) is None for part in parts) else
+                    [x for part in parts for x in getattr(part, name)] for name in ("completions", "environments")]
+        return cls(*lists, *optional)
 
     def __len__(self) -> int:
         return len(self.outputs)
 
     def __getitem__(self, part: slice) -> "ScoreBatch":
         return ScoreBatch(self.prompts[part], self.prompt_texts[part], self.outputs[part], self.completion_ids[part],
-                          self.metadata[part])
+                          self.metadata[part], None if self.completions is None else self.completions[part],
+                          None if self.environments is None else self.environments[part])
 
     @property
     def lengths(self) -> list[int]:
@@ -107,9 +117,10 @@ def function_name(fn: Callable, index: int) -> str:
     return getattr(fn, "__name__", None) or getattr(type(fn), "__name__", None) or f"reward_{index}"
 
 
-def check_reward_given(reward_fn: Any, has_reward_adapter: bool) -> None:
-    """Refuse a run with nothing to reward it: neither a reward function nor a reward adapter."""
-    if reward_fn is None and not has_reward_adapter:
+def check_reward_given(reward_fn: Any, has_reward_adapter: bool, has_environment: bool = False) -> None:
+    """Refuse a run with nothing to reward it: neither a reward function, a reward adapter nor an
+    environment (whose `get_reward` may give one)."""
+    if reward_fn is None and not has_reward_adapter and not has_environment:
         raise ValueError("no reward: pass reward_fn=fn(samples, prompts, outputs, tokenizer, **metadata) (or TRL's "
                          "fn(prompts, completions, **kwargs)), set task.reward_fn to 'module:function', or set "
                          "model.reward_adapter to a reward adapter trained with `rlora rm`")
@@ -215,14 +226,18 @@ class RewardFunctions:
         rlora = {"samples": [p + o for p, o in zip(batch.prompt_texts, batch.outputs)], "prompts": batch.prompts,
                  "outputs": batch.outputs, "tokenizer": tokenizer}
         named, takes_kwargs = self.parameters[i]
+        episodes = {} if batch.environments is None else {"environments": batch.environments}
         if self.conventions[i] == "rlora":
-            own = {**rlora, **({"completion_ids": batch.completion_ids} if "completion_ids" in named else {})}
+            own = {**rlora, **({"completion_ids": batch.completion_ids} if "completion_ids" in named else {}),
+                   **episodes}
             extra = {}
         else:
-            completions = [[{"role": "assistant", "content": o}] if not isinstance(p, str) else o
-                           for p, o in zip(batch.prompts, batch.outputs)]
+            completions = batch.completions if batch.completions is not None else \
+                [[{"role": "assistant", "content": o}] if not isinstance(p, str) else o
+                 for p, o in zip(batch.prompts, batch.outputs)]
             own = {"prompts": batch.prompts, "completions": completions, "completion_ids": batch.completion_ids,
-                   "trainer_state": trainer_state, "log_extra": self._log_extra, "log_metric": self._log_metric}
+                   "trainer_state": trainer_state, "log_extra": self._log_extra, "log_metric": self._log_metric,
+                   **episodes}
             columns = {k: v for k, v in columns.items() if k not in ("completion", "completion_ids")}  # as TRL
             extra = {k: v for k, v in rlora.items() if k not in own and k not in columns} \
                 if self.conventions[i] == "both" else {}

@@ -20,8 +20,9 @@ class Sampler:
     autocast, or a bf16 base's adapter compute, `rlora.models.precision`)."""
 
     def __init__(self, policy, tokenizer, accelerator, model_config, stop_sequences: list[str], minibatch_size: int,
-                 share_prompts: bool, extra: dict | None = None):
+                 share_prompts: bool, extra: dict | None = None, episodes=None):
         self.policy, self.tokenizer, self.accelerator = policy, tokenizer, accelerator
+        self.episodes = episodes  # an `rlora.rollout.episodes.EpisodeRunner`: multi-turn episodes, not completions
         self.adapter_compute_dtype = model_config.adapter_compute_dtype
         self.generation_dtype = None if model_config.generation_dtype is None else \
             getattr(torch, model_config.generation_dtype)  # the precision rollouts are sampled in; None = the model's
@@ -39,13 +40,17 @@ class Sampler:
         """Rollouts for the prompts at `index`: under accelerate's autocast, as the prepared policy's
         forward runs, on weights in `model.generation_dtype` when `recast` (rollouts; float32 then
         runs without autocast). A chat prompt's response also ends at the template's end-of-turn
-        token."""
+        token. With an episode runner, each sample is a multi-turn episode."""
         chosen = [prompts[i] for i in index]
-        eot = self.end_of_turn if any(p.is_chat for p in chosen) else None
+        eot = self.end_of_turn if any(p.is_chat for p in chosen) or self.episodes is not None else None
         if eot is not None and "eos_token_id" not in gen_kwargs:
             stops = stop_token_ids(gen_kwargs, self.tokenizer, self.policy.base_model.generation_config)
             gen_kwargs = {**gen_kwargs, "eos_token_id": stops + [eot] * (eot not in stops)}
         dtype = self.generation_dtype if recast else None
+        if self.episodes is not None:
+            with self.precision(dtype):
+                return self.episodes.run(self.policy, prompts, index, {**gen_kwargs, **self.extra}, num_generations,
+                                         self.share_prompts, {"merged": merged, "dtype": dtype})
         with self.precision(dtype):
             return generate_rollouts(self.policy, self.tokenizer, [p.prompt for p in chosen],
                                      [prompt_ids[i] for i in index], {**gen_kwargs, **self.extra},

@@ -21,7 +21,8 @@ def select_rollouts(rollouts: Rollouts, rows: list[int]) -> Rollouts:
     return Rollouts(rollouts.query_ids[index], rollouts.query_mask[index], rollouts.response_ids[index],
                     rollouts.response_mask[index], [rollouts.prompts[i] for i in rows],
                     [rollouts.outputs[i] for i in rows], [rollouts.prompt_texts[i] for i in rows],
-                    rollouts.truncated[index])
+                    rollouts.truncated[index], rollouts.action_mask[index],
+                    None if rollouts.episodes is None else [rollouts.episodes[i] for i in rows])
 
 
 @dataclass
@@ -66,6 +67,8 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
         outputs=[s for x in parts for s in x.outputs],
         prompt_texts=[s for x in parts for s in x.prompt_texts],
         truncated=torch.cat([x.truncated for x in parts]),
+        action_mask=torch.cat([pad(x.action_mask, r, False, False) for x in parts]),
+        episodes=None if any(x.episodes is None for x in parts) else [e for x in parts for e in x.episodes],
     )
 
 
@@ -82,8 +85,15 @@ class Experience:
     advantages: torch.Tensor  # (n, r) PPO: whitened GAE advantages; group methods: the completion's, 0 on padding
     returns: torch.Tensor  # (n, r) A + V (unwhitened A), 0 on padding
     ref_logprobs: torch.Tensor  # (n, r) log pi_ref of each response token (0 when no reference pass ran)
-    loss_mask: torch.Tensor  # (n, r) bool, the tokens the loss counts: response_mask, less truncated rows
+    loss_mask: torch.Tensor  # (n, r) bool, the tokens the loss counts: action_mask, less truncated rows
     # when the group methods' mask_truncated_completions is set
+    # (n, r) bool, the model's own tokens: response_mask less a multi-turn episode's environment and tool
+    # tokens, which every pass reads as context and no loss, KL or advantage counts
+    action_mask: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.action_mask is None:  # single-turn experience (and checkpoints written before episodes)
+            self.action_mask = self.response_mask.clone()
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
