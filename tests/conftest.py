@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlora.tiny import char_tokenizer, tiny_model
+from rlora.tiny import agent_tokenizer, char_tokenizer, tiny_model
 
 # Tiny models gain nothing from a second intra-op thread, and two threads collapse when the cores
 # are shared (measured: 20 SFT steps 0.16 s on one thread, 26 s on two beside a busy process).
@@ -137,3 +137,21 @@ def _recorded_sampling(policy):
 def recorded_sampling():
     """`with recorded_sampling(policy) as record:` the distributions each `generate` call drew from."""
     return _recorded_sampling
+
+
+@pytest.fixture(scope="session")
+def agent_model_dir(tmp_path_factory):
+    """A tiny Llama over `agent_tokenizer` whose turns end often enough for multi-turn episodes."""
+    path = tmp_path_factory.mktemp("chat-model")
+    tok = agent_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_model("llama", tok, max_positions=2048)
+    # a random model rarely ends a turn; point <|im_end|>'s output row along the mean final hidden
+    # state, so that about one token in four ends one and episodes have several turns
+    with torch.no_grad():
+        hidden = model(torch.randint(3, len(tok) - 3, (16, 40)), output_hidden_states=True).hidden_states[-1]
+        direction = hidden.mean((0, 1))
+        model.lm_head.weight[tok.convert_tokens_to_ids("<|im_end|>")] = 3 * direction / direction.norm()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -68,7 +68,7 @@ class Agent:
 
     def __init__(self, environment: Callable | dict[str, Callable] | None = None,
                  tools: Sequence[Callable] = (), max_turns: int = 1,
-                 max_tool_calling_iterations: int | None = None):
+                 max_tool_calling_iterations: int | None = None, convention: str = "rlora"):
         if environment is None and not tools:
             raise ValueError("an agent needs an environment factory or tools; pass environment=... or tools=[...]")
         factories = environment if isinstance(environment, dict) else {None: environment} if environment else {}
@@ -80,12 +80,18 @@ class Agent:
         self.tools = list(tools)
         tools_by_name(self.tools)  # names unique, each usable
         self.max_turns, self.max_tool_calling_iterations = max_turns, max_tool_calling_iterations
+        # "trl": TRL's environment_factory: reset gets the record's prompt too and its text is appended
+        # to the prompt's last message; there is no step() (a method of that name is a tool)
+        if convention not in ("rlora", "trl"):
+            raise ValueError(f"convention={convention!r}; use 'rlora' or 'trl'")
+        self.convention = convention
+        self.reserved = RESERVED if convention == "rlora" else RESERVED - {"step"}
 
     @property
     def may_call_tools(self) -> bool:
         """Whether the model may be offered tools: standalone ones, or an environment class's."""
         return bool(self.tools) or any(
-            inspect.isclass(f) and any(not n.startswith("_") and n not in RESERVED
+            inspect.isclass(f) and any(not n.startswith("_") and n not in self.reserved
                                        for n, _ in inspect.getmembers(f, inspect.isfunction))
             for f in self.factories.values())
 
@@ -94,7 +100,7 @@ class Agent:
         if instance is None:
             return []
         return [getattr(instance, name) for name, fn in inspect.getmembers(type(instance), inspect.isfunction)
-                if not name.startswith("_") and name not in RESERVED]
+                if not name.startswith("_") and name not in self.reserved]
 
     def start(self, prompt: Prompt, where: str) -> Episode:
         """A fresh episode for `prompt`: its environment built and reset with the record's columns."""
@@ -115,7 +121,11 @@ class Agent:
             if not callable(getattr(instance, "reset", None)):
                 raise TypeError(f"the environment {type(instance).__name__} has no reset(**row) method; give it "
                                 "one that returns the opening prompt (or None for the record's own)")
-            opening = _call(instance, "reset", where, **metadata)
+            if self.convention == "trl":  # the whole row, its prompt included; text is added to the prompt
+                added = _call(instance, "reset", where, **({"prompt": prompt.prompt} | metadata))
+                opening = None if added is None else _appended(prompt.prompt, added, type(instance).__name__, where)
+            else:
+                opening = _call(instance, "reset", where, **metadata)
         else:
             opening = None
         messages = _opening_messages(prompt.prompt if opening is None else opening, instance, where)
@@ -144,7 +154,7 @@ class Agent:
             else:
                 results.append([])
         said = _call_all([(e, "step", w, (r,)) for e, r, w in zip(episodes, replies, where)
-                          if callable(getattr(e.environment, "step", None))])
+                          if self.convention == "rlora" and callable(getattr(e.environment, "step", None))])
         out: list[list[dict[str, Any]] | None] = []
         for episode, result, end, cap, w in zip(episodes, results, last, capped, where):
             following = result + _said_messages(said.get(id(episode)), type(episode.environment).__name__, w)
@@ -177,6 +187,16 @@ def _tool_messages(episode: Episode, calls: list[ToolCall], errors: list[str]) -
     episode.tool_calls += len(calls) + len(errors)
     episode.tool_errors += sum(bool(m.get("error")) for m in messages)
     return [{k: v for k, v in m.items() if k != "error"} for m in messages]
+
+
+def _appended(prompt: Any, added: Any, environment: str, where: str) -> Any:
+    """TRL's reading of `reset`'s text: added to the prompt's last message (or to a text prompt)."""
+    if not isinstance(added, str):
+        raise TypeError(f"{environment}.reset() returned {added!r:.80} for {where}; TRL's environments return text "
+                        "(added to the prompt's last message) or None")
+    if isinstance(prompt, str):
+        return prompt + added
+    return [*prompt[:-1], {**prompt[-1], "content": prompt[-1]["content"] + added}]
 
 
 def _opening_messages(opening: Any, instance: Any, where: str) -> list[dict[str, Any]]:

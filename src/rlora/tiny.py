@@ -55,6 +55,17 @@ def char_tokenizer(alphabet: str = DEFAULT_ALPHABET, model_max_length: int = 102
     )
 
 
+def agent_tokenizer() -> PreTrainedTokenizerFast:
+    """A character tokenizer for chat and tool calls: letters, digits and JSON's punctuation, ChatML's
+    `<|im_start|>` / `<|im_end|>` as special tokens, and rlora's tool-rendering ChatML template."""
+    from rlora.tools import HERMES_TOOL_TEMPLATE
+
+    tok = char_tokenizer(string.ascii_letters + string.digits + " .,!?\n{}\":<>_/[]'-=()")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = HERMES_TOOL_TEMPLATE
+    return tok
+
+
 def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4,
                 max_positions: int = 128, pad_token_id: int | None = 0, bos_token_id: int = 1,
                 eos_token_id: int = 2, initializer_range: float = 0.3) -> PretrainedConfig:

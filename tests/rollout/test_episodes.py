@@ -4,8 +4,6 @@ equal to re-running the conversation, budget endings, refusals and an environmen
 
 from __future__ import annotations
 
-import string
-
 import pytest
 import torch
 from accelerate import Accelerator
@@ -18,35 +16,9 @@ from rlora.rollout.episodes import EpisodeRunner
 from rlora.rollout.forward import forward_responses
 from rlora.rollout.generation import DrawToken
 from rlora.rollout.prompts import normalize_prompts
-from rlora.tiny import char_tokenizer, tiny_group_config, tiny_model, tiny_ppo_config
-from rlora.tools import HERMES_TOOL_TEMPLATE
+from rlora.tiny import agent_tokenizer, tiny_group_config, tiny_ppo_config
 
-ALPHABET = string.ascii_letters + string.digits + " .,!?\n{}\":<>_/[]'-=()"
 GEN = {"max_new_tokens": 5, "do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
-
-
-def chat_tokenizer():
-    tok = char_tokenizer(ALPHABET)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = HERMES_TOOL_TEMPLATE
-    return tok
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chat-model")
-    tok = chat_tokenizer()
-    torch.manual_seed(0)
-    model = tiny_model("llama", tok, max_positions=512)
-    # a random model rarely ends a turn; point <|im_end|>'s output row along the mean final hidden
-    # state, so that about one token in four ends one and episodes have several turns
-    with torch.no_grad():
-        hidden = model(torch.randint(3, len(tok) - 3, (16, 40)), output_hidden_states=True).hidden_states[-1]
-        direction = hidden.mean((0, 1))
-        model.lm_head.weight[tok.convert_tokens_to_ids("<|im_end|>")] = 3 * direction / direction.norm()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 class Countdown:
@@ -103,8 +75,8 @@ def runs(values: list[bool]) -> list[tuple[bool, int, int]]:
     return out
 
 
-def test_an_episode_is_the_rendering_of_its_conversation_with_the_replies_as_sampled(chat_model_dir):
-    runner, policy, tok = runner_and_policy(chat_model_dir)
+def test_an_episode_is_the_rendering_of_its_conversation_with_the_replies_as_sampled(agent_model_dir):
+    runner, policy, tok = runner_and_policy(agent_model_dir)
     rollouts = run(runner, policy, PROMPTS, num_generations=2)
     assert len(rollouts.episodes) == 4 and rollouts.action_mask.shape == rollouts.response_ids.shape
     assert max(e.turns for e in rollouts.episodes) >= 2
@@ -131,8 +103,8 @@ def test_an_episode_is_the_rendering_of_its_conversation_with_the_replies_as_sam
         assert episode.ended_by in ("environment", "truncated", "budget", "max_turns")
 
 
-def test_environment_tokens_are_context_never_actions(chat_model_dir):
-    runner, policy, tok = runner_and_policy(chat_model_dir)
+def test_environment_tokens_are_context_never_actions(agent_model_dir):
+    runner, policy, tok = runner_and_policy(agent_model_dir)
     rollouts = run(runner, policy, PROMPTS, num_generations=2)
     for k, episode in enumerate(rollouts.episodes):
         response = rollouts.response_ids[k][rollouts.response_mask[k]].tolist()
@@ -145,8 +117,8 @@ def test_environment_tokens_are_context_never_actions(chat_model_dir):
 
 
 @pytest.mark.parametrize("keep_cache", [True, False], ids=["kv-cache", "re-prefill"])
-def test_sampled_logprobs_equal_one_pass_over_the_whole_conversation(chat_model_dir, keep_cache):
-    runner, policy, tok = runner_and_policy(chat_model_dir, keep_cache=keep_cache)
+def test_sampled_logprobs_equal_one_pass_over_the_whole_conversation(agent_model_dir, keep_cache):
+    runner, policy, tok = runner_and_policy(agent_model_dir, keep_cache=keep_cache)
     calls: list[list[torch.Tensor]] = []
     original = policy.base_model.generate
 
@@ -190,8 +162,8 @@ def test_sampled_logprobs_equal_one_pass_over_the_whole_conversation(chat_model_
         torch.testing.assert_close(drawn, scored, atol=2e-5, rtol=0)
 
 
-def test_kv_cache_continuation_samples_what_re_running_the_conversation_samples(chat_model_dir):
-    runner, policy, _ = runner_and_policy(chat_model_dir, keep_cache=True)
+def test_kv_cache_continuation_samples_what_re_running_the_conversation_samples(agent_model_dir):
+    runner, policy, _ = runner_and_policy(agent_model_dir, keep_cache=True)
     cached = run(runner, policy, PROMPTS, num_generations=2)
     runner.keep_cache = False
     again = run(runner, policy, PROMPTS, num_generations=2)
@@ -199,8 +171,8 @@ def test_kv_cache_continuation_samples_what_re_running_the_conversation_samples(
     assert torch.equal(cached.action_mask, again.action_mask)
 
 
-def test_a_message_over_the_budget_ends_the_episode_and_is_not_kept(chat_model_dir):
-    runner, policy, tok = runner_and_policy(chat_model_dir, seq_length=135)
+def test_a_message_over_the_budget_ends_the_episode_and_is_not_kept(agent_model_dir):
+    runner, policy, tok = runner_and_policy(agent_model_dir, seq_length=135)
     rollouts = run(runner, policy, PROMPTS[:1], num_generations=2)
     lengths = rollouts.query_mask.sum(1) + rollouts.response_mask.sum(1)
     assert (lengths <= 135).all()
@@ -214,14 +186,14 @@ class Raising(Countdown):
         raise KeyError("no such state")
 
 
-def test_an_environment_that_raises_names_itself_the_method_and_the_record(chat_model_dir):
-    runner, policy, _ = runner_and_policy(chat_model_dir, environment=Raising)
+def test_an_environment_that_raises_names_itself_the_method_and_the_record(agent_model_dir):
+    runner, policy, _ = runner_and_policy(agent_model_dir, environment=Raising)
     with pytest.raises(RuntimeError, match=r"Raising\.step\(\) raised KeyError.*prompt 0 \('hi'"):
         run(runner, policy, PROMPTS, num_generations=1)
 
 
-def test_a_template_that_rerenders_earlier_messages_is_refused(chat_model_dir):
-    tok = chat_tokenizer()
+def test_a_template_that_rerenders_earlier_messages_is_refused(agent_model_dir):
+    tok = agent_tokenizer()
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                          "{% if loop.last %}!{% endif %}<|im_end|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -229,8 +201,8 @@ def test_a_template_that_rerenders_earlier_messages_is_refused(chat_model_dir):
         EpisodeRunner(Agent(Countdown, max_turns=2), tok, 100)
 
 
-def test_tools_need_a_template_that_renders_them(chat_model_dir):
-    tok = chat_tokenizer()
+def test_tools_need_a_template_that_renders_them(agent_model_dir):
+    tok = agent_tokenizer()
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -290,7 +262,7 @@ def test_tool_calling_iterations_are_capped_as_trl_caps_them():
 
 
 @pytest.mark.parametrize("method", ["group", "ppo"])
-def test_agents_train_in_the_one_loop_and_log_their_episodes(chat_model_dir, tmp_path, method):
+def test_agents_train_in_the_one_loop_and_log_their_episodes(agent_model_dir, tmp_path, method):
     seen = {}
 
     def said_a(completions, environments, **kwargs):
@@ -298,7 +270,7 @@ def test_agents_train_in_the_one_loop_and_log_their_episodes(chat_model_dir, tmp
         return [float(c[0]["content"].startswith("a")) for c in completions]
 
     config = (tiny_group_config if method == "group" else tiny_ppo_config)(
-        chat_model_dir, str(tmp_path), train={"total_steps": 2, "seq_length": 160})
+        agent_model_dir, str(tmp_path), train={"total_steps": 2, "seq_length": 160})
     config["method"] = {**config["method"], "max_turns": 3, "gen_kwargs": GEN}
     trainer = rlora.train(reward_fn=said_a, prompts=PROMPTS * 2, config=config, environment=Countdown, verbose=False)
     phase = next(r for r in trainer.history if "phase" in r)

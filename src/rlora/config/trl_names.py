@@ -108,7 +108,7 @@ GRPO_FIELDS: dict[str, TRLField] = {
     "top_entropy_quantile": TRLField(None, "masking the loss to high-entropy tokens is not implemented"),
     "entropy_coef": _ENTROPY, "use_adaptive_entropy": _ENTROPY, "entropy_coef_min": _ENTROPY,
     "entropy_coef_max": _ENTROPY, "entropy_coef_delta": _ENTROPY, "entropy_target": _ENTROPY,
-    "max_tool_calling_iterations": TRLField(None, "tool calling is not implemented"),
+    "max_tool_calling_iterations": _same("method.max_tool_calling_iterations"),
     "vllm_importance_sampling_correction": _VLLM_IS, "vllm_importance_sampling_mode": _VLLM_IS,
     "vllm_importance_sampling_clip_max": _VLLM_IS, "vllm_importance_sampling_clip_min": _VLLM_IS,
     "vllm_importance_sampling_cap": _VLLM_IS,

@@ -16,9 +16,10 @@ from transformers import TrainerControl
 
 # rlora's step / phase record names that TRL logs under another name
 RENAMED = {"time/step": "step_time"}
-# what a TRL log holds of rlora's records: TRL's names, per-function rewards and completion statistics
+# what a TRL log holds of rlora's records: TRL's names, per-function rewards, completion and tool statistics
+# (and rlora's episode statistics)
 KEPT = ("loss", "grad_norm", "learning_rate", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
-        "clip_ratio/", "completions/", "rewards/", "step_time")
+        "clip_ratio/", "completions/", "rewards/", "step_time", "tools/", "episodes/")
 
 
 def trl_log(records: list[dict[str, Any]]) -> dict[str, float]:

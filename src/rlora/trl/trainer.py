@@ -14,6 +14,7 @@ import torch
 from accelerate.utils import set_seed
 
 from rlora.config import load_config
+from rlora.environments import Agent
 from rlora.models import build_policy, load_tokenizer
 from rlora.models.loading import max_positions
 from rlora.models.policy import POLICY
@@ -38,12 +39,16 @@ class GRPOTrainer:
                  callbacks: list | None = None, optimizers: tuple = (None, None), quantization_config: Any = None,
                  peft_config: Any = None, tools: list | None = None, rollout_func: Callable | None = None,
                  environment_factory: Any = None):
-        _refuse_arguments(optimizers, quantization_config, tools, rollout_func, environment_factory)
+        _refuse_arguments(optimizers, quantization_config, rollout_func)
         if args is None:
             name = model if isinstance(model, str) else str(getattr(model.config, "_name_or_path", "model"))
             args = self.config_class(f"{name.rstrip('/').split('/')[-1]}-{type(self).__name__.removesuffix('Trainer')}")
+        if train_dataset is None and environment_factory is not None and not isinstance(environment_factory, dict) \
+                and (args.max_steps or 0) > 0:  # TRL's: the environment's reset() writes each prompt
+            train_dataset = [{"prompt": [{"role": "user", "content": ""}]}] * max(1, args.per_device_train_batch_size)
         if train_dataset is None:
-            raise ValueError("train_dataset is required: a datasets.Dataset (or a list of rows) with a 'prompt' column")
+            raise ValueError("train_dataset is required: a datasets.Dataset (or a list of rows) with a 'prompt' column "
+                             "(or, with one environment_factory and max_steps > 0, none: its reset() gives each prompt)")
         self.args = args
         set_seed(args.seed)  # a new adapter's initial weights depend on it, as in TRL
         model_path, self._model = (model, None) if isinstance(model, str) else (_name_of(model), model)
@@ -62,6 +67,15 @@ class GRPOTrainer:
         data["method"].update(self.method_settings)
         self.config = load_config(data)
         self.reward_funcs = functions
+        # TRL's agents: tools and environment_factory; an episode runs until a turn calls no tool, or
+        # max_tool_calling_iterations turns have (the token budget ends it too)
+        self.agent = None if environment_factory is None and not tools else Agent(
+            environment_factory, list(tools or []), _most_turns(args.max_tool_calling_iterations),
+            args.max_tool_calling_iterations, convention="trl")
+        if self.agent is not None:
+            data["method"].update({"max_turns": self.agent.max_turns,
+                                   "max_tool_calling_iterations": args.max_tool_calling_iterations})
+            self.config = load_config(data)
         self.callbacks = list(callbacks or [])
         self.trainer = self._build()
 
@@ -141,7 +155,7 @@ class GRPOTrainer:
             if not hasattr(self, "trainer") else self.trainer.policy
         trainer = Trainer(config, policy, self.processing_class, self.reward_funcs, normalize_prompts(self.prompts),
                           normalize_prompts(self.eval_prompts, "eval_dataset") if self.eval_prompts else [],
-                          accelerator=self._accelerator(), verbose=not self.args.disable_tqdm)
+                          accelerator=self._accelerator(), verbose=not self.args.disable_tqdm, agent=self.agent)
         self._bridge = CallbackBridge(self.callbacks, self.args, trainer, epoch_steps(self.args, len(self.prompts)), {
             "model": policy.lm, "processing_class": self.processing_class, "optimizer": trainer.optimizer,
             "lr_scheduler": trainer.scheduler})
@@ -221,19 +235,22 @@ def _rows_needed(args: Any) -> int | None:
     return generations * (args.generation_batch_size // args.num_generations)
 
 
-def _refuse_arguments(optimizers: tuple, quantization_config: Any, tools: Any, rollout_func: Any,
-                      environment_factory: Any) -> None:
+def _refuse_arguments(optimizers: tuple, quantization_config: Any, rollout_func: Any) -> None:
     """The constructor's arguments rlora does not take, each refused with the reason."""
     if optimizers not in ((None, None), None):
         raise ValueError("optimizers: rlora builds AdamW and its schedule from the arguments (learning_rate, adam_*, "
                          "weight_decay, lr_scheduler_type, warmup_steps); give those instead of an optimizer")
     for name, value, why in (("quantization_config", quantization_config, "a 4-bit base is planned (docs/design.md "
-                              "§12)"), ("tools", tools, "tool calling is planned (docs/design.md §11)"),
-                             ("rollout_func", rollout_func, "rlora samples its own rollouts"),
-                             ("environment_factory", environment_factory, "environments are planned (docs/design.md "
-                              "§11)")):
+                              "§12)"), ("rollout_func", rollout_func, "rlora samples its own rollouts; give an "
+                                                                     "environment_factory or tools for agents")):
         if value is not None:
             raise ValueError(f"{name}: rlora does not run it yet; {why}")
+
+
+def _most_turns(max_tool_calling_iterations: int | None) -> int:
+    """Assistant turns of an episode under TRL's rule: one more than the tool-calling turns, or as
+    many as the token budget allows (no cap) when those are not limited."""
+    return 1_000_000 if max_tool_calling_iterations is None else max_tool_calling_iterations + 1
 
 
 def _reward_functions(reward_funcs: Any, processing_classes: Any, args: Any, device: Any

@@ -49,7 +49,7 @@ CARRIED = {
     "generation_kwargs", "cache_implementation", "beta", "num_iterations", "epsilon", "epsilon_high",
     "importance_sampling_level", "reward_weights", "scale_rewards", "loss_type", "mask_truncated_completions",
     "use_bias_correction_kl", "gradient_checkpointing", "shuffle_dataset", "normalize_advantages",
-    "load_best_model_at_end",
+    "load_best_model_at_end", "max_tool_calling_iterations",
 }
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")  # AdamW in torch's implementation
 
