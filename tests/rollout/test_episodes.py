@@ -342,3 +342,49 @@ def test_environment_tokens_have_exactly_zero_gradient(method):
     assert (logprobs.grad[environment] == 0).all()
     if method == "ppo":
         assert (values.grad[environment] == 0).all() and values.grad[exp.action_mask].abs().sum() > 0
+
+
+def test_an_agent_run_resumed_mid_phase_equals_the_uninterrupted_run(agent_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    def run_to(run_dir, steps, **train):
+        config = tiny_group_config(agent_model_dir, str(run_dir), train={"total_steps": steps, "seq_length": 160,
+                                                                        "eval_interval": 1000, **train})
+        config["method"] = {**config["method"], "max_turns": 3, "gen_kwargs": GEN}
+        return rlora.train(prompts=PROMPTS * 2, config=config, environment=Countdown, verbose=False)
+
+    run_to(tmp_path / "full", 6)
+    run_to(tmp_path / "resumed", 2)  # stops mid-phase (4 steps a phase)
+    run_to(tmp_path / "resumed", 6, resume_from_checkpoint="latest")
+    a = load_file(f"{tmp_path}/full/ckpts/step_6/adapter/adapter_model.safetensors")
+    b = load_file(f"{tmp_path}/resumed/ckpts/step_6/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Echo(Countdown):
+    def reset(self, **row):
+        super().reset()
+        return f"echo {row['word']}"
+
+
+def test_a_dict_of_environments_routes_each_record_by_its_environment_column():
+    agent = Agent({"count": Countdown, "echo": Echo}, max_turns=2)
+    prompts = normalize_prompts([{"prompt": "a", "environment": "echo", "word": "hey"},
+                                 {"prompt": "b", "environment": "count", "word": "x"}])
+    first, second = (agent.start(p, f"prompt {i}") for i, p in enumerate(prompts))
+    assert isinstance(first.environment, Echo) and first.messages == [{"role": "user", "content": "echo hey"}]
+    assert type(second.environment) is Countdown and second.messages == [{"role": "user", "content": "b"}]
+    with pytest.raises(ValueError, match="names environment 'other'.*'environment' column"):
+        agent.start(normalize_prompts([{"prompt": "c", "environment": "other", "word": "x"}])[0], "prompt 2")
+
+
+def test_the_yaml_task_section_names_the_environment(agent_model_dir, tmp_path):
+    module = tmp_path / "my_env.py"
+    module.write_text("class Quiet:\n    def reset(self, **row):\n        return 'say something'\n"
+                      "    def get_reward(self):\n        return 1.0\n")
+    config = tiny_group_config(agent_model_dir, str(tmp_path / "run"), train={"total_steps": 1, "seq_length": 160},
+                               task={"environment": f"{module}:Quiet", "prompts": ["x", "y", "z", "w"]})
+    config["method"] = {**config["method"], "max_turns": 2, "gen_kwargs": GEN}
+    trainer = rlora.train(config=config, verbose=False)
+    phase = next(r for r in trainer.history if "phase" in r)
+    assert phase["reward"] == 1.0 and phase["episodes/turns_max"] == 1  # step-less: one turn, then it ends
