@@ -34,6 +34,7 @@ from rlora.evaluation import Evaluation, show
 from rlora.methods import build_method
 from rlora.methods.base import shares_of
 from rlora.models import Policy
+from rlora.models.checkpointing import checkpointing, enable as enable_checkpointing
 from rlora.models.loading import check_positions
 from rlora.optim import build_optimizer, build_scheduler, default_run_dir
 from rlora.rollout.episodes import EpisodeRunner, environment_rewards, episode_stats, with_environment_rewards
@@ -68,6 +69,9 @@ class Trainer:
         self.method.check_policy(policy)
         self.layout = self.method.layout(self.dist, train)
         check_positions(train.seq_length, policy.base_model.config)
+        self.checkpointing = config.model.gradient_checkpointing
+        if self.checkpointing:
+            enable_checkpointing(policy.base_model)
         set_seed(train.seed, device_specific=True)  # each process samples differently; weights were seeded alike
         self.optimizer = build_optimizer(config, policy.trainable_parameters())
         scheduler = build_scheduler(config, self.optimizer)
@@ -300,7 +304,9 @@ class Trainer:
             mb = exp.select(index).to(self.accelerator.device)
             last = i == len(micro) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.model):  # one gradient all-reduce a step
-                with self.sampler.precision():  # the shared-prefix pass calls the model's parts, not its forward
+                # the shared-prefix pass calls the model's parts, not its forward: precision and
+                # activation checkpointing (model.gradient_checkpointing) are set around it
+                with self.sampler.precision(), checkpointing(self.policy.base_model, self.checkpointing):
                     out = self.method.forward(self.model, self.policy, mb, self.temperature,
                                               with_entropy=self.method.with_entropy)
                 loss, step_stats = self.method.loss(out, mb, step_tokens)

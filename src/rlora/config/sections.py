@@ -143,6 +143,10 @@ class ModelConfig:
     """rlora: run a tanh GELU that transformers composes of Python ops (`gelu_new` / `gelu_fast`:
     GPT-2, GPT-J) as torch's one kernel of the same function (`gelu_pytorch_tanh`), equal to float
     rounding; faster, and it keeps only its input for backward. False runs the model's own."""
+    gradient_checkpointing: bool = False
+    """rlora: recompute each decoder layer's activations in the backward pass instead of keeping
+    them (transformers' non-reentrant checkpointing), in every pass with gradients, the shared
+    prefix's included: less memory for longer sequences, for about one more forward's time."""
     model_extra_configs: dict = field(default_factory=dict)
     """Extra keyword arguments for `from_pretrained`."""
     trust_remote_code: bool = False

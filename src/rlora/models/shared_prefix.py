@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from rlora.models.checkpointing import PrefixCache
 from rlora.models.trunk import position_ids_from_mask
 
 
@@ -30,11 +31,12 @@ def repeated_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
     cache is wanted (sampling), the causal LM with `logits_to_keep` in `model_kwargs` when the
     last prompt positions' logits are wanted too (a pass over responses). `cache_config` is
     the model's text config for a cache `generate` continues on, laid out as `generate` would
-    build it (sliding-window layers included); None for a cache read by one more forward.
+    build it (sliding-window layers included); None for a cache read by one more forward, which
+    does not grow it (`PrefixCache`: a checkpointed layer's replay reads what it first read).
     Positions count real tokens only (`position_ids_from_mask`).
     Shape: prompts (n, p) -> cache of (n * G, heads, p, head_dim) per layer.
     """
-    cache = DynamicCache() if cache_config is None else DynamicCache(config=cache_config)
+    cache = PrefixCache() if cache_config is None else DynamicCache(config=cache_config)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
                 past_key_values=cache, use_cache=True, **model_kwargs)
     cache.batch_repeat_interleave(num_generations)  # (n, ...) -> (n * G, ...) keys and values of every layer

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any
 
 from rlora.config.trl_names import GRPO_FIELDS
@@ -92,9 +91,6 @@ def to_rlora(args: Any, defaults: Any, *, model_path: str, positions: int | None
         raise ValueError("the model's config names no maximum number of positions; set max_prompt_length")
     steps_per_epoch = epoch_steps(args, prompts)
     total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
-    if args.gradient_checkpointing:
-        warnings.warn("gradient_checkpointing=True (TRL's default): rlora keeps its activations for backward and "
-                      "checkpoints none; its memory is in BENCHMARKS.md", UserWarning, stacklevel=3)
     gen_kwargs = {"max_new_tokens": new_tokens, "do_sample": True, "temperature": args.temperature,
                   "top_p": args.top_p, "top_k": args.top_k, **({"min_p": args.min_p} if args.min_p is not None else {}),
                   **({"repetition_penalty": args.repetition_penalty} if args.repetition_penalty != 1.0 else {}),
@@ -117,6 +113,7 @@ def to_rlora(args: Any, defaults: Any, *, model_path: str, positions: int | None
                   "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
                   "max_grad_norm": args.max_grad_norm or None},
         "model": {"model_path": model_path, "dtype": str(dtype).removeprefix("torch."),
+                  "gradient_checkpointing": bool(args.gradient_checkpointing),
                   "model_extra_configs": model_kwargs, "trust_remote_code": args.trust_remote_code},
         "tokenizer": {"truncation_side": "left", "add_special_tokens": False},
         "optimizer": {"name": "adamw", "kwargs": {"lr": args.learning_rate, "betas": [args.adam_beta1, args.adam_beta2],
