@@ -347,3 +347,11 @@ def test_rloo_takes_only_trl_s_rloo_fields_and_a_peft_model_s_run_is_described_b
     assert trainer.config.model.reference == "adapter"
     assert trainer.config.method.shared_prefix is False  # a process's microbatch of 4 holds no whole group of 8
     assert trainer.config.method.use_bias_correction_kl is True  # TRL's default
+
+
+@pytest.mark.parametrize("fields, expected", [({}, True), ({"gradient_checkpointing": False}, False),
+                                              ({"activation_checkpointing": False}, False)])
+def test_gradient_checkpointing_carries_over_under_either_name(tiny_model_dir, tmp_path, fields, expected):
+    trainer = GRPOTrainer(model=tiny_model_dir("gpt2"), reward_funcs=reward_len, args=args(tmp_path, **fields),
+                          train_dataset=[{"prompt": "hello"}] * 8, peft_config=lora())
+    assert trainer.config.model.gradient_checkpointing is expected

@@ -31,7 +31,8 @@ NO_EFFECT = {
     "ddp_timeout", "ddp_find_unused_parameters", "ddp_broadcast_buffers", "log_level", "log_level_replica",
     "log_on_each_node", "prediction_loss_only", "label_names", "ignore_data_skip", "skip_memory_metrics",
     "hub_token", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_always_push", "hub_revision", "data_seed",
-    "gradient_checkpointing_kwargs", "batch_eval_metrics", "eval_do_concat_batches", "project", "trackio_space_id",
+    "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs", "batch_eval_metrics",
+    "eval_do_concat_batches", "project", "trackio_space_id",
     "pad_to_multiple_of", "ds3_gather_for_generation", "restore_callback_states_from_checkpoint",
     "include_for_metrics", "average_tokens_across_devices", "full_determinism", "resume_from_checkpoint",
     "disable_dropout",  # every pass of rlora's runs with dropout off, whichever value
@@ -48,7 +49,7 @@ CARRIED = {
     "generation_kwargs", "cache_implementation", "beta", "num_iterations", "epsilon", "epsilon_high",
     "importance_sampling_level", "reward_weights", "scale_rewards", "loss_type", "mask_truncated_completions",
     "use_bias_correction_kl", "gradient_checkpointing", "shuffle_dataset", "normalize_advantages",
-    "load_best_model_at_end", "max_tool_calling_iterations",
+    "load_best_model_at_end", "max_tool_calling_iterations", "activation_checkpointing",
 }
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")  # AdamW in torch's implementation
 
