@@ -36,22 +36,22 @@ from typing import Any
 
 from rlora.tasks.presets import GRPO_METHOD, METHODS, phase_steps, unknown_method
 
-SYSTEM = "You are a helpful assistant."
+SYSTEM = "You are a helpful assistant. Keep your replies short."
 TRAIN_OPENINGS = (
-    "I know a secret word. Ask me what it is.",
-    "There is a secret word. Ask me for it.",
-    "I am keeping a secret word. Ask me to tell you.",
-    "Ask me for my secret word.",
-    "I have a secret word for you. Ask me for it first.",
-    "You need a secret word from me. Ask for it.",
-    "Before we go on, ask me for the secret word.",
-    "I will tell you a secret word if you ask. Ask me now.",
+    "I know a secret word. Ask me for it in one short question.",
+    "There is a secret word. Ask me what it is, in one short question.",
+    "I am keeping a secret word. Ask me for it, briefly.",
+    "Ask me for my secret word in a few words.",
+    "I have a secret word for you. Ask me for it in one short sentence.",
+    "You need a secret word from me. Ask for it in one short question.",
+    "Before we go on, ask me for the secret word. Keep it short.",
+    "I will tell you a secret word if you ask. Ask me now, briefly.",
 )
 HELD_OUT_OPENINGS = (
-    "I have a secret word. Please ask me what it is.",
-    "Ask me which secret word I chose.",
-    "There is a word only I know. Ask me for it.",
-    "Start by asking me for the secret word.",
+    "I have a secret word. Please ask me what it is, in one short question.",
+    "Ask me which secret word I chose. Be brief.",
+    "There is a word only I know. Ask me for it in a few words.",
+    "Start by asking me for the secret word, in one short sentence.",
 )
 TRAIN_WORDS = tuple(
     "falcon river copper lantern maple thunder velvet harbor pepper marble canyon orchid glacier meadow "
@@ -120,24 +120,24 @@ def split() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 # ---------------------------------------------------------------------------------------------
 
 
-ROLLOUTS = 32  # episodes per phase, either method (GRPO: 4 openings x 8)
-PHASES = 30  # the demo's default budget, in rollout phases
-EVAL_PHASES = 10  # phases between held-out evaluations (and one at the start and the end)
+ROLLOUTS = 16  # episodes per phase, either method (GRPO: 2 openings x 8)
+PHASES = 12  # the demo's default budget, in rollout phases
+EVAL_PHASES = 6  # phases between held-out evaluations (and one at the start and the end)
 
 
 def method_settings(method: str) -> dict[str, Any]:
     """What GRPO and PPO do differently on this task; `make_config` shares the rest.
 
-    - grpo: 4 openings x 8 episodes a phase; one on-policy optimizer step over all 32
+    - grpo: 2 openings x 8 episodes a phase; one on-policy optimizer step over all 16
       (`rlora.tasks.presets.GRPO_METHOD`); AdamW at 1e-3, oneword's setting.
-    - ppo: one epoch of two batches of 16 a phase, AdamW at 1e-3, a fixed KL coefficient of 0.01,
+    - ppo: one epoch of two batches of 8 a phase, AdamW at 1e-3, a fixed KL coefficient of 0.01,
       the value head on the policy's trunk.
     Returns `batch_size`, `minibatch_size`, `lr` and the `method` section's keys.
     """
     if method == "grpo":
         return {"batch_size": ROLLOUTS, "minibatch_size": 16, "lr": 1e-3, "method": dict(GRPO_METHOD)}
     if method == "ppo":
-        return {"batch_size": 16, "minibatch_size": 16, "lr": 1e-3,
+        return {"batch_size": 8, "minibatch_size": 8, "lr": 1e-3,
                 "method": {"ppo_epochs": 1, "init_kl_coef": 0.01, "target": None, "gamma": 1.0, "lam": 0.95,
                            "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.5, "scale_reward": "ignored",
                            "cliprange_reward": 10.0}}
@@ -153,7 +153,7 @@ def make_config(model_path: str, total_steps: int | None = None, run_dir: str | 
                 eval_interval: int | None = None, method: str = "grpo") -> dict:
     """GRPO or PPO (`method`, see `method_settings`) + LoRA (r=8 on every linear layer) for
     SmolLM2-135M-Instruct on this task: episodes of at most 2 turns of at most 16 new tokens each,
-    at temperature 1; `total_steps` counts optimizer steps (default: `PHASES` phases),
+    at temperature 0.7; `total_steps` counts optimizer steps (default: `PHASES` phases),
     `eval_interval` too (default: every `EVAL_PHASES`)."""
     settings, per_phase = method_settings(method), steps_per_phase(method)
     return {
@@ -170,7 +170,7 @@ def make_config(model_path: str, total_steps: int | None = None, run_dir: str | 
                                                   "weight_decay": 1e-6}},
         "scheduler": {"name": "constant", "kwargs": {}},
         "method": {"num_rollouts": ROLLOUTS, "chunk_size": ROLLOUTS, "max_turns": 2,
-                   "gen_kwargs": {"max_new_tokens": 16, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                   "gen_kwargs": {"max_new_tokens": 16, "temperature": 0.7, "top_k": 0, "top_p": 1.0,
                                   "do_sample": True}, **settings["method"]},
     }
 
