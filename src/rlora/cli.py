@@ -88,7 +88,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         summary = secretword.run(run_dir=args.run_dir, model_path=args.model,
                                  seed=0 if args.seed is None else args.seed, **given)
-        ok = summary["reward"][1] - summary["reward"][0] >= SECRETWORD_CHECK_RISE
+        ok = summary["held_out_reward"][1] - summary["held_out_reward"][0] >= SECRETWORD_CHECK_RISE
     else:
         summary = run_demo(run_dir=args.run_dir, cache_dir=args.cache_dir, seed=seed, **given)
         ok = summary["sampled_optimality"][1] >= 0.95 and summary["greedy_optimality"][1] == 1.0

@@ -197,7 +197,7 @@ def run(total_steps: int | None = None, run_dir: str | None = None, model_path: 
     phases = [r for r in trainer.history if "phase" in r]
     summary = {
         "method": method,
-        "reward": [evals[0]["reward/environment/mean"], evals[-1]["reward/environment/mean"]],
+        "held_out_reward": [evals[0]["reward/environment/mean"], evals[-1]["reward/environment/mean"]],
         "curve": [(r["step"], round(r["reward/environment/mean"], 4)) for r in evals],
         "train_reward": [round(r["rewards/environment/mean"], 4) for r in phases],
         "turns_mean": [round(float(r["episodes/turns_mean"]), 3) for r in phases],
@@ -209,7 +209,7 @@ def run(total_steps: int | None = None, run_dir: str | None = None, model_path: 
     with open(os.path.join(trainer.run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, default=float)
     if verbose:
-        print(f"{method}: held-out reward {summary['reward'][0]:.3f} -> {summary['reward'][1]:.3f} "
+        print(f"{method}: held-out reward {summary['held_out_reward'][0]:.3f} -> {summary['held_out_reward'][1]:.3f} "
               f"({len(held_out)} episodes, 1 = the secret word alone, {PARTIAL} = within a sentence); "
               f"{trainer.phase} phases / {trainer.step} steps, {summary['s_per_phase']:.1f} s per phase, "
               f"{summary['wall_seconds']:.0f} s in all; {trainer.run_dir}")
