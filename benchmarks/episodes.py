@@ -96,7 +96,8 @@ def main() -> None:
     cached, rerun = medians.values()
     n_turns = sum(turns)
 
-    rows = ["| turns continued by | s / chunk (median) | s / episode | s / turn | / KV cache |", "|---|---|---|---|---|"]
+    rows = ["| turns continued by | s / chunk (median) | s / episode | s / turn | / KV cache |",
+            "|---|---|---|---|---|"]
     rows += [f"| {name} | {s:.2f} | {s / args.episodes:.3f} | {s / n_turns:.3f} | {s / cached:.2f} |"
              for name, s in medians.items()]
     text = "\n".join(rows) + (

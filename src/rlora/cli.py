@@ -133,20 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides of its config, e.g. "
                                                         "task.eval_prompts=test.jsonl")
     demo = sub.add_parser("demo", help="a built-in task end to end: randomwalks (SFT, cached, then PPO or GRPO "
-                          "with LoRA), sentiment, oneword or secretword (SmolLM2-135M, fetched, then PPO or GRPO with LoRA)")
+                          "with LoRA), sentiment, oneword or secretword (SmolLM2-135M, fetched, then PPO or GRPO "
+                          "with LoRA)")
     demo.add_argument("--task", choices=["randomwalks", "sentiment", "oneword", "secretword"], default="randomwalks",
                       help="randomwalks: no downloads, the quickest; sentiment: the real SmolLM2-135M-Instruct "
                            "(`rlora fetch`, needs pip install 'rlora[real]'), minutes on a CPU; oneword: a chat "
                            "task with a verifiable reward on the same model, minutes on a CPU; secretword: two-turn "
                            "episodes with an environment on the same model (GRPO by default)")
     demo.add_argument("--method", choices=["ppo", "grpo"], default=None,
-                      help="ppo (the default; secretword: grpo) or grpo: 8 completions per prompt, one on-policy step a phase, "
+                      help="ppo (the default; secretword: grpo) or grpo: 8 completions per prompt, one on-policy "
+                           "step a phase, "
                            "loss_type dapo, beta 0; the same completions per phase and held-out evaluation")
     demo.add_argument("--steps", type=int, default=None,
                       help="optimizer steps (ppo: randomwalks 400, 8 per rollout phase; sentiment 48, 4 per phase; "
                            "oneword 40, 4 per phase; secretword 24, 2 per phase; grpo: the same phases at 1 step each, "
                            "50, 12, 10 and 12)")
-    demo.add_argument("--model", default=None, help="sentiment, oneword, secretword: a local model directory instead of the "
+    demo.add_argument("--model", default=None, help="sentiment, oneword, secretword: a local model "
+                                                    "directory instead of the "
                                                     "fetched SmolLM2")
     demo.add_argument("--run-dir", default=None, help="where metrics, plots and the checkpoint go")
     demo.add_argument("--cache-dir", default=None, help="SFT model cache (default $RLORA_CACHE or ~/.cache/rlora)")
