@@ -3,6 +3,11 @@
   rlora export run/ckpts/step_N OUT                  merged model + tokenizer (AutoModelForCausalLM)
   rlora export run/ckpts/step_N OUT --adapter-only   adapter + tokenizer (PeftModel.from_pretrained,
                                                      or model.model_path=OUT to train on)
+  rlora export run/ckpts/step_N OUT --dtype bfloat16 the merged model in that precision
+
+A run on a quantized base (`model.quantization`, QLoRA) merges its adapter into the base
+dequantized (the very weights the 4-bit layers multiply by), never into 4-bit weights, which
+would round the merged weight; the model is written in `--dtype` (default: `model.dtype`).
 
 `OUT` is written under a temporary name beside it and renamed into place: it appears complete
 or not at all, and an existing non-empty `OUT` is never overwritten.
@@ -18,15 +23,18 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 ADAPTER, MODEL, TOKENIZER, CONFIG = "adapter", "model", "tokenizer", "config.yaml"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def export(checkpoint: str, out: str, adapter_only: bool = False) -> str:
+def export(checkpoint: str, out: str, adapter_only: bool = False, dtype: str | None = None) -> str:
     """Write the policy of the rlora checkpoint directory `checkpoint` to `out`; returns `out`'s path.
 
     Default: a plain Hugging Face model directory. An adapter checkpoint is merged into the base
     model named by its `config.yaml` (`model.model_path`); a hydra or full checkpoint's `model/` is
     copied. `adapter_only=True`: the peft adapter directory as saved (LoRA and prompt learning).
-    Either way the checkpoint's tokenizer goes beside it.
+    Either way the checkpoint's tokenizer goes beside it. `dtype` ("float32", "bfloat16",
+    "float16"): the merged model's precision (default: as the base loads, dequantized for a
+    quantized base).
     """
     checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
     out = os.path.abspath(os.path.expanduser(out))
@@ -38,10 +46,15 @@ def export(checkpoint: str, out: str, adapter_only: bool = False) -> str:
             raise ValueError(f"{checkpoint} holds a whole trained model (model/, hydra or full mode), not an "
                              "adapter; export it without --adapter-only")
         source = os.path.join(checkpoint, MODEL)
-    elif adapter_only:
+    if dtype is not None and (adapter_only or kind == MODEL):
+        raise ValueError(f"dtype={dtype!r} sets the precision of a merged adapter export; drop it for "
+                         f"{'--adapter-only' if adapter_only else 'a whole-model checkpoint (copied as saved)'}")
+    if dtype not in (None, *DTYPES):
+        raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
+    if kind == ADAPTER and adapter_only:
         source = os.path.join(checkpoint, ADAPTER)
-    else:
-        return _write_atomically(out, lambda tmp: _merge(checkpoint, tmp))
+    elif kind == ADAPTER:
+        return _write_atomically(out, lambda tmp: _merge(checkpoint, tmp, dtype))
 
     def copy(tmp: str) -> None:  # the policy's adapter only: a critic adapter (adapter/value/) stays behind
         from rlora.models.policy import VALUE
@@ -80,13 +93,16 @@ def _check_out(out: str) -> None:
         raise FileExistsError(f"{out} exists and is not a directory; give a new directory")
 
 
-def _merge(checkpoint: str, tmp: str) -> None:
-    """The adapter of `checkpoint` merged into its base, saved with the tokenizer into `tmp`."""
+def _merge(checkpoint: str, tmp: str, dtype: str | None = None) -> None:
+    """The adapter of `checkpoint` merged into its base (dequantized, for a quantized base),
+    in `dtype` when given, saved with the tokenizer into `tmp`."""
+    import torch
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer
 
     from rlora.config import load_config
     from rlora.models.loading import fit_to_tokenizer, load_base_model
+    from rlora.models.quantization import dequantized, is_quantized
 
     adapter = os.path.join(checkpoint, ADAPTER)
     peft_config = PeftConfig.from_pretrained(adapter)
@@ -111,7 +127,12 @@ def _merge(checkpoint: str, tmp: str) -> None:
     except OSError as err:
         raise type(err)(f"{err} (the base model to merge the adapter of {checkpoint} into, as its {CONFIG} "
                         "names it; make it reachable, or export with --adapter-only)") from err
+    if is_quantized(base):  # merge into the weights the run trained on, dequantized, not rounded to 4 bits again
+        base = dequantized(base, torch.float32)
+        dtype = dtype or ("float32" if model_config.dtype == "auto" else model_config.dtype)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    if dtype is not None:
+        merged = merged.to(getattr(torch, dtype))
     merged.save_pretrained(tmp)
     shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
 
@@ -147,9 +168,12 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--adapter-only", action="store_true",
                         help="write the peft adapter and tokenizer instead of a merged model "
                              "(load with PeftModel.from_pretrained; needed for prompt/prefix tuning)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="the merged model's precision (default: the base's; a quantized base is "
+                             "dequantized into model.dtype)")
     args = parser.parse_args(argv)
     try:
-        path = export(args.checkpoint, args.out, adapter_only=args.adapter_only)
+        path = export(args.checkpoint, args.out, adapter_only=args.adapter_only, dtype=args.dtype)
     except (OSError, ValueError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

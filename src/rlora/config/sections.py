@@ -116,6 +116,12 @@ class ModelConfig:
     dtype: str = "float32"
     """rlora: the precision the base is loaded in: "float32", "bfloat16" or "auto" (the checkpoint's
     own); adapters and the value head stay float32."""
+    quantization: str | None = None
+    """rlora: the frozen base held quantized by bitsandbytes (QLoRA; `pip install rlora[quant]`):
+    "nf4" or "fp4" (4-bit, double-quantized, computing in `dtype`; "auto" computes in float32) or
+    "int8"; null = unquantized. Every role runs on it; adapters and heads stay float32. Needs a
+    peft adapter; the merged sampler and `generation_dtype` are refused over it (merging into 4-bit
+    weights rounds). Other bitsandbytes settings: `model_extra_configs.quantization_config`."""
     generation_dtype: str | None = None
     """rlora: the precision rollouts are sampled in; None = the model's own. "bfloat16" over a
     float32 model samples each chunk on a bf16 copy of the weights with the adapter merged in

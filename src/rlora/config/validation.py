@@ -129,6 +129,7 @@ def validate(config: Config) -> None:
             check_value(tp, getattr(section, key), f"{name}.{key}")
     _validate_train(config.train)
     _validate_model(config.model)
+    _validate_quantization(config.model, config.method)
     if isinstance(config.method, GRPOConfig):
         _validate_group_method(config.method, config)
     else:
@@ -233,6 +234,36 @@ def _validate_model(m: ModelConfig) -> None:
                "give a LoRA config (e.g. {peft_type: LORA, r: 8}) or a reward-adapter directory")
     _check(m.reward_adapter is None or isinstance(m.reward_adapter, str) and m.reward_adapter != "",
            "model.reward_adapter", m.reward_adapter, "give the directory written by `rlora rm --out DIR`")
+
+
+def _validate_quantization(m: ModelConfig, method: Any) -> None:
+    """A quantized base (`model.quantization`, or bitsandbytes' `quantization_config` in
+    `model.model_extra_configs`): what cannot run on it, refused with what runs instead."""
+    _check(m.quantization in (None, "nf4", "fp4", "int8"), "model.quantization", m.quantization,
+           "use 'nf4' or 'fp4' (a 4-bit base), 'int8', or null (unquantized)")
+    extra = m.model_extra_configs.get("quantization_config")
+    if m.quantization is None and extra is None:
+        return
+    key = "model.quantization" if m.quantization is not None else "model.model_extra_configs.quantization_config"
+    value = m.quantization if m.quantization is not None else extra
+    _check(extra is None or m.quantization is None, key, value,
+           "model.model_extra_configs.quantization_config is set too; give one of the two")
+    _check(isinstance(m.model_path, str), key, value, "a quantized base is loaded from saved weights, and "
+           "model.model_path is a config object (random init); save_pretrained the model and give its directory")
+    import os
+
+    adapter = isinstance(m.model_path, str) and os.path.isfile(
+        os.path.join(os.path.expanduser(m.model_path), "adapter_config.json"))
+    _check(m.peft_config is not None or adapter, key, value,
+           "quantized weights cannot train, and without a peft adapter the base's own blocks would "
+           f"(num_layers_unfrozen={m.num_layers_unfrozen}); set model.peft_config (QLoRA), or quantization: null")
+    _check(m.generation_dtype is None, key, value, f"model.generation_dtype={m.generation_dtype!r} would recast the "
+           "quantized weights for sampling; set model.generation_dtype: null (rollouts sample on the quantized base "
+           "with the adapter unmerged, in its compute dtype)")
+    _check(not getattr(method, "merge_adapter_for_generation", False), key, value,
+           "method.merge_adapter_for_generation merges the adapter into the base weights, which on a quantized base "
+           "rounds the merged weight back to 4 (or 8) bits, sampling from another policy than the one scored; set it "
+           "to false (the unmerged adapter samples)")
 
 
 def _peft_type(value: Any) -> str | None:

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 from rlora.models.activations import fuse_activations
 from rlora.models.attention import float32_attention
 from rlora.models.policy import POLICY, REFERENCE, REWARD, VALUE, Policy
+from rlora.models.quantization import is_quantized, quantization_config, require_bitsandbytes
 from rlora.models.score_head import load_score_head
 from rlora.models.trunk import hidden_width
 from rlora.tools import resolve_chat_template
@@ -147,6 +148,10 @@ def _load_base_model(model_config) -> PreTrainedModel:
                          "rlora trains causal LMs (set it to 'causal')")
     path = model_config.model_path
     extra = {"dtype": _torch_dtype(model_config.dtype), **model_config.model_extra_configs}
+    if model_config.quantization is not None:  # a 4-bit (or 8-bit) base: rlora.models.quantization
+        extra["quantization_config"] = quantization_config(model_config)
+    elif _is_bitsandbytes(extra.get("quantization_config")):
+        require_bitsandbytes("model.model_extra_configs.quantization_config")
     if isinstance(path, PretrainedConfig):
         if extra["dtype"] == "auto":  # a config object has no checkpoint precision of its own
             extra["dtype"] = torch.float32
@@ -160,6 +165,12 @@ def _load_base_model(model_config) -> PreTrainedModel:
         path, key = adapter_base_path(adapter), f"base_model_name_or_path (in {adapter}/{ADAPTER_CONFIG})"
     return _from_pretrained(AutoModelForCausalLM, path, "model", key,
                             trust_remote_code=model_config.trust_remote_code, **extra)
+
+
+def _is_bitsandbytes(config: Any) -> bool:
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return str(getattr(method, "value", method)) == "bitsandbytes" or isinstance(config, dict) and any(
+        config.get(key) for key in ("load_in_4bit", "load_in_8bit"))
 
 
 def _torch_dtype(name: str):
@@ -226,6 +237,9 @@ def build_policy(model_config, tokenizer, value_head: bool = True, model: Any = 
             size_virtual_tokens(peft_config, base)
         lm = load_trainable_adapter(base, adapter) if adapter is not None else get_peft_model(base, peft_config)
         return _adapter_policy(lm, model_config, value_head, started_from=adapter)
+    if is_quantized(base):
+        raise ValueError("the base is quantized, and quantized weights cannot train: without a peft adapter its own "
+                         "blocks would; set model.peft_config (QLoRA), or load the base unquantized")
     if base.dtype != torch.float32:
         raise ValueError(f"model.dtype={model_config.dtype!r} loads the base in {base.dtype}, but without a peft "
                          "adapter its own weights train; train those in float32 (model.dtype: float32) or train an "

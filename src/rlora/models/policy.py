@@ -27,6 +27,7 @@ from torch import nn
 
 from rlora.models.activations import recompute_activations
 from rlora.models.hydra import HydraBranch, find_decoder_blocks
+from rlora.models.quantization import is_quantized
 from rlora.models.score_head import sequence_scores
 from rlora.models.shared_prefix import can_share_prefix, repeated_prompt_cache
 from rlora.models.trunk import hidden_width, last_hidden_state, position_ids_from_mask
@@ -374,6 +375,10 @@ class Policy(nn.Module):
 
         params = list(self.lm.parameters())  # each once: tied embeddings are one parameter
         cast = dtype is not None and self.base_model.dtype != dtype  # the adapters' own fp32 does not count
+        if (merge or cast) and is_quantized(self.base_model):
+            raise ValueError("merged or recast generation weights (merge_adapter_for_generation, generation_dtype) "
+                             "would round the merged weights back to the quantized base's 4 (or 8) bits; turn them "
+                             "off: the unmerged adapter samples on the quantized base")
         layers = []
         if (merge or cast) and self.mode == "adapter":
             shared = self._shared_parameters()

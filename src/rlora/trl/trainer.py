@@ -39,7 +39,7 @@ class GRPOTrainer:
                  callbacks: list | None = None, optimizers: tuple = (None, None), quantization_config: Any = None,
                  peft_config: Any = None, tools: list | None = None, rollout_func: Callable | None = None,
                  environment_factory: Any = None):
-        _refuse_arguments(optimizers, quantization_config, rollout_func)
+        _refuse_arguments(optimizers, rollout_func)
         if args is None:
             name = model if isinstance(model, str) else str(getattr(model.config, "_name_or_path", "model"))
             args = self.config_class(f"{name.rstrip('/').split('/')[-1]}-{type(self).__name__.removesuffix('Trainer')}")
@@ -64,6 +64,8 @@ class GRPOTrainer:
         data = to_rlora(args, defaults_of(args), model_path=model_path, positions=_positions(model, model_path, args),
                         prompts=len(self.prompts), estimator=self.estimator)
         data["model"].update(self._adapter_settings(peft_config, reward_adapter, args.output_dir))
+        if quantization_config is not None:  # a quantized base (QLoRA), as TRL's model_init_kwargs carry it
+            data["model"]["model_extra_configs"]["quantization_config"] = _quantization_dict(quantization_config, model)
         data["method"].update(self.method_settings)
         self.config = load_config(data)
         self.reward_funcs = functions
@@ -235,16 +237,28 @@ def _rows_needed(args: Any) -> int | None:
     return generations * (args.generation_batch_size // args.num_generations)
 
 
-def _refuse_arguments(optimizers: tuple, quantization_config: Any, rollout_func: Any) -> None:
+def _refuse_arguments(optimizers: tuple, rollout_func: Any) -> None:
     """The constructor's arguments rlora does not take, each refused with the reason."""
     if optimizers not in ((None, None), None):
         raise ValueError("optimizers: rlora builds AdamW and its schedule from the arguments (learning_rate, adam_*, "
                          "weight_decay, lr_scheduler_type, warmup_steps); give those instead of an optimizer")
-    for name, value, why in (("quantization_config", quantization_config, "a 4-bit base is planned (docs/design.md "
-                              "§12)"), ("rollout_func", rollout_func, "rlora samples its own rollouts; give an "
-                                                                     "environment_factory or tools for agents")):
-        if value is not None:
-            raise ValueError(f"{name}: rlora does not run it yet; {why}")
+    if rollout_func is not None:
+        raise ValueError("rollout_func: rlora does not run it; rlora samples its own rollouts: give an "
+                         "environment_factory or tools for agents")
+
+
+def _quantization_dict(quantization_config: Any, model: Any) -> dict:
+    """`quantization_config` (a `BitsAndBytesConfig` or its dict) as the plain dict the run's
+    config keeps (`model.model_extra_configs.quantization_config`, YAML-safe), for a model the
+    trainer loads by name."""
+    if not isinstance(model, str):
+        raise ValueError("quantization_config applies to a model the trainer loads by name; this one is loaded "
+                         "already: load it quantized (from_pretrained(..., quantization_config=...)) or pass its name")
+    data = quantization_config.to_dict() if hasattr(quantization_config, "to_dict") else quantization_config
+    if not isinstance(data, dict):
+        raise TypeError(f"quantization_config must be a transformers BitsAndBytesConfig or a dict, got "
+                        f"{type(quantization_config).__name__}")
+    return {k: getattr(v, "value", v) for k, v in data.items() if not k.startswith("_")}  # enums as their names
 
 
 def _most_turns(max_tool_calling_iterations: int | None) -> int:
