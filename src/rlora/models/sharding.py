@@ -55,6 +55,10 @@ def shard_options(accelerator) -> dict[str, Any]:
             raise ValueError(f"accelerate's FSDP plugin is at fsdp_version={plugin.fsdp_version}; rlora shards with "
                              "FSDP2 (fully_shard) only: set fsdp_version: 2 in the accelerate config "
                              "(examples/accelerate/fsdp2.yaml)")
+        if plugin.cpu_ram_efficient_loading:  # then transformers loads empty weights on all but process 0
+            raise ValueError("accelerate's fsdp_cpu_ram_efficient_loading is on; rlora loads the whole base on "
+                             "every process and shards it itself: set fsdp_cpu_ram_efficient_loading: false "
+                             "(examples/accelerate/fsdp2.yaml)")
         if plugin.reshard_after_forward is not None:
             options["reshard_after_forward"] = plugin.reshard_after_forward
         if plugin.mixed_precision_policy is not None:
