@@ -32,7 +32,8 @@ WORKER = textwrap.dedent('''
     for config_path in sys.argv[1:]:  # one run after another in the same processes
         trainer = rlora.train(count_s, ["hello", "abc", "xyz", "the "], config=config_path, verbose=False)
         params = list(trainer.policy.named_parameters())
-        held = {"dtensor": {name: isinstance(p, DTensor) for name, p in params}, "total": sum(p.numel() for _, p in params),
+        held = {"dtensor": {name: isinstance(p, DTensor) for name, p in params},
+                "total": sum(p.numel() for _, p in params),
                 "local": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for _, p in params)}
         with open(os.path.join(trainer.run_dir, f"held_rank{trainer.dist.rank}.json"), "w") as f:
             json.dump(held, f)

@@ -285,7 +285,7 @@ class Trainer:
         for index in order.split(self.layout.minibatch_size):
             mb = exp.select(index).to(self.accelerator.device)
             with self.sampler.precision():  # the reference in the policy's precision, as the update's forward
-                out = sharding.run_through(self.model, lambda: self.method.forward(  # sharded: the root's weights gathered
+                out = sharding.run_through(self.model, lambda: self.method.forward(  # sharded: root gathered
                     self.policy, self.policy, mb, self.temperature, with_reference=passes.reference,
                     with_policy=passes.old_logprobs))
             width = mb.response_ids.shape[1]
@@ -333,7 +333,7 @@ class Trainer:
         train, state = self.config.train, self.state
         params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
         if train.max_grad_norm is not None:
-            norm = sharding.whole(self.accelerator.clip_grad_norm_(params, train.max_grad_norm))  # sharded: over all shards
+            norm = sharding.whole(self.accelerator.clip_grad_norm_(params, train.max_grad_norm))  # over every shard
         elif self.sharded:
             norm = sharding.grad_norm(params)
         else:

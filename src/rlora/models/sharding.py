@@ -98,7 +98,8 @@ def check_shardable(config, policy: nn.Module, world: int) -> None:
                          "train.fsdp: false")
     if policy.mode != "adapter":
         raise ValueError(f"train.fsdp shards a base with peft adapters inside its layers (LoRA and the like); this "
-                         f"policy is in {policy.mode} mode (prompt tuning, hydra and full fine-tuning are not sharded). "
+                         f"policy is in {policy.mode} mode (prompt tuning, hydra and full fine-tuning are not "
+                         "sharded). "
                          "Set model.peft_config to a LoRA config, or train.fsdp: false")
     if config.method.merge_adapter_for_generation or config.model.generation_dtype is not None:
         from rlora.config.validation import validate
