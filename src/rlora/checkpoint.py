@@ -42,6 +42,8 @@ from safetensors.torch import load_file, save_file
 
 from rlora.config import save_config
 from rlora.models.policy import POLICY, VALUE
+from rlora.models.sharding import full_optimizer_state, full_trainable_state, is_sharded, load_full_optimizer_state, \
+    load_full_state, peft_saved_names
 from rlora.rollout.store import Experience
 from rlora.state import PhaseState, RunState
 
@@ -87,6 +89,7 @@ def save(path: str, state: RunState, parts: Parts) -> str:
         except OSError as err:
             error = err
     tmp, error = dist.broadcast((tmp, error))
+    gathered = _gather(parts) if error is None and is_sharded(parts.policy) else None  # every process takes part
     if error is None:
         try:
             _write_rank(state, parts, tmp)
@@ -98,7 +101,7 @@ def save(path: str, state: RunState, parts: Parts) -> str:
         try:
             if error is not None:
                 raise error
-            _write(state, parts, tmp)
+            _write(state, parts, tmp, gathered)
             old = None
             if os.path.exists(path):
                 old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
@@ -135,20 +138,39 @@ def _write_rank(state: RunState, parts: Parts, directory: str) -> None:
                    "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}, f)
 
 
-def _write(state: RunState, parts: Parts, directory: str) -> None:
+def _gather(parts: Parts) -> dict[str, Any]:
+    """A sharded run's trainable weights and optimizer state, whole on the main process, in the
+    layout an unsharded run saves (`rlora.models.sharding`); every process must call it."""
+    weights = full_trainable_state(parts.policy)
+    optimizer = full_optimizer_state(parts.policy, _inner(parts.optimizer)) if parts.config.train.save_optimizer \
+        else None
+    return {"weights": weights, "optimizer": optimizer}
+
+
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _write(state: RunState, parts: Parts, directory: str, gathered: dict[str, Any] | None = None) -> None:
     policy = parts.policy
+    weights = None if gathered is None else gathered["weights"]  # a sharded run's, gathered whole
     if policy.is_peft:  # the policy's adapter and the critic's; a reward adapter is frozen and stays where it is
+        lm_weights = {} if weights is None else {"state_dict": _under(weights, "lm.")}
         policy.lm.save_pretrained(os.path.join(directory, "adapter"),
-                                  selected_adapters=[POLICY] + ([VALUE] if policy.has_value_adapter else []))
+                                  selected_adapters=[POLICY] + ([VALUE] if policy.has_value_adapter else []),
+                                  **lm_weights)
     else:
         policy.lm.save_pretrained(os.path.join(directory, "model"))
     if policy.mode == "prompt":
         save_file(_contiguous(policy.lm.prompt_encoder[POLICY].state_dict()), os.path.join(directory, PROMPT_ENCODER))
     parts.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
     if policy.value_head is not None:
-        save_file(_contiguous(policy.value_head.state_dict()), os.path.join(directory, "value_head.safetensors"))
+        head = policy.value_head.state_dict() if weights is None else _under(weights, "value_head.")
+        save_file(_contiguous(head), os.path.join(directory, "value_head.safetensors"))
     if parts.config.train.save_optimizer:
-        torch.save(parts.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        torch.save(parts.optimizer.state_dict() if gathered is None else gathered["optimizer"],
+                   os.path.join(directory, "optimizer.pt"))
         torch.save(parts.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
     pending = state.pending
     rng = {"shuffle": state.shuffle.get_state()}
@@ -174,6 +196,11 @@ def _write(state: RunState, parts: Parts, directory: str) -> None:
     with open(os.path.join(directory, "trainer_state.json"), "w", encoding="utf-8") as f:
         json.dump(data, f)
     save_config(parts.config, os.path.join(directory, "config.yaml"))
+
+
+def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `tensors` whose names start with `prefix`, named without it."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -221,7 +248,11 @@ def load(path: str, state: RunState, parts: Parts) -> None:
     load_weights(parts.policy, path, parts.device)
     device = _file_device(parts.device)
     if os.path.exists(os.path.join(path, "optimizer.pt")):
-        parts.optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt"), device))
+        saved = _torch_load(os.path.join(path, "optimizer.pt"), device)
+        if is_sharded(parts.policy):  # each process keeps its shard of the whole state
+            load_full_optimizer_state(parts.policy, _inner(parts.optimizer), saved)
+        else:
+            parts.optimizer.load_state_dict(saved)
         schedule = _torch_load(os.path.join(path, "scheduler.pt"), "cpu")
         if dist.is_main:
             _warn_if_schedule_length_differs(schedule, parts.scheduler.state_dict(), parts.config, path)
@@ -288,6 +319,7 @@ def load_weights(policy, path: str, device: torch.device) -> None:
         raise ValueError(f"{path} was written {'with' if saved_critic else 'without'} a critic adapter (adapter/"
                          f"{VALUE}/) but this run has {'one' if policy.has_value_adapter else 'none'}: set "
                          "model.value_adapter as the run that wrote it did")
+    sharded: dict[str, torch.Tensor] | None = {} if is_sharded(policy) else None  # whole tensors, by parameter name
     try:
         if policy.mode == "prompt":  # peft's adapter/ holds the prompt encoder's output, not what trains
             if not os.path.isfile(os.path.join(path, PROMPT_ENCODER)):
@@ -301,10 +333,15 @@ def load_weights(policy, path: str, device: torch.device) -> None:
                 adapters.append((VALUE, os.path.join("adapter", VALUE)))
             for name, where in adapters:
                 adapter = load_file(os.path.join(path, where, "adapter_model.safetensors"), device=device)
-                result = set_peft_model_state_dict(policy.lm, adapter, adapter_name=name)
-                if result.unexpected_keys:
+                if sharded is not None:  # peft's names mapped to the policy's parameters, loaded below with the head
+                    names = peft_saved_names(policy.lm, name)
+                    unexpected = sorted(set(adapter) - set(names))
+                    sharded.update({f"lm.{names[k]}": v for k, v in adapter.items() if k in names})
+                else:
+                    unexpected = set_peft_model_state_dict(policy.lm, adapter, adapter_name=name).unexpected_keys
+                if unexpected:
                     raise ValueError(f"the adapter in {path}/{where} does not fit the run's config (unexpected "
-                                     f"{result.unexpected_keys[:3]}); resume with the run's config")
+                                     f"{unexpected[:3]}); resume with the run's config")
         else:
             load_model_weights(policy.lm, os.path.join(path, "model"), device)
         head = os.path.join(path, "value_head.safetensors")
@@ -313,8 +350,12 @@ def load_weights(policy, path: str, device: torch.device) -> None:
                              "has one, the group methods none) but this run has "
                              f"{'none' if policy.value_head is None else 'one'}: resume with the method.name that "
                              "wrote it")
-        if policy.value_head is not None:
+        if policy.value_head is not None and sharded is not None:
+            sharded.update({f"value_head.{k}": v for k, v in load_file(head, device=device).items()})
+        elif policy.value_head is not None:
             policy.value_head.load_state_dict(load_file(head, device=device))
+        if sharded is not None:  # every process read the whole files; each keeps its shards
+            load_full_state(policy, sharded)
     except (OSError, RuntimeError) as err:
         raise ValueError(f"could not load the weights in {path} ({err}); is it a checkpoint of this config?") from err
 

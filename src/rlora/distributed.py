@@ -30,8 +30,11 @@ def call_through(wrapper: torch.nn.Module, module: torch.nn.Module, fn: Callable
     """`fn()` run as the forward of `wrapper` (DDP, FSDP, ... around `module`), so the wrapper's
     forward-time work happens: DDP arms its gradient all-reduce in forward, and a pass that called
     `module`'s parts directly would leave the gradients of each process unsynced.
-    With no wrapper (`wrapper is module`), simply `fn()`."""
-    if wrapper is module:
+    A module sharded with FSDP2 in place is its own wrapper: its root hooks gather the root's
+    parameters (`rlora.models.sharding`). With no wrapper (`wrapper is module`), simply `fn()`."""
+    from rlora.models.sharding import is_sharded
+
+    if wrapper is module and not is_sharded(module):
         return fn()
     saved = module.__dict__.get("forward")
 

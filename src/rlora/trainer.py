@@ -36,6 +36,7 @@ from rlora.methods.base import shares_of
 from rlora.models import Policy
 from rlora.models.checkpointing import checkpointing, enable as enable_checkpointing
 from rlora.models.loading import check_positions
+from rlora.models import sharding
 from rlora.optim import build_optimizer, build_scheduler, default_run_dir
 from rlora.rollout.episodes import EpisodeRunner, environment_rewards, episode_stats, with_environment_rewards
 from rlora.rollout.generation import Rollouts, sampling_temperature
@@ -73,12 +74,19 @@ class Trainer:
         if self.checkpointing:
             enable_checkpointing(policy.base_model)
         set_seed(train.seed, device_specific=True)  # each process samples differently; weights were seeded alike
+        self.sharded = train.fsdp or sharding.fsdp_plugin(self.accelerator) is not None
+        if self.sharded:  # FSDP2, in place and before the optimizer, which must hold the sharded parameters
+            sharding.check_shardable(config, policy, self.dist.world)
+            sharding.shard_policy(policy, **sharding.shard_options(self.accelerator))
         self.optimizer = build_optimizer(config, policy.trainable_parameters())
         scheduler = build_scheduler(config, self.optimizer)
-        if self.dist.world > 1:  # DDP syncs gradients of the trainable parameters only, never the frozen base
-            frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(policy, frozen)
-        self.model, self.optimizer = self.accelerator.prepare(policy, self.optimizer)
+        if self.sharded and sharding.fsdp_plugin(self.accelerator) is None:  # accelerate would wrap the model in DDP
+            self.model, self.optimizer = policy, self.accelerator.prepare(self.optimizer)
+        else:  # accelerate's FSDP2 plugin keeps a module that is sharded already as it is
+            if self.dist.world > 1 and not self.sharded:  # DDP syncs the trainable parameters only
+                frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
+                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(policy, frozen)
+            self.model, self.optimizer = self.accelerator.prepare(policy, self.optimizer)
         # train.batch_size is global, so the schedule advances once per optimizer step on any number of
         # processes; prepare() would wrap it with split_batches=False and step it once per process
         self.scheduler = AcceleratedScheduler(scheduler, self.optimizer, split_batches=True)
@@ -281,8 +289,9 @@ class Trainer:
         for index in order.split(self.layout.minibatch_size):
             mb = exp.select(index).to(self.accelerator.device)
             with self.sampler.precision():  # the reference in the policy's precision, as the update's forward
-                out = self.method.forward(self.policy, self.policy, mb, self.temperature,
-                                          with_reference=passes.reference, with_policy=passes.old_logprobs)
+                out = sharding.run_through(self.model, lambda: self.method.forward(  # sharded: root gathered
+                    self.policy, self.policy, mb, self.temperature, with_reference=passes.reference,
+                    with_policy=passes.old_logprobs))
             width = mb.response_ids.shape[1]
             for name in ("logprobs", "values", "ref_logprobs"):
                 if getattr(out, name) is not None:
@@ -303,7 +312,8 @@ class Trainer:
         for i, index in enumerate(micro):
             mb = exp.select(index).to(self.accelerator.device)
             last = i == len(micro) - 1
-            with nullcontext() if last else self.accelerator.no_sync(self.model):  # one gradient all-reduce a step
+            sync_off = sharding.no_sync if self.sharded else self.accelerator.no_sync
+            with nullcontext() if last else sync_off(self.model):  # one gradient all-reduce (reduce-scatter) a step
                 # the shared-prefix pass calls the model's parts, not its forward: precision and
                 # activation checkpointing (model.gradient_checkpointing) are set around it
                 with self.sampler.precision(), checkpointing(self.policy.base_model, self.checkpointing):
@@ -329,11 +339,13 @@ class Trainer:
         train, state = self.config.train, self.state
         params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
         if train.max_grad_norm is not None:
-            grad_norm = self.accelerator.clip_grad_norm_(params, train.max_grad_norm)
+            norm = sharding.whole(self.accelerator.clip_grad_norm_(params, train.max_grad_norm))  # over every shard
+        elif self.sharded:
+            norm = sharding.grad_norm(params)
         else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])) if params \
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])) if params \
                 else torch.zeros(())
-        finite = bool(self.dist.max((~torch.isfinite(loss + grad_norm)).float().reshape(1)).item() == 0)  # all agree
+        finite = bool(self.dist.max((~torch.isfinite(loss + norm)).float().reshape(1)).item() == 0)  # all agree
         if finite:
             self.optimizer.step()
             self.scheduler.step()
@@ -348,7 +360,7 @@ class Trainer:
             warnings.warn(f"step {state.step + 1}: non-finite loss or gradient; step skipped "
                           f"({state.bad_steps} in a row, train.max_bad_steps={train.max_bad_steps})")
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.detach().float(), finite
+        return norm.detach().float(), finite
 
     def _record(self, stats: dict[str, torch.Tensor | float], **extra: Any) -> dict[str, Any]:
         """Reduce statistics to floats once and log them (`step` in `extra` overrides the run's)."""

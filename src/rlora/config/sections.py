@@ -80,6 +80,10 @@ class TrainConfig:
     lone large product but converts each fp32 weight at every use, so it can slow a training step
     (BENCHMARKS.md, SmolLM2 GRPO step); for speed on such CPUs prefer a bf16 frozen base
     (`model.dtype`)."""
+    fsdp: bool = False
+    """rlora: shard the base and its adapters over the processes with torch's FSDP2, one unit per
+    decoder layer (`rlora.models.sharding`), instead of a whole base on each (DDP). Needs several
+    processes (`torchrun`); under `accelerate launch` with an FSDP2 config it is implied."""
     pipeline: str = "PromptPipeline"
     """trlx compatibility: only "PromptPipeline"."""
     trainer: str = "AcceleratePPOTrainer"

@@ -130,6 +130,8 @@ def validate(config: Config) -> None:
     _validate_train(config.train)
     _validate_model(config.model)
     _validate_quantization(config.model, config.method)
+    if config.train.fsdp:
+        _validate_sharding(config)
     if isinstance(config.method, GRPOConfig):
         _validate_group_method(config.method, config)
     else:
@@ -186,6 +188,18 @@ def _validate_train(t: TrainConfig) -> None:
            "set at least 1, or null for the cores divided among local processes")
     _check(t.float32_matmul_precision in (None, "highest", "high", "medium"), "train.float32_matmul_precision",
            t.float32_matmul_precision, "use 'highest', 'high', 'medium' (torch's names), or null to leave torch's setting")
+
+
+def _validate_sharding(config: Config) -> None:
+    """What `train.fsdp` cannot shard: FSDP2 gathers each layer from its own shard buffers in the
+    layer's forward, so weights swapped in outside a forward (a merged adapter, a recast copy) are
+    never what runs. (The policy's mode is checked where it is known, in the trainer.)"""
+    _check(not config.method.merge_adapter_for_generation, "method.merge_adapter_for_generation", True,
+           "a merge writes into weights outside a forward, which FSDP2 does not gather; set it to false under "
+           "train.fsdp (the sharded sampler runs the adapter unmerged)")
+    _check(config.model.generation_dtype is None, "model.generation_dtype", config.model.generation_dtype,
+           "a recast copy of the weights is not what FSDP2 gathers; set it to null under train.fsdp (sample in "
+           "model.dtype, or set train.mixed_precision: bf16)")
 
 
 def _validate_model(m: ModelConfig) -> None:

@@ -11,6 +11,7 @@ import functools
 import torch
 
 from rlora.models.precision import pass_precision
+from rlora.models.sharding import run_through
 from rlora.rollout.generation import Rollouts, generate_rollouts, stop_token_ids
 from rlora.rollout.prompts import Prompt, end_of_turn_id, render_prompt
 
@@ -47,16 +48,18 @@ class Sampler:
             stops = stop_token_ids(gen_kwargs, self.tokenizer, self.policy.base_model.generation_config)
             gen_kwargs = {**gen_kwargs, "eos_token_id": stops + [eot] * (eot not in stops)}
         dtype = self.generation_dtype if recast else None
+        # a sharded policy samples within its root's forward, which gathers the root's weights
         if self.episodes is not None:
             with self.precision(dtype):
-                return self.episodes.run(self.policy, prompts, index, {**gen_kwargs, **self.extra}, num_generations,
-                                         self.share_prompts, {"merged": merged, "dtype": dtype})
+                return run_through(self.policy, lambda: self.episodes.run(
+                    self.policy, prompts, index, {**gen_kwargs, **self.extra}, num_generations, self.share_prompts,
+                    {"merged": merged, "dtype": dtype}))
         with self.precision(dtype):
-            return generate_rollouts(self.policy, self.tokenizer, [p.prompt for p in chosen],
-                                     [prompt_ids[i] for i in index], {**gen_kwargs, **self.extra},
-                                     self.stop_sequences, merged=merged, dtype=dtype,
-                                     prompt_texts=[render_prompt(p, self.tokenizer) for p in chosen],
-                                     num_generations=num_generations, share_prompt=self.share_prompts)
+            return run_through(self.policy, lambda: generate_rollouts(
+                self.policy, self.tokenizer, [p.prompt for p in chosen], [prompt_ids[i] for i in index],
+                {**gen_kwargs, **self.extra}, self.stop_sequences, merged=merged, dtype=dtype,
+                prompt_texts=[render_prompt(p, self.tokenizer) for p in chosen], num_generations=num_generations,
+                share_prompt=self.share_prompts))
 
     @functools.cached_property
     def end_of_turn(self) -> int | None:
@@ -75,5 +78,6 @@ class Sampler:
                                  rollouts.response_mask, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         device = self.accelerator.device
         with self.precision():
-            return torch.cat([self.policy.reward_scores(i.to(device), m.to(device)).float().cpu()
-                              for i, m in zip(ids.split(self.minibatch_size), mask.split(self.minibatch_size))])
+            return run_through(self.policy, lambda: torch.cat([
+                self.policy.reward_scores(i.to(device), m.to(device)).float().cpu()
+                for i, m in zip(ids.split(self.minibatch_size), mask.split(self.minibatch_size))]))
