@@ -32,9 +32,9 @@ def call_through(wrapper: torch.nn.Module, module: torch.nn.Module, fn: Callable
     `module`'s parts directly would leave the gradients of each process unsynced.
     A module sharded with FSDP2 in place is its own wrapper: its root hooks gather the root's
     parameters (`rlora.models.sharding`). With no wrapper (`wrapper is module`), simply `fn()`."""
-    from rlora.models.sharding import is_sharded
+    from torch.distributed.fsdp import FSDPModule  # sharded in place with fully_shard (rlora.models.sharding)
 
-    if wrapper is module and not is_sharded(module):
+    if wrapper is module and not isinstance(module, FSDPModule):
         return fn()
     saved = module.__dict__.get("forward")
 
