@@ -65,7 +65,7 @@ def test_trl_s_increment_env_example_runs_with_the_import_changed(agent_model_di
     # reset()'s text is added to the prompt's last message, and the environment's method is a tool
     assert episode.messages[-1]["content"].endswith("Counter reset to 0.\n")
     assert list(episode.tools) == ["increment"]
-    rendered = trainer.processing_class.apply_chat_template(episode.messages, tools=agent.schemas(episode),
+    rendered = trainer.processing_class.apply_chat_template(episode.messages, tools=episode.schemas,
                                                             tokenize=False, add_generation_prompt=True)
     assert '"name": "increment"' in rendered and "<tools>" in rendered
     logged = [r for r in trainer.state.log_history if "reward" in r]

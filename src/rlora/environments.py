@@ -46,6 +46,7 @@ class Episode:
     opening: int  # how many of `messages` open the episode (its prompt)
     environment: Any = None  # the instance (None without an environment factory)
     tools: dict[str, Callable] = field(default_factory=dict, repr=False)
+    schemas: list[dict] | None = None  # the tools' JSON schemas, as the chat template renders them (None: no tools)
     turns: int = 0  # assistant turns
     tool_calls: int = 0
     tool_errors: int = 0
@@ -130,11 +131,7 @@ class Agent:
             opening = None
         messages = _opening_messages(prompt.prompt if opening is None else opening, instance, where)
         tools = tools_by_name([*self.tools, *self.environment_tools(instance)])
-        return Episode(messages, len(messages), instance, tools)
-
-    def schemas(self, episode: Episode) -> list[dict] | None:
-        """The JSON schemas of the tools an episode's model may call (None: no tools)."""
-        return tool_schemas(list(episode.tools.values())) if episode.tools else None
+        return Episode(messages, len(messages), instance, tools, tool_schemas(list(tools.values())) if tools else None)
 
     def respond(self, episodes: list[Episode], replies: list[str], last: list[bool],
                 where: list[str]) -> list[list[dict[str, Any]] | None]:

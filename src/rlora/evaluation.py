@@ -51,26 +51,26 @@ class Evaluation:
         stats: dict[str, Any] = {}
         tables = []
         for prefix, gen_kwargs in variants.items():
-            batch, scores, judged = self.samples(gen_kwargs)
+            batch, scores, by_source = self.samples(gen_kwargs)
             if self.dist.is_main:
-                stats.update(self.score(batch, scores, prefix, judged))
+                stats.update(self.score(batch, scores, prefix, by_source))
                 if not prefix:
                     tables.append(eval_table(batch.prompt_texts, batch.outputs, scores, step))
         policy.train(was_training)
         return self.dist.broadcast(stats), tables
 
     def score(self, batch: ScoreBatch, scores: list[float], prefix: str,
-              judged: list[dict[str, float]] | None = None) -> dict[str, Any]:
+              by_source: list[dict[str, float]] | None = None) -> dict[str, Any]:
         """The reward (functions, added to the reward adapter's `scores` in place) and the metrics
         of one variant's samples, named with `prefix`. Episodes come scored where they ran
-        (`judged`: each sample's value per source, already in `scores`)."""
+        (`by_source`: each sample's value per source, already in `scores`)."""
         stats: dict[str, Any] = {}
         chunk = self.method_config.chunk_size
         by_function: dict[str, list[torch.Tensor]] = {}
-        if judged is not None:
-            for name in judged[0] if judged else ():
-                by_function[name] = [torch.tensor([row[name] for row in judged])]
-        for start in range(0, len(batch) if self.reward_fn is not None and judged is None else 0, chunk):
+        if by_source is not None:
+            for name in by_source[0] if by_source else ():
+                by_function[name] = [torch.tensor([row[name] for row in by_source])]
+        for start in range(0, len(batch) if self.reward_fn is not None and by_source is None else 0, chunk):
             total, values = self.reward_fn(batch[start:start + chunk], self.sampler.tokenizer, self.trainer_state)
             for i, value in enumerate((total.sum(1) if total.dim() == 2 else total).tolist(), start):
                 scores[i] += value
@@ -105,20 +105,20 @@ class Evaluation:
             batch = ScoreBatch.of(rollouts, [self.prompts[i].metadata for i in index])
             adapter_scores = self.sampler.reward_adapter_scores(rollouts)
             adapter_scores = [0.0] * len(index) if adapter_scores is None else adapter_scores.tolist()
-            judged: list = [None] * len(index)
+            by_source: list = [None] * len(index)
             if rollouts.episodes is not None:
                 total, values = (None, {}) if self.reward_fn is None else \
                     self.reward_fn(batch, self.sampler.tokenizer, self.trainer_state)
                 total, values = with_environment_rewards(total, values, environment_rewards(rollouts))
                 total = torch.zeros(len(index)) if total is None else total
                 adapter_scores = [a + t for a, t in zip(adapter_scores, total.tolist())]
-                judged = [{name: float(v[k]) for name, v in values.items()} for k in range(len(index))]
+                by_source = [{name: float(v[k]) for name, v in values.items()} for k in range(len(index))]
                 batch = dataclasses.replace(batch, environments=None)  # the instances stay on this process
-            rows += zip(index, (batch[k:k + 1] for k in range(len(batch))), adapter_scores, judged)
+            rows += zip(index, (batch[k:k + 1] for k in range(len(batch))), adapter_scores, by_source)
         rows = sorted(self.dist.gather(rows), key=lambda row: row[0])
-        judged = [r[3] for r in rows]
+        by_source = [r[3] for r in rows]
         return (ScoreBatch.concat([r[1] for r in rows]), [r[2] for r in rows],
-                None if any(j is None for j in judged) else judged)
+                None if any(s is None for s in by_source) else by_source)
 
 
 def show(tables: list[Table], step: int, stats: dict[str, Any]) -> None:

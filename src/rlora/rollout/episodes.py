@@ -65,8 +65,10 @@ class EpisodeRunner:
             require_tool_template(tokenizer)
         check_prefix_preserving(tokenizer, tool_schemas(agent.tools) if agent.tools else None)
 
-    def render(self, episode: Episode, generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(episode.messages, tools=self.agent.schemas(episode), tokenize=False,
+    def render(self, episode: Episode, generation_prompt: bool, messages: list[dict] | None = None) -> str:
+        """The chat template's text of `messages` (default: the episode's), with its tools."""
+        return self.tokenizer.apply_chat_template(episode.messages if messages is None else messages,
+                                                  tools=episode.schemas, tokenize=False,
                                                   add_generation_prompt=generation_prompt)
 
     @torch.no_grad()
@@ -77,10 +79,10 @@ class EpisodeRunner:
         rows = []
         for i in index:
             for _ in range(num_generations):
-                episode = self.agent.start(prompts[i], f"prompt {i} ({_record(prompts[i])})")
-                text = self.render(episode, True)
-                rows.append(_Row(episode, f"prompt {i} ({_record(prompts[i])})",
-                                 self.tokenizer(text, add_special_tokens=False).input_ids))
+                where = f"prompt {i} ({_record(prompts[i])})"
+                episode = self.agent.start(prompts[i], where)
+                rows.append(_Row(episode, where, self.tokenizer(self.render(episode, True),
+                                                                add_special_tokens=False).input_ids))
                 if len(rows[-1].opening) >= self.seq_length:
                     raise ValueError(f"the opening of the episode of {rows[-1].where} has {len(rows[-1].opening)} "
                                      f"tokens, no fewer than train.seq_length={self.seq_length}; raise "
@@ -173,10 +175,7 @@ class EpisodeRunner:
         conversation with `following` (and the next generation prompt) less its rendering
         without it."""
         episode = row.episode
-        saved = episode.messages
-        episode.messages = saved[:len(saved) - len(following)]
-        before = self.render(episode, False)
-        episode.messages = saved
+        before = self.render(episode, False, episode.messages[:len(episode.messages) - len(following)])
         after = self.render(episode, True)
         if not after.startswith(before):
             at = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), min(len(before), len(after)))
@@ -210,17 +209,15 @@ def episode_stats(rollouts: Rollouts, dist) -> dict[str, float]:
     if rollouts.episodes is None:
         return {}
     episodes = rollouts.episodes
-    turns = dist.all_values(torch.tensor([float(e.turns) for e in episodes]))
-    calls = dist.all_values(torch.tensor([float(e.tool_calls) for e in episodes]))
-    errors = dist.all_values(torch.tensor([float(e.tool_errors) for e in episodes]))
-    env_tokens = dist.all_values((rollouts.response_mask & ~rollouts.action_mask).sum(1).float())
+    env_tokens = (rollouts.response_mask & ~rollouts.action_mask).sum(1).float()
+    columns = torch.tensor([[e.turns, e.tool_calls, e.tool_errors, *(e.ended_by == x for x in ENDINGS)]
+                            for e in episodes], dtype=torch.float32)
+    turns, calls, errors, *ended, env_tokens = dist.all_values(torch.cat([columns, env_tokens[:, None]], 1)).T
     stats = {"episodes/turns_mean": turns.mean(), "episodes/turns_max": turns.max(),
              "tools/call_frequency": calls.mean(),
              "tools/failure_frequency": errors.sum() / calls.sum() if calls.sum() > 0 else torch.tensor(0.0),
              "episodes/environment_tokens_mean": env_tokens.mean()}
-    for ending in ENDINGS:
-        share = dist.all_values(torch.tensor([float(e.ended_by == ending) for e in episodes])).mean()
-        stats[f"episodes/ended_by_{ending}"] = share
+    stats.update({f"episodes/ended_by_{ending}": share.mean() for ending, share in zip(ENDINGS, ended)})
     return stats
 
 

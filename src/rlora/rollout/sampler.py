@@ -42,18 +42,18 @@ class Sampler:
         forward runs, on weights in `model.generation_dtype` when `recast` (rollouts; float32 then
         runs without autocast). A chat prompt's response also ends at the template's end-of-turn
         token. With an episode runner, each sample is a multi-turn episode."""
-        chosen = [prompts[i] for i in index]
-        eot = self.end_of_turn if any(p.is_chat for p in chosen) or self.episodes is not None else None
-        if eot is not None and "eos_token_id" not in gen_kwargs:
-            stops = stop_token_ids(gen_kwargs, self.tokenizer, self.policy.base_model.generation_config)
-            gen_kwargs = {**gen_kwargs, "eos_token_id": stops + [eot] * (eot not in stops)}
         dtype = self.generation_dtype if recast else None
         # a sharded policy samples within its root's forward, which gathers the root's weights
-        if self.episodes is not None:
+        if self.episodes is not None:  # its turns end at the template's end of turn too
             with self.precision(dtype):
                 return run_through(self.policy, lambda: self.episodes.run(
                     self.policy, prompts, index, {**gen_kwargs, **self.extra}, num_generations, self.share_prompts,
                     {"merged": merged, "dtype": dtype}))
+        chosen = [prompts[i] for i in index]
+        eot = self.end_of_turn if any(p.is_chat for p in chosen) else None
+        if eot is not None and "eos_token_id" not in gen_kwargs:
+            stops = stop_token_ids(gen_kwargs, self.tokenizer, self.policy.base_model.generation_config)
+            gen_kwargs = {**gen_kwargs, "eos_token_id": stops + [eot] * (eot not in stops)}
         with self.precision(dtype):
             return run_through(self.policy, lambda: generate_rollouts(
                 self.policy, self.tokenizer, [p.prompt for p in chosen], [prompt_ids[i] for i in index],
