@@ -73,8 +73,46 @@ WORKER = textwrap.dedent('''
     params = {name: p.detach().clone() for name, p in trainer.policy.named_parameters() if p.requires_grad}
     save_file(params, os.path.join(out, f"params_rank{rank}.safetensors"))
     from rlora.distributed import leave_process_group
+    wrapped = isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
     leave_process_group()
+    if world > 1:  # the reducer went before the group (a reducer outliving it can deadlock at exit)
+        assert wrapped and "reducer" not in trainer.model.__dict__, "the DDP reducer outlived the process group"
 ''')
+
+
+LEAVE = textwrap.dedent('''
+    import gc, os, weakref
+    import torch
+    import torch.distributed as dist
+    from rlora.distributed import leave_process_group, track_wrapper
+
+    dist.init_process_group("gloo", init_method="file://" + os.environ["STORE"], rank=0, world_size=1)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+    model(torch.ones(4, 3)).sum().backward()  # a collective in flight on gloo's thread, as after training
+    track_wrapper(model)
+    reducer = weakref.ref(model.reducer)
+    seen = []
+    destroy = dist.destroy_process_group
+
+    def watched(*args, **kwargs):
+        gc.collect()
+        seen.append(reducer() is None)
+        return destroy(*args, **kwargs)
+
+    dist.destroy_process_group = watched
+    leave_process_group()
+    assert seen == [True], "the DDP reducer was alive when the process group was destroyed"
+    assert not dist.is_initialized()
+    print("ok")
+''')
+
+
+def test_leaving_the_group_frees_the_ddp_reducers_first(tmp_path):
+    # gdb on a run hung at exit: the main thread, freeing a DDP reducer after destroy_process_group,
+    # held the group's last reference and joined gloo's worker thread, which waited for the GIL
+    result = subprocess.run([sys.executable, "-c", LEAVE], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "STORE": str(tmp_path / "store")})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
 def launch(tmp_path, mode, config, nproc, *extra_args):

@@ -7,6 +7,7 @@ rlora train CONFIG.yaml`; on CPU the gloo backend is used.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -17,12 +18,31 @@ from rlora.algo import masked_whiten
 from rlora.rollout.rewards import RewardFunctions, ScoreBatch
 
 
+# DDP wrappers the trainers made, whose reducers `leave_process_group` frees before the group ends
+_WRAPPERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def track_wrapper(model: torch.nn.Module) -> None:
+    """Have `leave_process_group` free `model`'s DDP reducer while the group still exists."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        _WRAPPERS.add(model)
+
+
 def leave_process_group() -> None:
     """Leave the process group together; call it at the end of a multi-process script (`rlora
     train` does). A gloo group torn down at interpreter exit while another process still runs
-    aborts that process ("terminate called without an active exception")."""
+    aborts that process ("terminate called without an active exception").
+
+    The trainers' DDP reducers are freed first, so a wrapper is unusable afterwards. A reducer
+    that outlived the group would hold its last reference, and freeing it (from C++, with the GIL
+    held) would join gloo's worker thread while that thread waits for the GIL to free the tensors
+    of its last collective: a deadlock that hung runs at exit now and then (pytorch#56297)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+        for wrapper in list(_WRAPPERS):
+            for name in ("logger", "reducer"):  # the logger holds the reducer too
+                wrapper.__dict__.pop(name, None)
+        _WRAPPERS.clear()
         torch.distributed.destroy_process_group()
 
 

@@ -28,7 +28,7 @@ from transformers import TrainerState
 from rlora import checkpoint
 from rlora.algo import nan_moments
 from rlora.config import Config, config_to_dict, rollout_gen_kwargs
-from rlora.distributed import Processes
+from rlora.distributed import Processes, track_wrapper
 from rlora.environments import Agent
 from rlora.evaluation import Evaluation, show
 from rlora.methods import build_method
@@ -87,6 +87,7 @@ class Trainer:
                 frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
                 torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(policy, frozen)
             self.model, self.optimizer = self.accelerator.prepare(policy, self.optimizer)
+            track_wrapper(self.model)  # leave_process_group frees its reducer before the group ends
         # train.batch_size is global, so the schedule advances once per optimizer step on any number of
         # processes; prepare() would wrap it with split_batches=False and step it once per process
         self.scheduler = AcceleratedScheduler(scheduler, self.optimizer, split_batches=True)
