@@ -4,6 +4,8 @@ template renders tools."""
 
 from __future__ import annotations
 
+import random
+
 import datasets
 import pytest
 from peft import LoraConfig
@@ -84,6 +86,49 @@ def test_without_a_dataset_the_environment_writes_each_prompt(agent_model_dir, t
     trainer.train()
     episode = trainer.trainer.sampler.episodes.agent.start(trainer.trainer.prompts[0], "prompt 0")
     assert episode.messages == [{"role": "user", "content": "Increment the counter by 3."}]
+
+
+class SelfSampledIncrementEnv(IncrementEnv):
+    """TRL's documented environment in its datasetless form: it samples its own target and scores
+    itself."""
+
+    def reset(self, **kwargs) -> str | None:
+        self.counter = 0
+        self.target = random.randint(1, 6)
+        return f"Increment the counter by {self.target}."
+
+    def get_reward(self) -> float:
+        return float(self.counter == self.target)
+
+
+def test_trl_s_documented_datasetless_example_with_chat_template_kwargs(agent_model_dir, tmp_path):
+    # TRL's example: GRPOTrainer(model=..., args=GRPOConfig(max_steps=..., chat_template_kwargs={"enable_thinking":
+    # False}), environment_factory=IncrementEnv); no dataset, no reward function: get_reward() is the reward
+    random.seed(0)
+    trainer = GRPOTrainer(model=agent_model_dir, args=arguments(tmp_path, chat_template_kwargs={"enable_thinking": False}),
+                          environment_factory=SelfSampledIncrementEnv,
+                          peft_config=LoraConfig(r=4, lora_alpha=16, task_type="CAUSAL_LM"))
+    assert trainer.config.tokenizer.chat_template_kwargs == {"enable_thinking": False}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    logged = [r for r in trainer.state.log_history if "reward" in r]
+    assert logged and all(0.0 <= r["reward"] <= 1.0 for r in logged)
+    assert all(r["rewards/environment/mean"] == r["reward"] for r in logged)  # get_reward() is the only source
+    episode = trainer.trainer.sampler.episodes.agent.start(trainer.trainer.prompts[0], "prompt 0")
+    assert episode.messages[-1]["content"].startswith("Increment the counter by")
+
+
+def test_chat_template_kwargs_given_as_json_text_and_refused_when_not_a_dict(agent_model_dir, tmp_path):
+    trainer = GRPOTrainer(model=agent_model_dir, reward_funcs=reward_func,
+                          args=arguments(tmp_path, chat_template_kwargs='{"enable_thinking": false}'),
+                          train_dataset=[{"prompt": [{"role": "user", "content": "x"}]}] * 4,
+                          environment_factory=IncrementEnv)
+    assert trainer.config.tokenizer.chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(ValueError, match=r"chat_template_kwargs='thinking off' is no JSON object"):
+        GRPOTrainer(model=agent_model_dir, reward_funcs=reward_func,
+                    args=arguments(tmp_path, chat_template_kwargs="thinking off"),
+                    train_dataset=[{"prompt": [{"role": "user", "content": "x"}]}] * 4,
+                    environment_factory=IncrementEnv)
 
 
 def test_tools_and_the_iteration_cap_reach_the_loop(agent_model_dir, tmp_path):

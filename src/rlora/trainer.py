@@ -40,7 +40,7 @@ from rlora.models import sharding
 from rlora.optim import build_optimizer, build_scheduler, default_run_dir
 from rlora.rollout.episodes import EpisodeRunner, environment_rewards, episode_stats, with_environment_rewards
 from rlora.rollout.generation import Rollouts, sampling_temperature
-from rlora.rollout.prompts import Prompt, PromptLoader, normalize_prompts, tokenize_prompts
+from rlora.rollout.prompts import Prompt, PromptLoader, bind_template_variables, normalize_prompts, tokenize_prompts
 from rlora.rollout.rewards import RewardFunctions, ScoreBatch, add_scores, check_reward_given
 from rlora.rollout.sampler import Sampler
 from rlora.rollout.store import Experience, Scored
@@ -58,6 +58,7 @@ class Trainer:
                  verbose: bool = True, agent: Agent | None = None):
         check_reward_given(reward_fn, policy.has_reward_adapter, agent is not None and bool(agent.factories))
         self.config, self.tokenizer, self.policy = config, tokenizer, policy
+        bind_template_variables(tokenizer, config.tokenizer.chat_template_kwargs)
         self.reward_fn = reward_fn if reward_fn is None or isinstance(reward_fn, RewardFunctions) else \
             RewardFunctions(reward_fn, config.task.reward_weights)
         self.metric_fn, self.verbose = metric_fn, verbose

@@ -10,7 +10,8 @@ import pytest
 from rlora.config import TokenizerConfig, load_config
 from rlora.data import load_prompts
 from rlora.models import build_policy, load_tokenizer
-from rlora.rollout.prompts import end_of_turn_id, normalize_prompts, render_prompt, tokenize_prompts
+from rlora.rollout.prompts import (bind_template_variables, end_of_turn_id, normalize_prompts, render_prompt,
+                                   tokenize_prompts)
 from rlora.tiny import char_tokenizer, tiny_model, tiny_ppo_config
 from rlora.trainer import PPOTrainer
 
@@ -107,6 +108,40 @@ def test_a_chat_run_stops_at_end_of_turn_and_gives_reward_fn_the_messages(tmp_pa
     samples, prompts, outputs, meta = seen[-1]
     assert all(p == CHAT for p in prompts) and sorted(meta["tag"]) == sorted(meta["tag"])
     assert all(s == render_prompt(items[0], tokenizer) + o for s, o in zip(samples, outputs))
+
+
+# a template that reads a variable, as Qwen3's reads enable_thinking
+THINKING = TEMPLATE.replace("<|bos|>a:{% endif %}", "<|bos|>a:{% if enable_thinking is defined and not "
+                            "enable_thinking %} no thoughts{% endif %}{% endif %}")
+
+
+def test_template_variables_reach_every_rendering_and_a_call_s_own_win(chat_tokenizer):
+    chat_tokenizer.chat_template = THINKING
+    plain = render_prompt(normalize_prompts([CHAT])[0], chat_tokenizer)
+    assert plain.endswith("<|bos|>a:")
+    bind_template_variables(chat_tokenizer, {"enable_thinking": False})
+    assert render_prompt(normalize_prompts([CHAT])[0], chat_tokenizer) == plain + " no thoughts"
+    assert chat_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True,
+                                              enable_thinking=True) == plain
+    bind_template_variables(chat_tokenizer, {"enable_thinking": False})  # again: replaced, not nested
+    assert chat_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) == plain + \
+        " no thoughts"
+    bind_template_variables(chat_tokenizer, {})
+    assert render_prompt(normalize_prompts([CHAT])[0], chat_tokenizer) == plain
+
+
+def test_tokenizer_chat_template_kwargs_render_the_trained_prompts(tmp_path, chat_tokenizer):
+    chat_tokenizer.chat_template = THINKING
+    model_dir = tmp_path / "model"
+    tiny_model("gpt2", chat_tokenizer).save_pretrained(model_dir)
+    chat_tokenizer.save_pretrained(model_dir)
+    config = load_config(tiny_ppo_config(str(model_dir), str(tmp_path / "run"), train={"seq_length": 64},
+                                         tokenizer={"chat_template_kwargs": {"enable_thinking": False}}))
+    tokenizer = load_tokenizer(config.tokenizer, config.model.model_path)
+    items = normalize_prompts([CHAT] * 2)
+    trainer = PPOTrainer(config, build_policy(config.model, tokenizer), tokenizer, lambda samples, **k: [0.0] * 2,
+                         items, items, verbose=False)
+    assert tokenizer.decode(trainer.prompt_ids[0]).endswith(" no thoughts")
 
 
 def test_a_saved_datasets_dataset_with_a_messages_column_loads_as_chat_prompts(tmp_path):

@@ -175,6 +175,10 @@ class TokenizerConfig:
     chat_template: str | None = None
     """rlora: a Jinja chat template for chat-message prompts, instead of the tokenizer's own; or
     "hermes", rlora's ChatML template that renders tools (`rlora.tools.HERMES_TOOL_TEMPLATE`)."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra variables of the chat template in every rendering of a conversation (prompts,
+    episodes, the prefix check), as TRL's `chat_template_kwargs`: e.g. `{"enable_thinking":
+    false}` for a Qwen3 template. A template that does not read a variable ignores it."""
     add_special_tokens: bool = True
     """rlora: open each prompt with the tokenizer's own special tokens (a BOS for Llama / Mistral
     tokenizers; GPT-2's adds none), as `tokenizer(text)` does; false = no special tokens (trlx)."""

@@ -79,8 +79,7 @@ GRPO_FIELDS: dict[str, TRLField] = {
     "top_k": TRLField("method.gen_kwargs.top_k", "0 = no top-k filter"),
     "min_p": TRLField("method.gen_kwargs.min_p"),
     "generation_kwargs": TRLField("method.gen_kwargs", "its keys go into method.gen_kwargs (generate's arguments)"),
-    "chat_template_kwargs": TRLField(None, "chat prompts are rendered with the chat template and no extra template "
-                                           "variables (tokenizer.chat_template replaces the template)"),
+    "chat_template_kwargs": TRLField("tokenizer.chat_template_kwargs", "variables of every chat-template rendering"),
     "repetition_penalty": TRLField("method.gen_kwargs.repetition_penalty"),
     "cache_implementation": TRLField("method.gen_kwargs.cache_implementation"),
     "use_vllm": _VLLM, "vllm_mode": _VLLM, "vllm_model_impl": _VLLM, "vllm_enable_sleep_mode": _VLLM,

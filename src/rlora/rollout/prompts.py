@@ -3,6 +3,7 @@ with truncation, and a resumable shuffled loader."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -71,6 +72,17 @@ def render_prompt(prompt: Prompt, tokenizer, where: str = "prompt") -> str:
         raise ValueError(f"{where} is a list of chat messages, but the tokenizer has no chat template; set "
                          "tokenizer.chat_template (a Jinja template) or give the prompt as text")
     return tokenizer.apply_chat_template(prompt.prompt, tokenize=False, add_generation_prompt=True)
+
+
+def bind_template_variables(tokenizer, variables: dict[str, Any]) -> None:
+    """Every `tokenizer.apply_chat_template` call from now on renders with the template variables
+    `variables` (a call's own keyword arguments win); empty: the tokenizer's own method again.
+    Bound on the instance, so prompts, episodes and the user's reward functions that render with
+    this tokenizer all see one template."""
+    tokenizer.__dict__.pop("apply_chat_template", None)  # binding again replaces, never nests
+    if variables:
+        tokenizer.apply_chat_template = functools.partial(type(tokenizer).apply_chat_template, tokenizer,
+                                                          **variables)
 
 
 def end_of_turn_id(tokenizer) -> int | None:

@@ -43,8 +43,9 @@ class GRPOTrainer:
         if args is None:
             name = model if isinstance(model, str) else str(getattr(model.config, "_name_or_path", "model"))
             args = self.config_class(f"{name.rstrip('/').split('/')[-1]}-{type(self).__name__.removesuffix('Trainer')}")
-        if train_dataset is None and environment_factory is not None and not isinstance(environment_factory, dict) \
-                and (args.max_steps or 0) > 0:  # TRL's: the environment's reset() writes each prompt
+        self_prompted = train_dataset is None and environment_factory is not None \
+            and not isinstance(environment_factory, dict) and (args.max_steps or 0) > 0
+        if self_prompted:  # TRL's: the environment's reset() writes each prompt
             train_dataset = [{"prompt": [{"role": "user", "content": ""}]}] * max(1, args.per_device_train_batch_size)
         if train_dataset is None:
             raise ValueError("train_dataset is required: a datasets.Dataset (or a list of rows) with a 'prompt' column "
@@ -56,7 +57,8 @@ class GRPOTrainer:
             _tokenizer_settings(), model_path, args.trust_remote_code)
         self.processing_class.padding_side = "left"
         self.processing_class.truncation_side = "left"  # a prompt over the limit keeps its end (TRL's)
-        functions, reward_adapter = _reward_functions(reward_funcs, reward_processing_classes, args, args.device)
+        functions, reward_adapter = _reward_functions(reward_funcs, reward_processing_classes, args, args.device,
+                                                      has_environment=environment_factory is not None)
         self.prompts = dataset_rows(train_dataset, "train_dataset", args.remove_unused_columns, _rows_needed(args))
         self.eval_prompts = dataset_rows(eval_dataset, "eval_dataset", args.remove_unused_columns) \
             if eval_dataset is not None and str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no" \
@@ -77,6 +79,8 @@ class GRPOTrainer:
         if self.agent is not None:
             data["method"].update({"max_turns": self.agent.max_turns,
                                    "max_tool_calling_iterations": args.max_tool_calling_iterations})
+            if self_prompted:  # each reset() may write its own prompt, so a group's episodes open apart
+                data["method"]["shared_prefix"] = False
             self.config = load_config(data)
         self.callbacks = list(callbacks or [])
         self.trainer = self._build()
@@ -267,11 +271,12 @@ def _most_turns(max_tool_calling_iterations: int | None) -> int:
     return 1_000_000 if max_tool_calling_iterations is None else max_tool_calling_iterations + 1
 
 
-def _reward_functions(reward_funcs: Any, processing_classes: Any, args: Any, device: Any
-                      ) -> tuple[RewardFunctions | None, str | None]:
+def _reward_functions(reward_funcs: Any, processing_classes: Any, args: Any, device: Any,
+                      has_environment: bool = False) -> tuple[RewardFunctions | None, str | None]:
     """TRL's reward functions as rlora's: callables as they are, a sequence-classification model
     (path or loaded) scored as TRL scores it, and an `rlora rm` directory as the reward adapter on
-    the policy's base (one at most; its score is added to the functions')."""
+    the policy's base (one at most; its score is added to the functions'). None at all with an
+    environment: its `get_reward()` is the reward, as in TRL's datasetless example."""
     funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs] if reward_funcs else []
     classes = processing_classes if isinstance(processing_classes, (list, tuple)) else [processing_classes] * len(funcs)
     if len(classes) != len(funcs):
@@ -284,8 +289,9 @@ def _reward_functions(reward_funcs: Any, processing_classes: Any, args: Any, dev
     kwargs = {**(args.model_init_kwargs or {}), "trust_remote_code": args.trust_remote_code}
     out = [SequenceClassifierReward(f, c, kwargs, device) if isinstance(f, (str, torch.nn.Module)) else f
            for f, c in zip(funcs, classes) if f not in adapters]
-    if not out and not adapters:
-        raise ValueError("reward_funcs is required: a function, a reward model, or a list of them")
+    if not out and not adapters and not has_environment:
+        raise ValueError("reward_funcs is required: a function, a reward model, or a list of them (or an "
+                         "environment_factory whose get_reward() scores each episode)")
     return (RewardFunctions(out, args.reward_weights) if out else None), (adapters[0] if adapters else None)
 
 

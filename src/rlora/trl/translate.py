@@ -13,6 +13,7 @@ completions, `method.ppo_epochs` = `num_iterations`. One rlora phase is one TRL 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -49,7 +50,7 @@ CARRIED = {
     "generation_kwargs", "cache_implementation", "beta", "num_iterations", "epsilon", "epsilon_high",
     "importance_sampling_level", "reward_weights", "scale_rewards", "loss_type", "mask_truncated_completions",
     "use_bias_correction_kl", "gradient_checkpointing", "shuffle_dataset", "normalize_advantages",
-    "load_best_model_at_end", "max_tool_calling_iterations", "activation_checkpointing",
+    "load_best_model_at_end", "max_tool_calling_iterations", "activation_checkpointing", "chat_template_kwargs",
 }
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")  # AdamW in torch's implementation
 
@@ -116,7 +117,8 @@ def to_rlora(args: Any, defaults: Any, *, model_path: str, positions: int | None
         "model": {"model_path": model_path, "dtype": str(dtype).removeprefix("torch."),
                   "gradient_checkpointing": bool(args.gradient_checkpointing),
                   "model_extra_configs": model_kwargs, "trust_remote_code": args.trust_remote_code},
-        "tokenizer": {"truncation_side": "left", "add_special_tokens": False},
+        "tokenizer": {"truncation_side": "left", "add_special_tokens": False,
+                      "chat_template_kwargs": _as_dict(args.chat_template_kwargs, "chat_template_kwargs")},
         "optimizer": {"name": "adamw", "kwargs": {"lr": args.learning_rate, "betas": [args.adam_beta1, args.adam_beta2],
                                                   "eps": args.adam_epsilon, "weight_decay": args.weight_decay}},
         "scheduler": {"name": "transformers", "kwargs": {
@@ -181,6 +183,18 @@ def _interval(strategy: Any, steps: float | None, steps_per_epoch: int, total: i
     if strategy == "epoch":
         return max(1, steps_per_epoch)
     return max(1, math.ceil(steps * total)) if steps < 1 else int(steps)
+
+
+def _as_dict(value: dict | str | None, name: str) -> dict:
+    """A dict field given as a dict, a JSON object's text (as on a command line) or None."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name}={value!r} is no JSON object ({err}); give a dict") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name}={value!r}: give a dict of keyword arguments")
+    return dict(value or {})
 
 
 def _tracker(report_to: Any) -> str | None:
