@@ -5,11 +5,13 @@ all-linear) on SmolLM2-135M-Instruct with `GRPOTrainer`: 2 prompts x 4 completio
 exactly `L` tokens (`generation_kwargs={"min_new_tokens": L}` with `max_completion_length=L`, so
 both trainers sample, score and train the same number of tokens), 1 iteration, beta 0, fp32, no
 gradient checkpointing (TRL's default is on; set off for both so the comparison is of the loop,
-not of the memory trade, which `benchmarks/checkpointing.py` measures). The reward asks for many
+not of the memory trade, which `benchmarks/checkpointing.py` measures; `--checkpointing` turns it
+on in both, which 1024 tokens need within 24 GiB). The reward asks for many
 distinct words. Each trainer and length runs in its own process: seconds per step from the
 script's own clock (median of the steps after the first), peak RSS from the OS.
 
     python benchmarks/long_completions.py --lengths 128 512 1024 --steps 3
+    python benchmarks/long_completions.py --lengths 1024 --steps 2 --checkpointing --no-record
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ ap.add_argument("--length", type=int, required=True)
 ap.add_argument("--steps", type=int, required=True)
 ap.add_argument("--out", required=True)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--checkpointing", action="store_true")
 args = ap.parse_args()
 import torch
 torch.set_num_threads(args.threads)
@@ -55,7 +58,7 @@ config = GRPOConfig(output_dir=os.path.join(args.out, "run"), report_to="none", 
                     lr_scheduler_type="constant", per_device_train_batch_size=8, gradient_accumulation_steps=1,
                     num_generations=4, num_iterations=1, max_completion_length=args.length,
                     generation_kwargs={"min_new_tokens": args.length}, temperature=1.0, top_p=1.0, top_k=0,
-                    beta=0.0, gradient_checkpointing=False, disable_tqdm=True)
+                    beta=0.0, gradient_checkpointing=args.checkpointing, disable_tqdm=True)
 lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 ticks = []
 
@@ -83,6 +86,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing on in both trainers (needed at 1024 tokens within 24 GiB)")
     parser.add_argument("--faces", nargs="+", default=["trl", "rlora"])
     parser.add_argument("--model", default=None, help="the model directory (default: rlora fetch smollm2-135m-instruct)")
     parser.add_argument("--no-record", action="store_true")
@@ -102,7 +107,8 @@ def main() -> None:
         for face in args.faces:
             out = os.path.join(work, f"{face}-{length}")
             rss = run_measured([pythons[face], script, "--face", face, "--model", model, "--length", str(length),
-                                "--steps", str(args.steps), "--out", out, "--threads", str(args.threads)])
+                                "--steps", str(args.steps), "--out", out, "--threads", str(args.threads),
+                                *(["--checkpointing"] if args.checkpointing else [])])
             rows[face, length] = (seconds_per_step(out), rss)
             print(f"{face} {length} tokens: {rows[face, length][0]:.2f} s / step, peak RSS {rss:.0f} MiB", flush=True)
     lines = ["| completion tokens | " + " | ".join(f"{f} s / step | {f} peak RSS MiB" for f in args.faces) +
@@ -120,7 +126,7 @@ def main() -> None:
     if not args.no_record:
         record("long-completions", "Long completions: a GRPO step on SmolLM2-135M-Instruct, TRL 1.16 and rlora.trl",
                f"CPU, {args.threads} threads each; 2 prompts x 4 completions of exactly L tokens, LoRA r=8 all-linear, "
-               f"fp32, no gradient checkpointing; median of steps 2..{args.steps}", markdown)
+               f"fp32, gradient checkpointing {'on' if args.checkpointing else 'off'}; median of steps 2..{args.steps}", markdown)
 
 
 if __name__ == "__main__":
