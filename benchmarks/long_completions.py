@@ -126,7 +126,8 @@ def main() -> None:
     if not args.no_record:
         record("long-completions", "Long completions: a GRPO step on SmolLM2-135M-Instruct, TRL 1.16 and rlora.trl",
                f"CPU, {args.threads} threads each; 2 prompts x 4 completions of exactly L tokens, LoRA r=8 all-linear, "
-               f"fp32, gradient checkpointing {'on' if args.checkpointing else 'off'}; median of steps 2..{args.steps}", markdown)
+               f"fp32, gradient checkpointing {'on' if args.checkpointing else 'off'}; median of steps "
+               f"2..{args.steps}", markdown)
 
 
 if __name__ == "__main__":

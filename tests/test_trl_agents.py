@@ -105,7 +105,8 @@ def test_trl_s_documented_datasetless_example_with_chat_template_kwargs(agent_mo
     # TRL's example: GRPOTrainer(model=..., args=GRPOConfig(max_steps=..., chat_template_kwargs={"enable_thinking":
     # False}), environment_factory=IncrementEnv); no dataset, no reward function: get_reward() is the reward
     random.seed(0)
-    trainer = GRPOTrainer(model=agent_model_dir, args=arguments(tmp_path, chat_template_kwargs={"enable_thinking": False}),
+    thinking_off = {"enable_thinking": False}
+    trainer = GRPOTrainer(model=agent_model_dir, args=arguments(tmp_path, chat_template_kwargs=thinking_off),
                           environment_factory=SelfSampledIncrementEnv,
                           peft_config=LoraConfig(r=4, lora_alpha=16, task_type="CAUSAL_LM"))
     assert trainer.config.tokenizer.chat_template_kwargs == {"enable_thinking": False}
