@@ -21,6 +21,9 @@ class GRPOConfig(TrainingArguments):
     `learning_rate` 1e-6, `logging_steps` 10, `gradient_checkpointing` True and `bf16` True
     unless `fp16` is set."""
 
+    # dict fields that TrainingArguments' __post_init__ also takes as a JSON object's text
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["chat_template_kwargs"]
+
     # TrainingArguments defaults that TRL changes
     learning_rate: float = 1e-6
     logging_steps: float = 10

@@ -13,7 +13,6 @@ completions, `method.ppo_epochs` = `num_iterations`. One rlora phase is one TRL 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any
 
@@ -186,14 +185,10 @@ def _interval(strategy: Any, steps: float | None, steps_per_epoch: int, total: i
 
 
 def _as_dict(value: dict | str | None, name: str) -> dict:
-    """A dict field given as a dict, a JSON object's text (as on a command line) or None."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{name}={value!r} is no JSON object ({err}); give a dict") from None
+    """A dict field's value, or None as {}. GRPOConfig has already read a JSON object's text
+    (`_VALID_DICT_FIELDS`), so a string here is none."""
     if value is not None and not isinstance(value, dict):
-        raise ValueError(f"{name}={value!r}: give a dict of keyword arguments")
+        raise ValueError(f"{name}={value!r} is no JSON object; give a dict of keyword arguments")
     return dict(value or {})
 
 
