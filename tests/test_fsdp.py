@@ -32,26 +32,34 @@ WORKER = textwrap.dedent('''
     for config_path in sys.argv[1:]:  # one run after another in the same processes
         trainer = rlora.train(count_s, ["hello", "abc", "xyz", "the "], config=config_path, verbose=False)
         params = list(trainer.policy.named_parameters())
+        zero = getattr(trainer.optimizer, "optimizer", None)
         held = {"dtensor": {name: isinstance(p, DTensor) for name, p in params},
                 "total": sum(p.numel() for _, p in params),
-                "local": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for _, p in params)}
+                "local": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for _, p in params),
+                "model": type(trainer.model).__name__, "optimizer": type(zero).__name__,
+                "trainable": sum(getattr(p, "ds_numel", p.numel()) for _, p in params if p.requires_grad),
+                "optimizer_partition": sum(flat.numel() for flat in getattr(
+                    zero, "fp32_partitioned_groups_flat", getattr(zero, "single_partition_of_fp32_groups", []))),
+                "zero_total": sum(p.ds_numel if hasattr(p, "ds_tensor") else p.numel() for _, p in params),
+                "zero_local": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for _, p in params)}
         with open(os.path.join(trainer.run_dir, f"held_rank{trainer.dist.rank}.json"), "w") as f:
             json.dump(held, f)
     leave_process_group()
 ''')
 
 
-def launch(tmp_path, configs: dict[str, dict]) -> None:
+def launch(tmp_path, configs: dict[str, dict], accelerate_config=None) -> None:
     """`rlora.train` of each config in turn (keyed by its run directory's name), all in one
-    torchrun launch of two processes over gloo."""
+    launch of two processes over gloo: torchrun, or `accelerate launch` with `accelerate_config`."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     paths = []
     for name, config in configs.items():
         paths.append(tmp_path / f"{name}.yaml")
         paths[-1].write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           *map(str, paths)]
+    launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if accelerate_config is None else \
+        ["accelerate.commands.launch", "--config_file", str(accelerate_config)]
+    cmd = [sys.executable, "-m", *launcher, str(worker), *map(str, paths)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-12000:]
 

@@ -9,8 +9,10 @@ from typing import Callable
 import torch
 from accelerate.utils import set_seed
 
+from rlora import zero
 from rlora.config import Config, GRPOConfig, load_config
 from rlora.data import load_prompts, resolve_function
+from rlora.distributed import make_accelerator
 from rlora.environments import Agent
 from rlora.models import build_policy, load_tokenizer
 from rlora.rollout.prompts import normalize_prompts
@@ -97,10 +99,13 @@ def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: l
     prompt_items = normalize_prompts(prompts, "prompts")
     eval_items = normalize_prompts(eval_prompts, "eval_prompts") if eval_prompts is not None \
         else prompt_items[:config.train.batch_size]
+    # under a DeepSpeed launch the accelerator comes first, so that with ZeRO-3 transformers loads the
+    # base already partitioned (DeepSpeed's zero.Init) and no process holds it whole
+    accelerator = make_accelerator(mixed_precision=config.train.mixed_precision) if zero.requested() else None
     set_seed(config.train.seed)  # the adapter's and value head's initial weights depend on it
     policy = build_policy(config.model, tokenizer, value_head=not isinstance(config.method, GRPOConfig))
     return Trainer(config, policy, tokenizer, reward_fn, prompt_items, eval_items, metric_fn, stop_sequences,
-                   verbose=verbose, agent=agent)
+                   accelerator=accelerator, verbose=verbose, agent=agent)
 
 
 def evaluate(checkpoint: str, overrides: list[str] | None = None, verbose: bool = True, **kwargs) -> dict:

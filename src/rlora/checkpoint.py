@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlora import zero
 from rlora.config import save_config
 from rlora.models.policy import POLICY, VALUE
 from rlora.models.sharding import full_optimizer_state, full_trainable_state, is_sharded, load_full_optimizer_state, \
@@ -89,7 +90,7 @@ def save(path: str, state: RunState, parts: Parts) -> str:
         except OSError as err:
             error = err
     tmp, error = dist.broadcast((tmp, error))
-    gathered = _gather(parts) if error is None and is_sharded(parts.policy) else None  # every process takes part
+    gathered = _gather(parts) if error is None else None  # every process takes part
     if error is None:
         try:
             _write_rank(state, parts, tmp)
@@ -138,13 +139,20 @@ def _write_rank(state: RunState, parts: Parts, directory: str) -> None:
                    "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}, f)
 
 
-def _gather(parts: Parts) -> dict[str, Any]:
-    """A sharded run's trainable weights and optimizer state, whole on the main process, in the
-    layout an unsharded run saves (`rlora.models.sharding`); every process must call it."""
-    weights = full_trainable_state(parts.policy)
-    optimizer = full_optimizer_state(parts.policy, _inner(parts.optimizer)) if parts.config.train.save_optimizer \
-        else None
-    return {"weights": weights, "optimizer": optimizer}
+def _gather(parts: Parts) -> dict[str, Any] | None:
+    """A sharded run's trainable weights and optimizer state, or a ZeRO run's optimizer state,
+    whole on the main process, in the layout a run on one process saves (`rlora.models.sharding`,
+    `rlora.zero`); every process must call it. None when nothing is partitioned."""
+    save_optimizer = parts.config.train.save_optimizer
+    if is_sharded(parts.policy):
+        optimizer = full_optimizer_state(parts.policy, _inner(parts.optimizer)) if save_optimizer else None
+        return {"weights": full_trainable_state(parts.policy), "optimizer": optimizer}
+    partitioned = zero.zero_optimizer(parts.optimizer)
+    if partitioned is not None:
+        params = parts.policy.trainable_parameters()
+        return {"weights": zero.full_trainable_state(parts.policy) if zero.partitions_weights(partitioned) else None,
+                "optimizer": zero.full_optimizer_state(partitioned, params) if save_optimizer else None}
+    return None
 
 
 def _inner(optimizer):
@@ -154,7 +162,7 @@ def _inner(optimizer):
 
 def _write(state: RunState, parts: Parts, directory: str, gathered: dict[str, Any] | None = None) -> None:
     policy = parts.policy
-    weights = None if gathered is None else gathered["weights"]  # a sharded run's, gathered whole
+    weights = None if gathered is None else gathered["weights"]  # an FSDP2 or ZeRO-3 run's, gathered whole
     if policy.is_peft:  # the policy's adapter and the critic's; a reward adapter is frozen and stays where it is
         lm_weights = {} if weights is None else {"state_dict": _under(weights, "lm.")}
         policy.lm.save_pretrained(os.path.join(directory, "adapter"),
@@ -245,12 +253,20 @@ def load(path: str, state: RunState, parts: Parts) -> None:
     if data["processes"] != dist.world:
         raise ValueError(f"{path} was written by {data['processes']} processes; an exact resume needs the same "
                          f"number, but this run has {dist.world}. Launch with {data['processes']}.")
-    load_weights(parts.policy, path, parts.device)
+    partitioned = zero.zero_optimizer(parts.optimizer)
+    if partitioned is None:
+        load_weights(parts.policy, path, parts.device)
+    else:  # ZeRO: stage 3's weights whole while they load; the float32 masters, which its steps write back, after
+        with zero.gathered(parts.policy.trainable_parameters(), modify=True):
+            load_weights(parts.policy, path, parts.device)
+        zero.refresh_master_weights(partitioned)
     device = _file_device(parts.device)
     if os.path.exists(os.path.join(path, "optimizer.pt")):
         saved = _torch_load(os.path.join(path, "optimizer.pt"), device)
         if is_sharded(parts.policy):  # each process keeps its shard of the whole state
             load_full_optimizer_state(parts.policy, _inner(parts.optimizer), saved)
+        elif partitioned is not None:  # ZeRO: each process keeps its partition
+            zero.load_full_optimizer_state(partitioned, parts.policy.trainable_parameters(), saved)
         else:
             parts.optimizer.load_state_dict(saved)
         schedule = _torch_load(os.path.join(path, "scheduler.pt"), "cpu")

@@ -12,10 +12,25 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
 from rlora.algo import masked_whiten
 from rlora.rollout.rewards import RewardFunctions, ScoreBatch
+
+
+def make_accelerator(cpu: bool = False, mixed_precision: str | None = None) -> Accelerator:
+    """The run's `Accelerator`: on CUDA when there is one and `cpu` is not asked for, else on the
+    CPU over gloo; `mixed_precision` as accelerate names it (None: accelerate's default). Under
+    `accelerate launch` with a DeepSpeed config and no CUDA it is DeepSpeed's CPU build over gloo:
+    accelerate turns DeepSpeed off for an Accelerator made with cpu=True, and picks no
+    process-group backend for it on a CPU."""
+    from rlora import zero
+
+    kwargs = {} if mixed_precision is None else {"mixed_precision": mixed_precision}
+    on_cpu = cpu or not torch.cuda.is_available()
+    if on_cpu and zero.requested():
+        return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
+    return Accelerator(cpu=on_cpu, **kwargs)
 
 
 # DDP wrappers the trainers made, whose reducers `leave_process_group` frees before the group ends

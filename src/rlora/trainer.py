@@ -15,7 +15,6 @@ import math
 import os
 import time
 import warnings
-from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -25,12 +24,13 @@ from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerState
 
-from rlora import checkpoint
+from rlora import checkpoint, zero
 from rlora.algo import nan_moments
 from rlora.config import Config, config_to_dict, rollout_gen_kwargs
-from rlora.distributed import Processes, track_wrapper
+from rlora.distributed import Processes, make_accelerator, track_wrapper
 from rlora.environments import Agent
 from rlora.evaluation import Evaluation, show
+from rlora.gradients import gradients_for
 from rlora.methods import build_method
 from rlora.methods.base import shares_of
 from rlora.models import Policy
@@ -38,7 +38,8 @@ from rlora.models.checkpointing import checkpointing, enable as enable_checkpoin
 from rlora.models.loading import check_positions
 from rlora.models import sharding
 from rlora.optim import build_optimizer, build_scheduler, default_run_dir
-from rlora.rollout.episodes import EpisodeRunner, environment_rewards, episode_stats, with_environment_rewards
+from rlora.rollout.episodes import EpisodeRunner, check_turns_agree, environment_rewards, episode_stats, \
+    with_environment_rewards
 from rlora.rollout.generation import Rollouts, sampling_temperature
 from rlora.rollout.prompts import Prompt, PromptLoader, bind_template_variables, normalize_prompts, tokenize_prompts
 from rlora.rollout.rewards import RewardFunctions, ScoreBatch, add_scores, check_reward_given
@@ -63,13 +64,18 @@ class Trainer:
             RewardFunctions(reward_fn, config.task.reward_weights)
         self.metric_fn, self.verbose = metric_fn, verbose
         train = config.train
-        precision = {} if train.mixed_precision is None else {"mixed_precision": train.mixed_precision}
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), **precision)
+        self.accelerator = accelerator or make_accelerator(mixed_precision=train.mixed_precision)
         self.dist = Processes(self.accelerator)
         # num_rollouts, batch_size and minibatch_size are global: each process takes its share
         self.method = build_method(config.method, train.batch_size)
         self.method.check_policy(policy)
         self.layout = self.method.layout(self.dist, train)
+        deepspeed = zero.plugin(self.accelerator)
+        if deepspeed is not None:  # its batch fields and clipping from rlora's config, before prepare reads them
+            zero.configure(deepspeed, self.layout.batch_size, self.layout.minibatch_size, self.dist.world,
+                           train.max_grad_norm)
+            if zero.stage(deepspeed) == 3:
+                zero.check_partitionable(config, policy)
         check_positions(train.seq_length, policy.base_model.config)
         self.checkpointing = config.model.gradient_checkpointing
         if self.checkpointing:
@@ -89,19 +95,21 @@ class Trainer:
                 torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(policy, frozen)
             self.model, self.optimizer = self.accelerator.prepare(policy, self.optimizer)
             track_wrapper(self.model)  # leave_process_group frees its reducer before the group ends
+        self.gradients = gradients_for(self.accelerator, self.model, self.optimizer, policy.trainable_parameters,
+                                       self.sharded, train.max_grad_norm, self.dist)
         # train.batch_size is global, so the schedule advances once per optimizer step on any number of
         # processes; prepare() would wrap it with split_batches=False and step it once per process
         self.scheduler = AcceleratedScheduler(scheduler, self.optimizer, split_batches=True)
-        deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        # ZeRO-3 shards the weights: every process must join each generation step
-        extra = {"synced_gpus": True} if deepspeed is not None and deepspeed.zero_stage == 3 else {}
         # with an agent each sample is a multi-turn episode (docs/design.md §11); the loop is the same
         if agent is not None and stop_sequences:
             raise ValueError(f"stop_sequences {stop_sequences} cut single completions; an episode's turns end at the "
                              "chat template's end of turn. Drop stop_sequences (or task.stop_sequences)")
+        if agent is not None:  # sharded weights need every process in each forward
+            check_turns_agree(agent, self.dist.world,
+                              self.sharded or (deepspeed is not None and zero.stage(deepspeed) == 3))
         episodes = None if agent is None else EpisodeRunner(agent, tokenizer, train.seq_length)
         self.sampler = Sampler(policy, tokenizer, self.accelerator, config.model, list(stop_sequences or []),
-                               self.layout.minibatch_size, share_prompts=self.method.shares_prompts, extra=extra,
+                               self.layout.minibatch_size, share_prompts=self.method.shares_prompts,
                                episodes=episodes)
         self.temperature = sampling_temperature(rollout_gen_kwargs(config.method))  # every pass scores what was sampled
         self._tokenize_prompts(prompts, eval_prompts)
@@ -314,8 +322,7 @@ class Trainer:
         for i, index in enumerate(micro):
             mb = exp.select(index).to(self.accelerator.device)
             last = i == len(micro) - 1
-            sync_off = sharding.no_sync if self.sharded else self.accelerator.no_sync
-            with nullcontext() if last else sync_off(self.model):  # one gradient all-reduce (reduce-scatter) a step
+            with self.gradients.microbatch(last):  # one gradient all-reduce (reduce-scatter) a step
                 # the shared-prefix pass calls the model's parts, not its forward: precision and
                 # activation checkpointing (model.gradient_checkpointing) are set around it
                 with self.sampler.precision(), checkpointing(self.policy.base_model, self.checkpointing):
@@ -323,7 +330,7 @@ class Trainer:
                                               with_entropy=self.method.with_entropy)
                 loss, step_stats = self.method.loss(out, mb, step_tokens)
                 loss = loss * shares[i]
-                self.accelerator.backward(loss)
+                self.gradients.backward(loss, last)
             stats.append({"loss": loss.detach(), **step_stats})
         learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step uses, before the schedule moves on
         grad_norm, finite = self._optimizer_step(torch.stack([s["loss"] for s in stats]).sum())
@@ -334,22 +341,13 @@ class Trainer:
         return {**out, "skipped": float(not finite), "grad_norm": grad_norm, "learning_rate": learning_rate}
 
     def _optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """The gradient's norm, clipped to `train.max_grad_norm` when set (after DDP's all-reduce:
-        the same on every process), and the optimizer and schedule step. A non-finite loss or
-        gradient never reaches the weights: one host sync decides; `train.max_bad_steps` of them in
-        a row stop the run. Returns the norm and whether the step was taken."""
+        """The gradient's norm, clipped to `train.max_grad_norm` when set, and the optimizer and
+        schedule step (`rlora.gradients`). A non-finite loss or gradient never reaches the weights;
+        `train.max_bad_steps` skipped steps in a row stop the run. Returns the norm and whether the
+        step was taken."""
         train, state = self.config.train, self.state
-        params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
-        if train.max_grad_norm is not None:
-            norm = sharding.whole(self.accelerator.clip_grad_norm_(params, train.max_grad_norm))  # over every shard
-        elif self.sharded:
-            norm = sharding.grad_norm(params)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])) if params \
-                else torch.zeros(())
-        finite = bool(self.dist.max((~torch.isfinite(loss + norm)).float().reshape(1)).item() == 0)  # all agree
+        norm, finite = self.gradients.step(loss)
         if finite:
-            self.optimizer.step()
             self.scheduler.step()
             state.bad_steps = 0
         else:
@@ -361,8 +359,7 @@ class Trainer:
                     "reward_fn for extreme scores, or raise train.max_bad_steps.")
             warnings.warn(f"step {state.step + 1}: non-finite loss or gradient; step skipped "
                           f"({state.bad_steps} in a row, train.max_bad_steps={train.max_bad_steps})")
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach().float(), finite
+        return norm, finite
 
     def _record(self, stats: dict[str, torch.Tensor | float], **extra: Any) -> dict[str, Any]:
         """Reduce statistics to floats once and log them (`step` in `extra` overrides the run's)."""

@@ -388,3 +388,15 @@ def test_the_yaml_task_section_names_the_environment(agent_model_dir, tmp_path):
     trainer = rlora.train(config=config, verbose=False)
     phase = next(r for r in trainer.history if "phase" in r)
     assert phase["reward"] == 1.0 and phase["episodes/turns_max"] == 1  # step-less: one turn, then it ends
+
+
+def test_multi_turn_episodes_are_refused_where_sharded_weights_need_every_process_in_each_forward():
+    from types import SimpleNamespace
+
+    from rlora.rollout.episodes import check_turns_agree
+
+    for agent, world, sharded in ((SimpleNamespace(max_turns=3), 1, True), (SimpleNamespace(max_turns=3), 2, False),
+                                  (SimpleNamespace(max_turns=1), 2, True)):
+        check_turns_agree(agent, world, sharded)  # one process, whole weights, or one turn: every forward agrees
+    with pytest.raises(ValueError, match="method.max_turns=3: .*ZeRO stage 2"):
+        check_turns_agree(SimpleNamespace(max_turns=3), 2, True)

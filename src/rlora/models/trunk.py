@@ -45,4 +45,6 @@ def hidden_width(model: nn.Module) -> int:
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"{type(model).__name__} has no language-model head whose input width gives the width of "
                          "its last hidden state; rlora needs a causal LM (AutoModelForCausalLM)")
-    return head.weight.shape[-1]  # (v, h): also through peft's LoRA and modules_to_save wrappers
+    # (v, h): also through peft's LoRA and modules_to_save wrappers, and partitioned by ZeRO-3 (whose
+    # weights loaded under its zero.Init hold a slice and keep their whole shape in ds_shape)
+    return getattr(head.weight, "ds_shape", head.weight.shape)[-1]

@@ -50,6 +50,17 @@ class _Row:
         return len(self.opening) + len(self.response)
 
 
+def check_turns_agree(agent, world: int, weights_sharded: bool) -> None:
+    """Refuse multi-turn episodes where each process would need the others in every forward: an
+    episode ends on its process by itself, so processes run different numbers of turns, while
+    sharded weights (FSDP2, ZeRO-3) are gathered with every process taking part."""
+    if agent.max_turns > 1 and world > 1 and weights_sharded:
+        raise ValueError(f"method.max_turns={agent.max_turns}: episodes end on each process by themselves, but "
+                         "with the weights sharded (train.fsdp, or DeepSpeed ZeRO stage 3) every process must join "
+                         "each forward; run multi-turn episodes with DDP or ZeRO stage 2, which keep the weights "
+                         "whole, or set method.max_turns: 1")
+
+
 class EpisodeRunner:
     """Runs a chunk's episodes with the policy: the model's side of `rlora.environments.Agent`."""
 

@@ -21,7 +21,7 @@ class Sampler:
     autocast, or a bf16 base's adapter compute, `rlora.models.precision`)."""
 
     def __init__(self, policy, tokenizer, accelerator, model_config, stop_sequences: list[str], minibatch_size: int,
-                 share_prompts: bool, extra: dict | None = None, episodes=None):
+                 share_prompts: bool, episodes=None):
         self.policy, self.tokenizer, self.accelerator = policy, tokenizer, accelerator
         self.episodes = episodes  # an `rlora.rollout.episodes.EpisodeRunner`: multi-turn episodes, not completions
         self.adapter_compute_dtype = model_config.adapter_compute_dtype
@@ -29,7 +29,6 @@ class Sampler:
             getattr(torch, model_config.generation_dtype)  # the precision rollouts are sampled in; None = the model's
         self.stop_sequences, self.minibatch_size = stop_sequences, minibatch_size
         self.share_prompts = share_prompts  # a group's prompt runs once and its KV cache serves the group
-        self.extra = extra or {}  # further `generate` arguments (ZeRO-3's synced_gpus)
 
     def precision(self, weights_dtype: torch.dtype | None = None):
         """The context every pass runs in: generation, scoring, the reference and the update;
@@ -47,7 +46,7 @@ class Sampler:
         if self.episodes is not None:  # its turns end at the template's end of turn too
             with self.precision(dtype):
                 return run_through(self.policy, lambda: self.episodes.run(
-                    self.policy, prompts, index, {**gen_kwargs, **self.extra}, num_generations, self.share_prompts,
+                    self.policy, prompts, index, gen_kwargs, num_generations, self.share_prompts,
                     {"merged": merged, "dtype": dtype}))
         chosen = [prompts[i] for i in index]
         eot = self.end_of_turn if any(p.is_chat for p in chosen) else None
@@ -57,7 +56,7 @@ class Sampler:
         with self.precision(dtype):
             return run_through(self.policy, lambda: generate_rollouts(
                 self.policy, self.tokenizer, [p.prompt for p in chosen], [prompt_ids[i] for i in index],
-                {**gen_kwargs, **self.extra}, self.stop_sequences, merged=merged, dtype=dtype,
+                gen_kwargs, self.stop_sequences, merged=merged, dtype=dtype,
                 prompt_texts=[render_prompt(p, self.tokenizer) for p in chosen], num_generations=num_generations,
                 share_prompt=self.share_prompts))
 

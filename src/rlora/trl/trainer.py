@@ -170,12 +170,11 @@ class GRPOTrainer:
 
     def _accelerator(self):
         """The run's accelerator: the CPU when `use_cpu`, as TRL's arguments say."""
-        from accelerate import Accelerator
+        from rlora.distributed import make_accelerator
 
         if not hasattr(self, "_accelerator_object"):
             precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"
-            self._accelerator_object = Accelerator(cpu=self.args.use_cpu or not torch.cuda.is_available(),
-                                                   mixed_precision=precision)
+            self._accelerator_object = make_accelerator(cpu=self.args.use_cpu, mixed_precision=precision)
         return self._accelerator_object
 
     def _adapter_settings(self, peft_config: Any, reward_adapter: str | None, output_dir: str) -> dict:
