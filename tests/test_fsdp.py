@@ -159,20 +159,24 @@ def test_ppo_with_critic_and_reward_adapters_sharded_equals_ddp_and_resumes_exac
 def test_grpo_with_the_shared_prefix_sharded_equals_ddp(tiny_model_dir, tmp_path):
     """GRPO on a tied GPT-2 (embedding and head in the root unit): the shared-prefix passes call the
     trunk directly, the reference switches the adapter off, two epochs need the old log-probs;
-    a group per process and pass, two phases."""
+    a group per process and pass, two phases; also with activation checkpointing, which recomputes
+    each sharded layer (gathering it again) in the backward."""
     from rlora.tiny import tiny_group_config
 
-    def config(name, fsdp):
+    def config(name, fsdp, checkpointing=False):
         return tiny_group_config(
             tiny_model_dir("gpt2"), str(tmp_path / name),
             train={"total_steps": 4, "batch_size": 8, "minibatch_size": 8, "checkpoint_interval": 1000,
                    "fsdp": fsdp},
             method={"beta": 0.1, "loss_type": "grpo", "num_rollouts": 8, "chunk_size": 8},
-            model={"peft_config": {"peft_type": "LORA", "r": 4, "init_lora_weights": False}})
+            model={"peft_config": {"peft_type": "LORA", "r": 4, "init_lora_weights": False},
+                   "gradient_checkpointing": checkpointing})
 
-    launch(tmp_path, {"ddp": config("ddp", False), "fsdp": config("fsdp", True)})
-    assert_sharded(tmp_path / "fsdp")
-    assert_same_run(tmp_path / "fsdp", tmp_path / "ddp", 4, atol=1e-5)
+    launch(tmp_path, {"ddp": config("ddp", False), "fsdp": config("fsdp", True),
+                      "fsdp_checkpointing": config("fsdp_checkpointing", True, checkpointing=True)})
+    for run in ("fsdp", "fsdp_checkpointing"):  # recomputed layers in the backward: the same run
+        assert_sharded(tmp_path / run)
+        assert_same_run(tmp_path / run, tmp_path / "ddp", 4, atol=1e-5)
 
 
 def test_fsdp_refuses_what_cannot_run_sharded(tmp_path):
