@@ -99,8 +99,8 @@ def build_trainer(reward_fn: Callable | list[Callable] | None = None, prompts: l
     prompt_items = normalize_prompts(prompts, "prompts")
     eval_items = normalize_prompts(eval_prompts, "eval_prompts") if eval_prompts is not None \
         else prompt_items[:config.train.batch_size]
-    # under a DeepSpeed launch the accelerator comes first, so that with ZeRO-3 transformers loads the
-    # base already partitioned (DeepSpeed's zero.Init) and no process holds it whole
+    # under a DeepSpeed launch the accelerator comes first, so that with ZeRO-3 transformers builds the
+    # base's weights partitioned (DeepSpeed's zero.Init) instead of whole on every process
     accelerator = make_accelerator(mixed_precision=config.train.mixed_precision) if zero.requested() else None
     set_seed(config.train.seed)  # the adapter's and value head's initial weights depend on it
     policy = build_policy(config.model, tokenizer, value_head=not isinstance(config.method, GRPOConfig))
