@@ -144,9 +144,10 @@ def _gather(parts: Parts) -> dict[str, Any] | None:
     whole on the main process, in the layout a run on one process saves (`rlora.models.sharding`,
     `rlora.zero`); every process must call it. None when nothing is partitioned."""
     save_optimizer = parts.config.train.save_optimizer
-    if is_sharded(parts.policy):
-        optimizer = full_optimizer_state(parts.policy, _inner(parts.optimizer)) if save_optimizer else None
-        return {"weights": full_trainable_state(parts.policy), "optimizer": optimizer}
+    if is_sharded(parts.policy):  # the weights first: torch's optimizer gather fails before them (KeyError)
+        weights = full_trainable_state(parts.policy)
+        return {"weights": weights,
+                "optimizer": full_optimizer_state(parts.policy, _inner(parts.optimizer)) if save_optimizer else None}
     partitioned = zero.zero_optimizer(parts.optimizer)
     if partitioned is not None:
         params = parts.policy.trainable_parameters()
