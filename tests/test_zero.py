@@ -123,8 +123,7 @@ def test_zero_takes_its_batch_fields_and_clipping_from_the_config_and_refuses_wh
 
     plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}, "train_batch_size": "auto",
                                                "train_micro_batch_size_per_gpu": "auto",
-                                               "gradient_accumulation_steps": 1, "gradient_clipping": 1.0},
-                             gradient_accumulation_steps=1)
+                                               "gradient_accumulation_steps": 1, "gradient_clipping": 1.0})
     zero.configure(plugin, batch_size=6, minibatch_size=4, world=2, max_grad_norm=None)  # microbatches of 4 and 2
     assert {k: plugin.deepspeed_config[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                                     "train_batch_size", "gradient_clipping")} == \

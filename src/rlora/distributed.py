@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
+from rlora import zero
 from rlora.algo import masked_whiten
 from rlora.rollout.rewards import RewardFunctions, ScoreBatch
 
@@ -24,8 +25,6 @@ def make_accelerator(cpu: bool = False, mixed_precision: str | None = None) -> A
     `accelerate launch` with a DeepSpeed config and no CUDA it is DeepSpeed's CPU build over gloo:
     accelerate turns DeepSpeed off for an Accelerator made with cpu=True, and picks no
     process-group backend for it on a CPU."""
-    from rlora import zero
-
     kwargs = {} if mixed_precision is None else {"mixed_precision": mixed_precision}
     on_cpu = cpu or not torch.cuda.is_available()
     if on_cpu and zero.requested():

@@ -1,7 +1,6 @@
 """How an optimizer step's gradients are accumulated over its microbatches, reduced across
 processes, clipped and applied, chosen once per run (docs/design.md §12): torch's way (one
-process, DDP or FSDP2, through accelerate) or DeepSpeed's engine (ZeRO stages 1 and 2,
-`rlora.zero`). The loop calls the same three functions of either.
+process, DDP or FSDP2, through accelerate) or DeepSpeed's engine (ZeRO, `rlora.zero`). The loop calls the same three functions of either.
 """
 
 from __future__ import annotations

@@ -71,11 +71,12 @@ class Trainer:
         self.method.check_policy(policy)
         self.layout = self.method.layout(self.dist, train)
         deepspeed = zero.plugin(self.accelerator)
+        zero3 = deepspeed is not None and zero.stage(deepspeed) == 3  # the weights partitioned
         if deepspeed is not None:  # its batch fields and clipping from rlora's config, before prepare reads them
             zero.configure(deepspeed, self.layout.batch_size, self.layout.minibatch_size, self.dist.world,
                            train.max_grad_norm)
-            if zero.stage(deepspeed) == 3:
-                zero.check_partitionable(config, policy)
+        if zero3:
+            zero.check_partitionable(config, policy)
         check_positions(train.seq_length, policy.base_model.config)
         self.checkpointing = config.model.gradient_checkpointing
         if self.checkpointing:
@@ -105,8 +106,7 @@ class Trainer:
             raise ValueError(f"stop_sequences {stop_sequences} cut single completions; an episode's turns end at the "
                              "chat template's end of turn. Drop stop_sequences (or task.stop_sequences)")
         if agent is not None:  # sharded weights need every process in each forward
-            check_turns_agree(agent, self.dist.world,
-                              self.sharded or (deepspeed is not None and zero.stage(deepspeed) == 3))
+            check_turns_agree(agent, self.dist.world, self.sharded or zero3)
         episodes = None if agent is None else EpisodeRunner(agent, tokenizer, train.seq_length)
         self.sampler = Sampler(policy, tokenizer, self.accelerator, config.model, list(stop_sequences or []),
                                self.layout.minibatch_size, share_prompts=self.method.shares_prompts,

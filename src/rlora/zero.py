@@ -57,7 +57,6 @@ def configure(ds_plugin, batch_size: int, minibatch_size: int, world: int, max_g
     config["gradient_accumulation_steps"] = accumulation
     config["train_batch_size"] = minibatch_size * accumulation * world
     config["gradient_clipping"] = 0.0 if max_grad_norm is None else float(max_grad_norm)
-    ds_plugin.gradient_accumulation_steps = accumulation
 
 
 def stage(ds_plugin) -> int:
