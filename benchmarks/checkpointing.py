@@ -84,19 +84,27 @@ def worker(args) -> None:
     step(trainer, microbatch(trainer, args.worker_length))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def update_arguments(doc: str, rounds: int, worker_flag: str) -> argparse.Namespace:
+    """The options of a benchmark that compares two kinds of update by completion length; the
+    hidden `--worker-length` and `worker_flag` run one step in a process of its own (`--rss`).
+    Sets the torch threads and fetches the model."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rss", action="store_true", help="also the peak RSS of a process running one step")
     parser.add_argument("--model", default=None)
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--worker-length", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-checkpointed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(worker_flag, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.model = args.model or fetch("smollm2-135m-instruct")
+    return args
+
+
+def main() -> None:
+    args = update_arguments(__doc__, 3, "--worker-checkpointed")
     if args.worker_length:
         return worker(args)
     rows = []

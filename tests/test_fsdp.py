@@ -25,6 +25,11 @@ WORKER = textwrap.dedent('''
     import rlora
     from torch.distributed.tensor import DTensor
     from rlora.distributed import leave_process_group
+    from rlora.models import lm_head
+
+    # a few positions' logits per chunk, so the head runs chunked and checkpointed in every run (the tiny
+    # vocabulary would fit one chunk): recomputed in backward, sharded and under DDP alike
+    lm_head.HEAD_CHUNK_ELEMENTS = 160
 
     def count_s(samples, prompts, outputs, tokenizer, **_):
         return [o.count("s") / max(1, len(o)) for o in outputs]

@@ -82,6 +82,8 @@ class Trainer:
         if self.checkpointing:
             enable_checkpointing(policy.base_model)
         set_seed(train.seed, device_specific=True)  # each process samples differently; weights were seeded alike
+        if not zero3:  # the head's one check runs the model (`chunked_head`): whole, before FSDP2 shards it
+            policy.chunked_head()
         self.sharded = train.fsdp or sharding.fsdp_plugin(self.accelerator) is not None
         if self.sharded:  # FSDP2, in place and before the optimizer, which must hold the sharded parameters
             sharding.check_shardable(config, policy, self.dist.world)

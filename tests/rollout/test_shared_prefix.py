@@ -41,7 +41,9 @@ def group_batch(num_generations: int, responses: str, n_prompts: int = 3):
 
 
 def embedding_shapes(policy) -> list[tuple[int, ...]]:
-    """Records the (rows, tokens) of every input that reaches the token embeddings."""
+    """Records the (rows, tokens) of every input that reaches the token embeddings from now on;
+    the one-time check of the model's head (`chunked_head`) runs first, before recording."""
+    policy.chunked_head()
     shapes: list[tuple[int, ...]] = []
     policy.base_model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(
         tuple(args[0].shape)))

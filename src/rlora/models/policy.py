@@ -27,6 +27,7 @@ from torch import nn
 
 from rlora.models.activations import recompute_activations
 from rlora.models.hydra import HydraBranch, find_decoder_blocks
+from rlora.models.lm_head import head_is_plain
 from rlora.models.quantization import is_quantized
 from rlora.models.score_head import sequence_scores
 from rlora.models.shared_prefix import can_share_prefix, repeated_prompt_cache
@@ -41,7 +42,8 @@ POLICY, VALUE, REWARD, REFERENCE = "default", "value", "reward", "reference"  # 
 class PolicyOutput:
     """What one policy forward gives: logits, values and the trunk's hidden states."""
 
-    logits: torch.Tensor  # (b, t, v), virtual-token positions removed; (b, k, v) with `logits_to_keep`
+    logits: torch.Tensor | None  # (b, t, v), virtual-token positions removed; (b, k, v) with `logits_to_keep`;
+    # None with `head=False`
     values: torch.Tensor | None  # (b, t), fp32; None without a value head (group methods)
     hidden_states: tuple[torch.Tensor, ...]  # each (b, t, h) of the policy's pass
 
@@ -109,6 +111,7 @@ class Policy(nn.Module):
         self.reward_head: nn.Module | None = None  # a ScoreHead, set with a reward adapter
         self.hydra: HydraBranch | None = None
         self.ref_model: nn.Module | None = None
+        self._plain_head: bool | None = None  # `head_is_plain(lm)`, found at the first `chunked_head()`
         if mode == "hydra":
             self._unfreeze_top(num_layers_unfrozen)
             self.hydra = HydraBranch(self.lm, num_layers_unfrozen)
@@ -183,18 +186,40 @@ class Policy(nn.Module):
         if head is not None and head.weight is not self.lm.get_input_embeddings().weight:
             head.requires_grad_(True)
 
+    def chunked_head(self) -> bool:
+        """Whether a pass over responses may run the language-model head itself, a chunk of
+        positions at a time (`rlora.models.lm_head`): in adapter and full modes, on a model whose
+        head is plain (`head_is_plain`, found once by running the model: call this first on the
+        whole model, or inside a pass under sharding). Not under ZeRO-3, which gathers a module's
+        weights at each call: the processes, whose completions differ in length, would run
+        different numbers of chunks, and so of gathers."""
+        weight = getattr(self.base_model.get_output_embeddings(), "weight", None)
+        if self.mode not in ("adapter", "full") or hasattr(weight, "ds_tensor"):  # ds_tensor: ZeRO-3's partition
+            return False
+        if self._plain_head is None:
+            self._plain_head = head_is_plain(self.lm)
+        return self._plain_head
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None, logits_to_keep: torch.Tensor | None = None) -> PolicyOutput:
+                position_ids: torch.Tensor | None = None, logits_to_keep: torch.Tensor | None = None,
+                head: bool = True) -> PolicyOutput:
         """Policy logits and values in one pass.
 
         `logits_to_keep` (k,) names the positions whose logits are needed: the language-model
         head then runs on those only (Hugging Face's `logits_to_keep`), not on every position.
+        `head=False` runs it nowhere (logits None): the caller applies it to `hidden_states[-1]`
+        (`chunked_head`).
         Shape: input_ids, attention_mask (b, t) -> logits (b, t or k, v), values (b, t).
         """
+        if not head and not self.chunked_head():
+            raise ValueError(f"head=False in {self.mode} mode or on a model whose logits are not its head applied to "
+                             "its last hidden state; run the head (head=True)")
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                       use_cache=False)
+        if not head:
+            logits_to_keep = torch.empty(0, dtype=torch.long, device=input_ids.device)
         if self.mode != "prompt":  # peft's prompt learning builds its own positions
             kwargs["position_ids"] = position_ids
             if logits_to_keep is not None:
@@ -202,7 +227,7 @@ class Policy(nn.Module):
         out = self.lm(**kwargs)
         n_virtual = out.hidden_states[-1].shape[1] - input_ids.shape[1]  # prompt tuning prepends virtual tokens
         hidden_states = tuple(h[:, n_virtual:] for h in out.hidden_states)
-        logits = out.logits
+        logits = out.logits if head else None
         if self.mode == "prompt":
             logits = logits[:, n_virtual:] if logits_to_keep is None else logits[:, n_virtual + logits_to_keep]
         if self.value_head is None:

@@ -20,9 +20,11 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      position_ids: torch.Tensor | None = None, **trunk_kwargs) -> torch.Tensor:
     """The trunk's last hidden state (after its final norm) of a causal LM or a peft model on
-    one, without the language-model head, with whichever adapters are active.
+    one, without the language-model head, with whichever adapters are active. `trunk_kwargs`
+    go to the trunk's forward (`past_key_values` and `use_cache=True` to read a cache; without
+    them, no cache).
 
     Shape: (b, t) -> (b, t, h).
     """
@@ -31,7 +33,7 @@ def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     trunk = lm.base_model  # e.g. GPT2Model under GPT2LMHeadModel; peft's LoRA layers live inside it
     return trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 use_cache=False).last_hidden_state
+                 **{"use_cache": False, **trunk_kwargs}).last_hidden_state
 
 
 def hidden_width(model: nn.Module) -> int:

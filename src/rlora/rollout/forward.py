@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
-from rlora.algo import logprobs_and_entropy, logprobs_of_labels, token_entropy
+from rlora.algo import logprobs_of_labels, token_entropy
+from rlora.models.lm_head import label_logprobs
 from rlora.models.shared_prefix import can_share_prefix, repeated_prompt_cache
-from rlora.models.trunk import position_ids_from_mask
+from rlora.models.trunk import last_hidden_state, position_ids_from_mask
 
 
 def pack_sequences(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
@@ -54,7 +56,11 @@ def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor,
     group method with a KL term).
 
     The value at a response token is the one predicted at the position before it (the state
-    the token was sampled from), as trlx. Shape: query (b, p), response (b, r) -> each (b, r).
+    the token was sampled from), as trlx. Where the policy's head is plain (`chunked_head`), the
+    head runs a chunk of positions at a time (`rlora.models.lm_head`): no (b, t, v) logits.
+    `policy` may be the policy in the wrapper that runs its forward (DDP, DeepSpeed's engine);
+    the chunked head runs outside that forward, so callers run this under the run's precision.
+    Shape: query (b, p), response (b, r) -> each (b, r).
     """
     input_ids, attention_mask, starts = pack_sequences(query_ids, query_mask, response_ids, response_mask)
     attention_mask = attention_mask.long()
@@ -72,16 +78,23 @@ def forward_responses(policy, query_ids: torch.Tensor, query_mask: torch.Tensor,
     # Kept positions that predict no response token get label 0 and are dropped by `at`.
     labels = torch.zeros(len(keep), dtype=response_ids.dtype, device=response_ids.device).expand(
         response_ids.shape[0], -1).scatter(1, before - first, response_ids)  # (b, k)
+    unwrapped = extract_model_from_parallel(policy)
+    chunked = unwrapped.chunked_head()
     out = logprobs = values = entropy = ref_logprobs = None
     if with_policy:
-        out = policy(input_ids, attention_mask, logits_to_keep=keep)
-        if with_entropy:
-            logprobs, entropy = (at(x, before - first) for x in logprobs_and_entropy(out.logits, labels, temperature))
-        else:
-            logprobs = at(logprobs_of_labels(out.logits, labels, temperature), before - first)
+        out = policy(input_ids, attention_mask, logits_to_keep=keep, head=not chunked)
+        head, x = (unwrapped.base_model.get_output_embeddings(), out.hidden_states[-1][:, keep]) if chunked \
+            else (None, out.logits)  # (b, k, h) or (b, k, v)
+        logprobs, entropy = label_logprobs(head, x, labels, temperature, with_entropy)
+        logprobs, entropy = at(logprobs, before - first), None if entropy is None else at(entropy, before - first)
         values = None if out.values is None else at(out.values, before)
-    if with_reference:
-        ref_logits = policy.reference_logits(input_ids, attention_mask, policy_output=out, logits_to_keep=keep)
+    if with_reference and chunked:
+        with torch.no_grad(), unwrapped.reference() as ref:
+            hidden = last_hidden_state(ref, input_ids, attention_mask)[:, keep]  # (b, k, h)
+            ref_logprobs, _ = label_logprobs(ref.get_output_embeddings(), hidden, labels, temperature)
+        ref_logprobs = at(ref_logprobs, before - first)
+    elif with_reference:
+        ref_logits = unwrapped.reference_logits(input_ids, attention_mask, policy_output=out, logits_to_keep=keep)
         ref_logprobs = at(logprobs_of_labels(ref_logits, labels, temperature), before - first)
     return ResponseOutputs(logprobs, values, ref_logprobs, entropy)
 
@@ -118,28 +131,32 @@ def forward_group_responses(policy, query_ids: torch.Tensor, query_mask: torch.T
     prompt_ids, prompt_mask, lengths = pack_sequences(query_ids[first_rows], query_mask[first_rows], empty,
                                                       response_mask[first_rows, :0])  # (n, p), (n, p), (n,)
     logprobs = entropy = ref_logprobs = None
+    chunked = policy.chunked_head()
     if with_policy:
         last, tail = _group_pass(policy.lm, prompt_ids, prompt_mask.long(), lengths, response_ids, response_mask,
-                                 num_generations)
-        logprobs, entropy = _label_logprobs(last, tail, response_ids, num_generations, temperature, with_entropy)
+                                 num_generations, chunked)
+        logprobs, entropy = _label_logprobs(last, tail, policy.lm.get_output_embeddings() if chunked else None,
+                                            response_ids, num_generations, temperature, with_entropy)
     if with_reference:
         with torch.no_grad(), policy.reference() as ref:
             last, tail = _group_pass(ref, prompt_ids, prompt_mask.long(), lengths, response_ids, response_mask,
-                                     num_generations)
-        ref_logprobs, _ = _label_logprobs(last, tail, response_ids, num_generations, temperature)
+                                     num_generations, chunked)
+            ref_logprobs, _ = _label_logprobs(last, tail, ref.get_output_embeddings() if chunked else None,
+                                              response_ids, num_generations, temperature)
     assert all(x is None or x.shape == (b, response_ids.shape[1]) for x in (logprobs, ref_logprobs, entropy))
     return ResponseOutputs(logprobs, None, ref_logprobs, entropy)
 
 
 def _group_pass(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, lengths: torch.Tensor,
-                response_ids: torch.Tensor, response_mask: torch.Tensor,
-                num_generations: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                response_ids: torch.Tensor, response_mask: torch.Tensor, num_generations: int,
+                chunked: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One causal LM (the policy, or the reference) over the prompts once and the completions on
     their repeated cache. Returns the logits at each prompt's last token, which predict the first
     response token, and the completions' logits, which predict the rest (None for r = 1: the
-    last response token predicts nothing scored, so it is not run).
+    last response token predicts nothing scored, so it is not run); with `chunked`, the
+    completions' last hidden states instead, for the head to run a chunk at a time.
 
-    Shape: prompts (n, p) packed left, lengths (n,), response (b, r) -> (n, v), (b, r - 1, v).
+    Shape: prompts (n, p) packed left, lengths (n,), response (b, r) -> (n, v), (b, r - 1, v or h).
     """
     first = int(lengths.min()) - 1
     keep = torch.arange(first, int(lengths.max()), device=lengths.device)  # the LM head runs here only
@@ -152,18 +169,22 @@ def _group_pass(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, leng
     # positions continue each prompt's count; pads repeat the last real one, as `position_ids_from_mask`
     positions = lengths.repeat_interleave(num_generations)[:, None] + position_ids_from_mask(mask)  # (b, r - 1)
     keys_mask = torch.cat([prompt_mask.repeat_interleave(num_generations, 0), mask], 1)  # (b, p + r - 1)
+    if chunked:
+        return last, last_hidden_state(model, ids, keys_mask, positions, past_key_values=cache, use_cache=True)
     tail = model(input_ids=ids, attention_mask=keys_mask, position_ids=positions, past_key_values=cache,
                  use_cache=True).logits  # (b, r - 1, v)
     return last, tail
 
 
-def _label_logprobs(last: torch.Tensor, tail: torch.Tensor | None, response_ids: torch.Tensor, num_generations: int,
-                    temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _label_logprobs(last: torch.Tensor, tail: torch.Tensor | None, head, response_ids: torch.Tensor,
+                    num_generations: int, temperature: float,
+                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens: the first from its prompt's last logits (one row per
-    group, repeated for its G labels), the rest from the completions' logits; with
-    `with_entropy`, the entropy at each of those positions too (else None).
+    group, repeated for its G labels), the rest from the completions' logits, or from their
+    hidden states through `head` when it is given (`label_logprobs`); with `with_entropy`, the
+    entropy at each of those positions too (else None).
 
-    Shape: last (n, v), tail (b, r - 1, v) or None, response_ids (b, r) -> (b, r), (b, r).
+    Shape: last (n, v), tail (b, r - 1, v or h) or None, response_ids (b, r) -> (b, r), (b, r).
     """
     n, v = last.shape
     firsts = response_ids[:, 0].reshape(n, num_generations)  # (n, G)
@@ -173,8 +194,5 @@ def _label_logprobs(last: torch.Tensor, tail: torch.Tensor | None, response_ids:
         else None  # (b, 1)
     if tail is None:
         return first, first_entropy
-    labels = response_ids[:, 1:]
-    if not with_entropy:
-        return torch.cat([first, logprobs_of_labels(tail, labels, temperature)], 1), None
-    logprobs, entropy = logprobs_and_entropy(tail, labels, temperature)
-    return torch.cat([first, logprobs], 1), torch.cat([first_entropy, entropy], 1)
+    logprobs, entropy = label_logprobs(head, tail, response_ids[:, 1:], temperature, with_entropy)
+    return torch.cat([first, logprobs], 1), torch.cat([first_entropy, entropy], 1) if with_entropy else None
