@@ -55,6 +55,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    shapes = sorted({tuple(m.weight.shape) for m in base.modules() if isinstance(m, torch.nn.Linear)})  # before LoRA
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     ids = tokenizer(["Write a long story about the sea."] * ROWS, return_tensors="pt")
     kwargs = dict(do_sample=True, top_k=0, top_p=1.0, pad_token_id=tokenizer.eos_token_id)
@@ -65,7 +66,6 @@ def main() -> None:
         step = (time.perf_counter() - t0) / args.tokens
     rate = stream_rate()
     floor = model_bytes / rate
-    shapes = sorted({tuple(m.weight.shape) for m in base.modules() if isinstance(m, torch.nn.Linear)})
     lines = [f"- memory read rate (sum over 256 MiB): {rate / 1e9:.1f} GB/s",
              f"- float32 weights: {model_bytes / 2**20:.0f} MiB, so a decode step's floor is {floor * 1e3:.1f} ms",
              f"- `generate`, {ROWS} rows, LoRA r=8 all-linear, {args.tokens} new tokens: {step * 1e3:.1f} ms per "
