@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rlora.algo import logprobs_and_entropy, logprobs_of_labels
-from rlora.models.trunk import last_hidden_state
+from rlora.models.trunk import hidden_width, last_hidden_state
 
 HEAD_CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in float32
 
@@ -48,7 +48,7 @@ def head_is_plain(model: nn.Module) -> bool:
             model.eval()
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
             hidden = out.hidden_states[-1]
-            if hidden.shape[-1] != getattr(head.weight, "ds_shape", head.weight.shape)[-1]:
+            if hidden.shape[-1] != hidden_width(model):
                 return False  # the head reads a projection of it (or another width)
             return torch.equal(head(hidden), out.logits) and torch.equal(last_hidden_state(model, ids, mask), hidden)
     finally:
