@@ -15,6 +15,7 @@ from rlora.config import load_config
 from rlora.models import build_policy, load_tokenizer
 from rlora.models.loading import adapter_parameters
 from rlora.models.policy import POLICY, VALUE
+from rlora.models.quantization import keep_trainable
 from rlora.models.score_head import ScoreHead
 from rlora.reward_model import save_reward_adapter
 from rlora.rollout.prompts import normalize_prompts
@@ -80,6 +81,7 @@ def test_reference_is_the_quantized_base_and_moves_apart_from_the_policy(tiny_mo
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
         bnb_4bit_use_double_quant=True))
+    keep_trainable(plain)  # the kernel rlora's base computes with (rlora.models.quantization)
     with torch.no_grad():
         base = plain(input_ids=ids, attention_mask=mask).logits
         ref = policy.reference_logits(ids, mask)
@@ -91,6 +93,40 @@ def test_reference_is_the_quantized_base_and_moves_apart_from_the_policy(tiny_mo
     with torch.no_grad():
         assert torch.equal(policy.reference_logits(ids, mask), base)
         assert (policy(ids, mask).logits - base).abs().max() > 1e-3
+
+
+def test_a_pass_without_gradient_leaves_the_4bit_layers_differentiable(tokenizer, tmp_path):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 kernel with no
+    backward the first time its layer runs in eval mode without gradient (as generation does);
+    the layer then passes no gradient to its input. rlora keeps the differentiable kernel: the
+    adapters' gradients after such a pass equal those before it, bitwise. (On a CPU without
+    AVX512-BF16 bitsandbytes never repacks, and this holds either way.) The model is 64 wide, the
+    narrowest that bitsandbytes' repacking accepts (one 64-value block a row)."""
+    from rlora.tiny import tiny_model
+
+    torch.manual_seed(0)
+    model_dir = str(tmp_path / "llama-64")
+    tiny_model("llama", tokenizer, hidden=64).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    _, _, policy = make_policy(model_dir, str(tmp_path), quantization="nf4")
+    with torch.no_grad():  # B starts at zero; a non-zero B lets the gradient reach every A too
+        for p in adapter_parameters(policy.lm, POLICY):
+            p.normal_(0, 0.1)
+    ids, mask = batch()
+
+    def gradients() -> list[torch.Tensor]:
+        policy.zero_grad()
+        policy(ids, mask).logits.float().pow(2).mean().backward()
+        return [p.grad.clone() for p in adapter_parameters(policy.lm, POLICY)]
+
+    before = gradients()
+    with torch.no_grad():
+        policy(ids, mask)  # eval mode, no gradient: where bitsandbytes would repack
+    after = gradients()
+    layers = [m for m in policy.lm.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(g.abs().sum() > 0 for g in after)
 
 
 @pytest.mark.parametrize("critic", ["value-head", "value-adapter"])

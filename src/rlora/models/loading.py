@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 from rlora.models.activations import fuse_activations
 from rlora.models.attention import float32_attention
 from rlora.models.policy import POLICY, REFERENCE, REWARD, VALUE, Policy
-from rlora.models.quantization import is_quantized, quantization_config, require_bitsandbytes
+from rlora.models.quantization import is_quantized, keep_trainable, quantization_config, require_bitsandbytes
 from rlora.models.score_head import load_score_head
 from rlora.models.trunk import hidden_width
 from rlora.tools import resolve_chat_template
@@ -131,11 +131,12 @@ def load_tokenizer(tokenizer_config, model_path: Any, trust_remote_code: bool = 
 def load_base_model(model_config, model: PreTrainedModel | None = None) -> PreTrainedModel:
     """The Hugging Face causal LM named by `model.model_path` (a path, hub name or config object),
     or `model` when given (already loaded), its Python-composed tanh GELUs fused
-    (`model.fused_activations`) and its attention in the precision `model.attention_dtype` says.
+    (`model.fused_activations`), its attention in the precision `model.attention_dtype` says, and
+    its 4-bit layers kept on a differentiable kernel (`rlora.models.quantization.keep_trainable`).
 
     For a peft adapter directory, the base model it names (without the adapter).
     """
-    model = _load_base_model(model_config) if model is None else model
+    model = keep_trainable(_load_base_model(model_config) if model is None else model)
     if model_config.fused_activations:
         fuse_activations(model)
     float32_attention(model_config.attention_dtype, model)

@@ -19,6 +19,13 @@ given already quantized, where it would run): merging the adapter into 4-bit wei
 merged weight back to 4 bits, so the merged sampler and `model.generation_dtype` recasts sample
 on the unmerged adapter instead; the hydra and full-model modes would train the quantized blocks.
 `rlora export` merges into the dequantized base (`dequantized`).
+
+On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weight in place the first
+time the layer runs in eval mode on an input without gradient (generation, the rollout pass), and
+from then on computes it with a bf16 kernel that has no backward: the layer silently passes no
+gradient to its input, so the adapters below it train on a wrong gradient, and the sampler's
+log-probs differ from the learner's. `keep_trainable` turns that path off on every layer of a base
+rlora trains on.
 """
 
 from __future__ import annotations
@@ -61,6 +68,22 @@ def is_quantized(model: nn.Module) -> bool:
                for p in model.parameters())
 
 
+def keep_trainable(model: nn.Module) -> nn.Module:
+    """Keep every 4-bit layer of `model` on bitsandbytes' differentiable kernel: switch off the
+    CPU inference path that repacks the weight in place (see the module docstring), and unpack a
+    weight that path packed already. Returns `model`."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
+            weight = module.weight
+            if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data,
+                                                                                         weight.quant_state)
+    return model
+
+
 def dequantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """`model` with every quantized layer replaced by a plain `nn.Linear` holding its dequantized
     weight, then cast to `dtype` (transformers' `dequantize`, which also drops the model's
@@ -76,4 +99,5 @@ def _takes_dtype(fn) -> bool:
     return "dtype" in inspect.signature(fn).parameters
 
 
-__all__ = ["INSTALL", "QUANTIZATIONS", "dequantized", "is_quantized", "quantization_config", "require_bitsandbytes"]
+__all__ = ["INSTALL", "QUANTIZATIONS", "dequantized", "is_quantized", "keep_trainable", "quantization_config",
+           "require_bitsandbytes"]
